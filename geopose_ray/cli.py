@@ -1,0 +1,149 @@
+"""The ``geopose-ray`` command line. Thin: parse arguments, call the library, print, set the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from geopose_ray.errors import GeoposeError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from geopose_ray.data.validate import validate_dir
+
+    report = validate_dir(args.dir, split=args.split, workers=args.workers)
+    for p in report.problems:
+        print(p)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from geopose_ray.data.cache import TrainingCache, prepare_cache
+
+    result = prepare_cache(args.dir, args.out, args.downsample, args.folds, args.seed, args.workers)
+    for e in result.errors:
+        print(e)
+    print(f"{result.cache}: {result.written} entries written, {result.skipped} already complete")
+    if result.errors:
+        print(f"{len(result.errors)} tile(s) failed; fix them (geopose-ray validate) and rerun to complete the cache")
+        return 1
+    problems = TrainingCache(args.out).verify()
+    for p in problems:
+        print(p)
+    print(f"verified {len(TrainingCache(args.out))} entries: {'all sound' if not problems else 'PROBLEMS above'}")
+    return 0 if not problems else 1
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from geopose_ray.data.synth import synthesize
+
+    out = synthesize(args.out, args.tiles, args.size, args.seed, args.test_tiles, args.rgb_ext, args.workers)
+    print(f"{args.out}: {len(out['train'])} train tiles, {len(out['test'])} test tiles of {args.size}px")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from geopose_ray.metrics import format_report
+    from geopose_ray.scoring import score_dirs
+
+    report = score_dirs(args.truth, args.pred, workers=args.workers)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from geopose_ray.data.submission import check_submission
+
+    problems = check_submission(args.dir, args.test)
+    for p in problems:
+        print(p)
+    print(f"{args.dir}: {'complete and well formed' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from geopose_ray.demo import run_demo
+
+    run_demo(args.name, args.runs_dir, args.tiles, args.size, args.downsample, args.seed, args.workers)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geopose-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per core)")
+        return p
+
+    p = add("validate", "check every file of a dataset directory; exit 0 if clean, 1 if not")
+    p.add_argument("dir")
+    p.add_argument("--split", choices=["auto", "train", "test", "truth"], default="auto")
+    p.set_defaults(fn=_cmd_validate)
+
+    p = add("prepare", "decode a labelled dataset once into a memory-mappable training cache")
+    p.add_argument("dir")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--downsample", type=_positive_int, default=2, help="integer factor (default 2: 2048 -> 1024)")
+    p.add_argument("--folds", type=int, default=5, help="city-stratified folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    p.set_defaults(fn=_cmd_prepare)
+
+    p = add("synth", "write a synthetic dataset in the challenge layout (train/, test/, test_truth/)")
+    p.add_argument("out")
+    p.add_argument("--tiles", type=_positive_int, default=48, help="training tiles")
+    p.add_argument("--test-tiles", type=_positive_int, default=None, help="test tiles (default tiles/4, >= 4)")
+    p.add_argument("--size", type=int, default=256, help="tile side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rgb-ext", choices=[".j2k", ".tif"], default=".j2k")
+    p.set_defaults(fn=_cmd_synth)
+
+    p = add("score", "the challenge score of a prediction directory against the truth")
+    p.add_argument("--truth", required=True)
+    p.add_argument("--pred", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(fn=_cmd_score)
+
+    p = add("check-submission", "check that a submission directory is complete and well formed")
+    p.add_argument("dir")
+    p.add_argument("--test", required=True, help="the test image directory")
+    p.set_defaults(fn=_cmd_check)
+
+    p = add("demo", "run the embedded default end to end under runs/<name>/")
+    p.add_argument("--name", default="demo")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--tiles", type=_positive_int, default=48)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--downsample", type=_positive_int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: project errors become one line on stderr and exit code 2, never a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.fn(args)
+        return code
+    except GeoposeError as e:
+        print(f"geopose-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"geopose-ray {args.command}: interrupted; rerun to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The challenge score, as pure functions on arrays.
+
+Per city, pooled over all valid pixels (truth AGL finite) of all its tiles:
+
+* ``R²_h = 1 − Σ(ĥ−h)² / (Σ(h − mean_h)² + 1e-4)`` with ``mean_h = Σh / (n + 1e-4)``;
+* ``R²_v = 1 − Σ‖v̂−v‖² / (Σ_k Σ(v_k − mean_v)² + 1e-4)`` with one scalar ``mean_v = Σ(v_x + v_y) / (2n + 1e-4)``;
+* ``score_c = (R²_h + R²_v) / 2``; the final score is the mean over the cities present.
+
+Heights are in metres and flows in pixels. Prediction pixels that are NaN drop out of the error sums but not
+of the totals. A missing prediction or a non-finite predicted scale or angle scores the whole city 0.
+
+Tiles are reduced to :class:`TileStats` (sufficient statistics) so a dataset can be scored one tile at a time.
+Totals use Chan's pairwise merge of (count, mean, M2), so pooling millions of pixels over thousands of tiles
+loses no precision to cancellation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from geopose_ray.geometry import angle_error, flow_field
+
+EPS = 1e-4
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and sum of squared deviations from the mean of a set of values."""
+
+    n: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @staticmethod
+    def of(values: NDArray[np.float64]) -> Moments:
+        n = float(values.size)
+        if n == 0:
+            return Moments()
+        mean = float(values.mean())
+        return Moments(n, mean, float(np.sum((values - mean) ** 2)))
+
+    def merge(self, other: Moments) -> Moments:
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        return Moments(n, self.mean + delta * other.n / n, self.m2 + other.m2 + delta * delta * self.n * other.n / n)
+
+    def challenge_total(self) -> float:
+        """``Σ(x − Σx/(n + 1e-4))²``: the challenge's total sum of squares, with its damped mean."""
+        damped_mean = self.mean * self.n / (self.n + EPS)
+        return self.m2 + self.n * (self.mean - damped_mean) ** 2
+
+
+@dataclass(frozen=True)
+class TileStats:
+    """Sufficient statistics of one tile for the pooled score and the diagnostic errors.
+
+    ``failed`` holds a reason when the prediction is unusable (missing file, non-finite scale or angle,
+    wrong size): such a tile scores its city 0.
+    """
+
+    stem: str
+    city: str
+    agl: Moments = Moments()  # truth heights (metres) over valid pixels
+    flow: Moments = Moments()  # truth flow components (pixels), both components pooled: 2n values
+    agl_sse: float = 0.0  # Σ(ĥ−h)² over valid pixels with a finite prediction, m²
+    flow_sse: float = 0.0  # Σ‖v̂−v‖² over the same pixels, px²
+    n_scored: float = 0.0  # valid pixels with a finite prediction
+    angle_err: float = math.nan  # |θ̂−θ| wrapped, radians
+    scale_err: float = math.nan  # |ŝ−s|, pixels per metre
+    failed: str | None = None
+
+
+def tile_stats(
+    stem: str,
+    city: str,
+    agl_true: NDArray[np.floating],
+    scale_true: float,
+    angle_true: float,
+    agl_pred: NDArray[np.floating] | None,
+    scale_pred: float,
+    angle_pred: float,
+) -> TileStats:
+    """Reduce one tile to :class:`TileStats`.
+
+    Args:
+        agl_true: truth heights, metres, (H, W); NaN where no data.
+        scale_true, scale_pred: pixels per metre.
+        angle_true, angle_pred: radians.
+        agl_pred: predicted heights, metres, (H, W); NaN pixels drop out of the error sums. ``None`` when the
+            prediction file is missing.
+    """
+    h = np.asarray(agl_true, dtype=np.float64)
+    valid = np.isfinite(h)
+    hv = h[valid]
+    v = flow_field(h, scale_true, angle_true)[:, valid]
+    base = TileStats(stem, city, agl=Moments.of(hv), flow=Moments.of(v.ravel()))
+    if agl_pred is None:
+        return _failed(base, "prediction file missing")
+    if not (math.isfinite(scale_pred) and math.isfinite(angle_pred)):
+        return _failed(base, f"predicted scale {scale_pred} or angle {angle_pred} is not finite")
+    p = np.asarray(agl_pred, dtype=np.float64)
+    if p.shape != h.shape:
+        return _failed(base, f"predicted AGL is {p.shape[1]}x{p.shape[0]}, truth is {h.shape[1]}x{h.shape[0]}")
+    pv = p[valid]
+    ok = np.isfinite(pv)
+    v_pred = flow_field(pv[ok], scale_pred, angle_pred)
+    return TileStats(
+        stem,
+        city,
+        agl=base.agl,
+        flow=base.flow,
+        agl_sse=float(np.sum((pv[ok] - hv[ok]) ** 2)),
+        flow_sse=float(np.sum((v_pred - v[:, ok]) ** 2)),
+        n_scored=float(ok.sum()),
+        angle_err=float(angle_error(angle_pred, angle_true)),
+        scale_err=abs(scale_pred - scale_true),
+    )
+
+
+def _failed(base: TileStats, reason: str) -> TileStats:
+    return TileStats(base.stem, base.city, agl=base.agl, flow=base.flow, failed=reason)
+
+
+@dataclass
+class CityScore:
+    """The score of one city and its diagnostics. Angles in degrees, heights in metres, flows in pixels."""
+
+    city: str
+    tiles: int
+    pixels: int
+    agl_r2: float
+    flow_r2: float
+    score: float
+    angle_err_mean_deg: float
+    angle_err_rms_deg: float
+    scale_err_mean: float  # pixels per metre
+    agl_rmse_m: float
+    epe_rmse_px: float
+    failures: list[str] = field(default_factory=list)  # "stem: reason" for each unusable prediction
+
+
+@dataclass
+class ScoreReport:
+    """Per-city scores and the final score (mean over the cities present)."""
+
+    score: float
+    cities: dict[str, CityScore]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"score": self.score, "cities": {c: asdict(s) for c, s in self.cities.items()}}
+
+
+def city_score(city: str, tiles: Iterable[TileStats]) -> CityScore:
+    """Pool the tiles of one city into its score."""
+    tiles = list(tiles)
+    agl = Moments()
+    flow = Moments()
+    for t in tiles:
+        agl = agl.merge(t.agl)
+        flow = flow.merge(t.flow)
+    failures = [f"{t.stem}: {t.failed}" for t in tiles if t.failed]
+    agl_sse = sum(t.agl_sse for t in tiles)
+    flow_sse = sum(t.flow_sse for t in tiles)
+    n_scored = sum(t.n_scored for t in tiles)
+    if failures:
+        agl_r2 = flow_r2 = score = 0.0
+    else:
+        agl_r2 = 1.0 - agl_sse / (agl.challenge_total() + EPS)
+        flow_r2 = 1.0 - flow_sse / (flow.challenge_total() + EPS)
+        score = (agl_r2 + flow_r2) / 2.0
+    angle_errs = np.degrees([t.angle_err for t in tiles if t.failed is None])
+    scale_errs = [t.scale_err for t in tiles if t.failed is None]
+    return CityScore(
+        city=city,
+        tiles=len(tiles),
+        pixels=int(agl.n),
+        agl_r2=agl_r2,
+        flow_r2=flow_r2,
+        score=score,
+        angle_err_mean_deg=float(np.mean(angle_errs)) if angle_errs.size else math.nan,
+        angle_err_rms_deg=float(np.sqrt(np.mean(angle_errs**2))) if angle_errs.size else math.nan,
+        scale_err_mean=float(np.mean(scale_errs)) if scale_errs else math.nan,
+        agl_rmse_m=math.sqrt(agl_sse / n_scored) if n_scored else math.nan,
+        epe_rmse_px=math.sqrt(flow_sse / n_scored) if n_scored else math.nan,
+        failures=failures,
+    )
+
+
+def score_report(tiles: Iterable[TileStats]) -> ScoreReport:
+    """Score tiles of any cities: per city pooled, final = mean over the cities present."""
+    by_city: dict[str, list[TileStats]] = {}
+    for t in tiles:
+        by_city.setdefault(t.city, []).append(t)
+    cities = {c: city_score(c, ts) for c, ts in sorted(by_city.items())}
+    final = float(np.mean([c.score for c in cities.values()])) if cities else math.nan
+    return ScoreReport(final, cities)
+
+
+def format_report(report: ScoreReport) -> str:
+    """A terminal table of a report."""
+    head = (
+        f"{'city':<5}{'tiles':>7}{'score':>9}{'AGL R²':>9}{'flow R²':>9}{'angle°':>9}"
+        f"{'rms°':>8}{'scale':>9}{'AGL m':>8}{'EPE px':>8}"
+    )
+    lines = [head]
+    for c in report.cities.values():
+        lines.append(
+            f"{c.city:<5}{c.tiles:>7}{c.score:>9.4f}{c.agl_r2:>9.4f}{c.flow_r2:>9.4f}"
+            f"{c.angle_err_mean_deg:>9.2f}{c.angle_err_rms_deg:>8.2f}{c.scale_err_mean:>9.4f}"
+            f"{c.agl_rmse_m:>8.3f}{c.epe_rmse_px:>8.3f}"
+        )
+        for f in c.failures[:5]:
+            lines.append(f"      scored 0: {f}")
+        if len(c.failures) > 5:
+            lines.append(f"      ... and {len(c.failures) - 5} more unusable predictions")
+    lines.append(f"final score (mean of {len(report.cities)} cities): {report.score:.6f}")
+    return "\n".join(lines)
