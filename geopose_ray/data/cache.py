@@ -149,6 +149,8 @@ def prepare_cache(
     source, out = Path(source).resolve(), Path(out)
     entries = out / "entries"
     entries.mkdir(parents=True, exist_ok=True)
+    for stale in entries.glob(".*.tmp-*"):  # left by a run that was killed mid-write
+        stale.unlink(missing_ok=True)
     info_path = out / "cache.json"
     info = {"format": CACHE_FORMAT, "downsample": downsample, "source": str(source)}
     if info_path.exists():

@@ -96,6 +96,34 @@ def _paint(
     agl[r0:r1, c0:c1][m] = height
 
 
+def draw_object(
+    rgb: NDArray[np.float64],
+    agl: NDArray[np.float64],
+    footprint: NDArray[np.bool_],
+    top: int,
+    left: int,
+    height: float,
+    scale: float,
+    angle: float,
+    roof: NDArray[np.float64],
+    facade: NDArray[np.float64] | None,
+) -> None:
+    """Draw an object of ``height`` metres standing on ``footprint`` (corner at row ``top``, column ``left``).
+
+    The roof lands one flow vector ``height · scale · (sin θ, cos θ)`` (columns, rows) from the footprint,
+    carrying AGL ``height``; with a ``facade`` colour the footprint is swept from the ground up to the roof,
+    a facade pixel at fraction t of the way carrying AGL ``t · height``. Without one (a tree crown) only the
+    top is drawn.
+    """
+    disp = height * scale
+    dx, dy = disp * math.sin(angle), disp * math.cos(angle)
+    if facade is not None:
+        steps = max(2, math.ceil(disp) + 1)
+        for t in np.linspace(0.0, 1.0, steps)[:-1]:
+            _paint(rgb, agl, footprint, top + round(t * dy), left + round(t * dx), facade, t * height)
+    _paint(rgb, agl, footprint, top + round(dy), left + round(dx), roof, height)
+
+
 def render_tile(
     rng: np.random.Generator, city: str, size: int
 ) -> tuple[NDArray[np.uint8], NDArray[np.float32], float, float, float]:
@@ -148,13 +176,8 @@ def render_tile(
     # further along the lean are painted first.
     objects.sort(key=lambda o: -((o[1] + o[3].shape[0] / 2) * dy + (o[2] + o[3].shape[1] / 2) * dx))
     for kind, top, left, mask, h, colour in objects:
-        disp = h * scale
-        if kind == "building":
-            facade = colour * rng.uniform(0.45, 0.7)
-            steps = max(2, math.ceil(disp) + 1)
-            for t in np.linspace(0.0, 1.0, steps)[:-1]:
-                _paint(rgb, agl, mask, top + round(t * disp * dy), left + round(t * disp * dx), facade, t * h)
-        _paint(rgb, agl, mask, top + round(disp * dy), left + round(disp * dx), colour, h)
+        facade = colour * rng.uniform(0.45, 0.7) if kind == "building" else None
+        draw_object(rgb, agl, mask, top, left, h, scale, angle, colour, facade)
 
     rgb += rng.normal(0, 4, rgb.shape)
     if rng.random() < 0.3:  # no-data patches, as in the real AGL rasters

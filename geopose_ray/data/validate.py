@@ -72,7 +72,8 @@ def _check_raster(path: Path, bands: int, dtype: str, kind: str) -> tuple[Raster
     try:
         info = raster_info(path, decode=True)
     except DataError as e:
-        return None, [Problem(str(path), f"unreadable {kind} image ({_reason(e, path)})", "re-download or regenerate it")]
+        what, _, fix = _reason(e, path).rpartition("; ")
+        return None, [Problem(str(path), f"unreadable {kind} image: {what}", fix)]
     problems = []
     if info.count != bands or info.dtype != dtype:
         problems.append(
@@ -154,10 +155,11 @@ def _dataset_problems(directory: Path, tiles: dict[str, StemFiles], split: str) 
             problems.append(Problem(where, f"duplicate stem: {names}", "keep exactly one RGB file per stem"))
         wanted = {"train": ("RGB", "AGL", "VFLOW"), "test": ("RGB",), "truth": ("AGL", "VFLOW")}[split]
         present = {"RGB": bool(files.rgb), "AGL": files.agl is not None, "VFLOW": files.vflow is not None}
+        names = {"RGB": f"{stem}_RGB.j2k (or .tif)", "AGL": f"{stem}_AGL.tif", "VFLOW": f"{stem}_VFLOW.json"}
         for kind in wanted:
             if not present[kind]:
                 problems.append(
-                    Problem(where, f"missing partner file {kind}", f"add {stem}_{kind} or remove the stem's other files")
+                    Problem(where, f"missing partner file {kind}", f"add {names[kind]} or remove the stem's other files")
                 )
         if meta is not None:
             row = lookup_metadata(meta, stem)
