@@ -83,10 +83,10 @@ def run_demo(
     synthesize(data, tiles, size, seed=seed, workers=workers)
     step(2, "validate train/ and test/")
     for split in ("train", "test"):
-        report = validate_dir(data / split, workers=workers)
-        log("       " + report.summary())
-        if not report.ok:
-            raise DataError(f"{data / split}: synthetic data failed validation: {report.problems[0]}")
+        checked = validate_dir(data / split, workers=workers)
+        log("       " + checked.summary())
+        if not checked.ok:
+            raise DataError(f"{data / split}: synthetic data failed validation: {checked.problems[0]}")
     step(3, f"prepare the training cache (downsample {downsample}) -> {cache_dir}")
     result = prepare_cache(data / "train", cache_dir, downsample, seed=seed, workers=workers)
     if result.errors:

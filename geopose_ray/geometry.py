@@ -45,6 +45,11 @@ def flow_field(agl: NDArray[np.floating], scale: float, angle: float) -> NDArray
     Returns:
         (2, H, W) pixels: ``[0]`` column offsets, ``[1]`` row offsets.
     """
+    return flow_vectors(np.asarray(agl, dtype=np.float64), scale, angle)
+
+
+def flow_vectors(agl: NDArray[np.floating], scale: float, angle: float) -> NDArray[np.float64]:
+    """Flow vectors of heights of any shape ``S`` (metres): shape (2, *S), pixels, (column, row)."""
     mag = np.asarray(agl, dtype=np.float64) * float(scale)
     return np.stack([mag * math.sin(angle), mag * math.cos(angle)])
 

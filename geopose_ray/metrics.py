@@ -4,7 +4,8 @@ Per city, pooled over all valid pixels (truth AGL finite) of all its tiles:
 
 * ``R²_h = 1 − Σ(ĥ−h)² / (Σ(h − mean_h)² + 1e-4)`` with ``mean_h = Σh / (n + 1e-4)``;
 * ``R²_v = 1 − Σ‖v̂−v‖² / (Σ_k Σ(v_k − mean_v)² + 1e-4)`` with one scalar ``mean_v = Σ(v_x + v_y) / (2n + 1e-4)``;
-* ``score_c = (R²_h + R²_v) / 2``; the final score is the mean over the cities present.
+* ``score_c = (R²_h + R²_v) / 2``; the final score is the mean over the cities present (a city whose tiles have
+  no valid truth pixel is reported but left out).
 
 Heights are in metres and flows in pixels. Prediction pixels that are NaN drop out of the error sums but not
 of the totals. A missing prediction or a non-finite predicted scale or angle scores the whole city 0.
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from geopose_ray.geometry import angle_error, flow_field
+from geopose_ray.geometry import angle_error
 
 EPS = 1e-4
 
@@ -42,7 +43,8 @@ class Moments:
         if n == 0:
             return Moments()
         mean = float(values.mean())
-        return Moments(n, mean, float(np.sum((values - mean) ** 2)))
+        dev = values - mean
+        return Moments(n, mean, float(dev @ dev))
 
     def merge(self, other: Moments) -> Moments:
         if other.n == 0:
@@ -98,29 +100,39 @@ def tile_stats(
         agl_pred: predicted heights, metres, (H, W); NaN pixels drop out of the error sums. ``None`` when the
             prediction file is missing.
     """
-    h = np.asarray(agl_true, dtype=np.float64)
+    h = np.asarray(agl_true)
     valid = np.isfinite(h)
-    hv = h[valid]
-    v = flow_field(h, scale_true, angle_true)[:, valid]
-    base = TileStats(stem, city, agl=Moments.of(hv), flow=Moments.of(v.ravel()))
+    hv = h[valid].astype(np.float64)
+    heights = Moments.of(hv)
+    # The flow components are a·h and b·h, so their pooled moments follow exactly from the heights'.
+    a, b = scale_true * math.sin(angle_true), scale_true * math.cos(angle_true)
+    flow = Moments(heights.n, a * heights.mean, a * a * heights.m2).merge(
+        Moments(heights.n, b * heights.mean, b * b * heights.m2)
+    )
+    base = TileStats(stem, city, agl=heights, flow=flow)
     if agl_pred is None:
         return _failed(base, "prediction file missing")
     if not (math.isfinite(scale_pred) and math.isfinite(angle_pred)):
         return _failed(base, f"predicted scale {scale_pred} or angle {angle_pred} is not finite")
-    p = np.asarray(agl_pred, dtype=np.float64)
+    p = np.asarray(agl_pred)
     if p.shape != h.shape:
         return _failed(base, f"predicted AGL is {p.shape[1]}x{p.shape[0]}, truth is {h.shape[1]}x{h.shape[0]}")
-    pv = p[valid]
+    pv = p[valid].astype(np.float64)
     ok = np.isfinite(pv)
-    v_pred = flow_field(pv[ok], scale_pred, angle_pred)
+    if not ok.all():
+        pv, hv = pv[ok], hv[ok]
+    d = pv - hv
+    a_pred, b_pred = scale_pred * math.sin(angle_pred), scale_pred * math.cos(angle_pred)
+    dx = pv * a_pred - hv * a
+    dy = pv * b_pred - hv * b
     return TileStats(
         stem,
         city,
-        agl=base.agl,
-        flow=base.flow,
-        agl_sse=float(np.sum((pv[ok] - hv[ok]) ** 2)),
-        flow_sse=float(np.sum((v_pred - v[:, ok]) ** 2)),
-        n_scored=float(ok.sum()),
+        agl=heights,
+        flow=flow,
+        agl_sse=float(d @ d),
+        flow_sse=float(dx @ dx + dy @ dy),
+        n_scored=float(pv.size),
         angle_err=float(angle_error(angle_pred, angle_true)),
         scale_err=abs(scale_pred - scale_true),
     )
@@ -201,7 +213,9 @@ def score_report(tiles: Iterable[TileStats]) -> ScoreReport:
     for t in tiles:
         by_city.setdefault(t.city, []).append(t)
     cities = {c: city_score(c, ts) for c, ts in sorted(by_city.items())}
-    final = float(np.mean([c.score for c in cities.values()])) if cities else math.nan
+    # A city whose tiles hold no valid truth pixel has no truth: it is reported but left out of the mean.
+    present = [c.score for c in cities.values() if c.pixels > 0]
+    final = float(np.mean(present)) if present else math.nan
     return ScoreReport(final, cities)
 
 
@@ -222,5 +236,6 @@ def format_report(report: ScoreReport) -> str:
             lines.append(f"      scored 0: {f}")
         if len(c.failures) > 5:
             lines.append(f"      ... and {len(c.failures) - 5} more unusable predictions")
-    lines.append(f"final score (mean of {len(report.cities)} cities): {report.score:.6f}")
+    present = sum(c.pixels > 0 for c in report.cities.values())
+    lines.append(f"final score (mean of {present} cities with truth): {report.score:.6f}")
     return "\n".join(lines)

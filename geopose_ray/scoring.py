@@ -39,9 +39,16 @@ def _score_tile(job: _Job) -> TileStats:
 def score_dirs(truth: str | Path, pred: str | Path, workers: int | None = None) -> ScoreReport:
     """Score every truth tile (``*_AGL.tif`` + ``*_VFLOW.json`` in ``truth``) against ``pred``."""
     truth, pred = Path(truth), Path(pred)
-    stems = sorted(s for s, f in scan_dir(truth).items() if f.agl is not None and f.vflow is not None)
-    if not stems:
+    tiles = {s: f for s, f in scan_dir(truth).items() if f.agl is not None or f.vflow is not None}
+    if not tiles:
         raise DataError(f"{truth}: no *_AGL.tif with *_VFLOW.json found; pass the truth directory")
+    incomplete = sorted(s for s, f in tiles.items() if f.agl is None or f.vflow is None)
+    if incomplete:
+        raise DataError(
+            f"{truth}: {len(incomplete)} truth tile(s) lack their _AGL.tif or _VFLOW.json (first: {incomplete[0]}); "
+            "run geopose-ray validate on the truth directory"
+        )
+    stems = sorted(tiles)
     if not pred.is_dir():
         raise DataError(f"{pred}: not a directory; pass the submission directory")
     jobs = [_Job(truth, pred, s) for s in stems]

@@ -52,5 +52,3 @@ def cache(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = prepare_cache(dataset / "train", out, downsample=2, folds=4, seed=0, workers=1)
     assert not result.errors
     return out
-
-

@@ -120,10 +120,11 @@ def reference_city(tiles: list[RefTile]) -> RefCity:
 
 
 def reference_score(tiles: Iterable[RefTile]) -> RefReport:
-    """Per-city scores and the final score (mean over the cities that have tiles)."""
+    """Per-city scores and the final score: the mean over the cities with truth (at least one valid pixel)."""
     by_city: dict[str, list[RefTile]] = {}
     for t in tiles:
         by_city.setdefault(t.city, []).append(t)
     cities = {c: reference_city(ts) for c, ts in sorted(by_city.items())}
-    final = math.fsum(c.score for c in cities.values()) / len(cities) if cities else math.nan
+    present = [c.score for c in cities.values() if c.pixels > 0]
+    final = math.fsum(present) / len(present) if present else math.nan
     return RefReport(final, cities)

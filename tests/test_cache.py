@@ -71,7 +71,7 @@ def test_rerun_skips_complete_entries_and_rebuilds_broken_ones(dataset: Path, tm
 
 
 def test_a_different_downsample_into_the_same_cache_is_refused(cache: Path, dataset: Path) -> None:
-    with pytest.raises(DataError, match="downsample 2.*use another --out"):
+    with pytest.raises(DataError, match=r"downsample 2.*use another --out"):
         prepare_cache(dataset / "train", cache, 4, workers=1)
 
 
@@ -90,7 +90,17 @@ def test_kill_mid_prepare_then_rerun_completes(tmp_path: Path) -> None:
     src = tmp_path / "data"
     synthesize(src, tiles=24, size=512, seed=7, workers=2)
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "geopose_ray.cli", "prepare", str(src / "train"), "--out", str(out), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "geopose_ray.cli",
+        "prepare",
+        str(src / "train"),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list((out / "entries").glob("*.json"))) < 3:

@@ -45,7 +45,7 @@ def _close_angle(a: float, b: float, tol: float = 1e-9) -> bool:
 
 @pytest.mark.parametrize(("angle", "xy"), HAND_CASES)
 def test_angle_to_direction_hand_cases(angle: float, xy: tuple[float, float]) -> None:
-    """Angle → (x, y): θ=0 is +y (down the rows), θ=π/2 is +x (columns); guards sin/cos swap and sign flips."""
+    """Angle → (x, y): θ=0 is +y (down the rows), θ=π/2 is +x (columns); guards sin/cos swap, sign flips."""
     x, y = angle_to_direction(angle)
     assert float(x) == pytest.approx(xy[0], abs=1e-12)
     assert float(y) == pytest.approx(xy[1], abs=1e-12)

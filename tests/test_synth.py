@@ -51,7 +51,7 @@ def test_city_styles_show_in_gsd_and_angles() -> None:
     size = 64
     for city, style in CITY_STYLES.items():
         for i in range(8):
-            _, agl, gsd, scale, angle = render_tile(np.random.default_rng([1, i]), city, size)
+            _, _, gsd, scale, angle = render_tile(np.random.default_rng([1, i]), city, size)
             lo, hi = (g * REFERENCE_PX / size for g in style.gsd)
             assert lo <= gsd <= hi
             off_nadir = np.degrees(np.arctan(scale * gsd))  # scale = tan(off-nadir) / gsd
@@ -104,7 +104,7 @@ def test_a_tree_crown_floats_without_facade() -> None:
 def test_files_hold_what_the_renderer_drew(tmp_path: Path) -> None:
     labels = synthesize(tmp_path, 4, 64, seed=9, workers=1)["train"]
     for t in labels:
-        rgb, agl, gsd, scale, angle = render_tile(np.random.default_rng([9, labels.index(t)]), t.city, 64)
+        rgb, agl, _, scale, angle = render_tile(np.random.default_rng([9, labels.index(t)]), t.city, 64)
         np.testing.assert_array_equal(read_rgb(tmp_path / "train" / f"{t.stem}_RGB.j2k"), rgb)
         stored = read_agl(tmp_path / "train" / f"{t.stem}_AGL.tif")
         np.testing.assert_array_equal(np.isnan(stored), np.isnan(agl))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,15 @@ def _metadata(edit: Callable[[list[str]], list[str]]) -> Callable[[Path], str]:
     return breaker
 
 
+def _set_gsd(lines: list[str], gsd: str) -> list[str]:
+    return [lines[0], lines[1].rsplit(",", 1)[0] + "," + gsd, *lines[2:]]
+
+
+def _no_metadata(d: Path) -> str:
+    (d / "metadata.csv").unlink()
+    return "metadata.csv"
+
+
 def _duplicate_stem(d: Path) -> str:
     p = _first(d, "_RGB.j2k")
     shutil.copy(p, p.with_name(p.name.replace(".j2k", ".tif")))
@@ -104,17 +114,19 @@ DEFECTS = {
     "VFLOW missing key": (_json_text('{"scale": 0.01}'), "missing key"),
     "VFLOW non-finite": (_json_text('{"scale": NaN, "angle": 1.0}'), "scale is nan px/cm"),
     "VFLOW infinite angle": (_json_text('{"scale": 0.01, "angle": Infinity}'), "angle is inf"),
-    "angle out of range": (_json_text('{"scale": 0.01, "angle": 6.5}'), r"angle is 6\.5; it must be radians in \[0, 2π\)"),
+    "angle out of range": (
+        _json_text('{"scale": 0.01, "angle": 6.5}'), r"angle is 6\.5; it must be radians in \[0, 2π\)"
+    ),
     "negative angle": (_json_text('{"scale": 0.01, "angle": -0.1}'), "angle is -0.1"),
     "AGL missing": (_missing("_AGL.tif"), "missing partner file AGL"),
     "RGB missing": (_missing("_RGB.j2k"), "missing partner file RGB"),
     "unknown city": (_unknown_city, "unknown city prefix"),
     "id missing from metadata": (_metadata(lambda lines: lines[:1] + lines[2:]), "no row for"),
-    "gsd not positive": (_metadata(lambda lines: [lines[0], lines[1].rsplit(",", 1)[0] + ",-0.5", *lines[2:]]), "gsd of .* is -0.5"),
-    "gsd not a number": (_metadata(lambda lines: [lines[0], lines[1].rsplit(",", 1)[0] + ",abc", *lines[2:]]), "gsd of .* is nan"),
+    "gsd not positive": (_metadata(lambda lines: _set_gsd(lines, "-0.5")), "gsd of .* is -0.5"),
+    "gsd not a number": (_metadata(lambda lines: _set_gsd(lines, "abc")), "gsd of .* is nan"),
     "duplicate metadata id": (_metadata(lambda lines: [*lines, lines[1]]), "appears more than once"),
     "duplicate stem": (_duplicate_stem, "duplicate stem"),
-    "metadata missing": (lambda d: (d / "metadata.csv").unlink() or "metadata.csv", "missing; the dataset needs a metadata.csv"),
+    "metadata missing": (_no_metadata, "missing; the dataset needs a metadata.csv"),
 }  # fmt: skip
 
 
@@ -127,7 +139,9 @@ def test_clean_dataset_passes(dataset: Path) -> None:
 
 
 @pytest.mark.parametrize("defect", list(DEFECTS))
-def test_each_defect_is_reported_with_file_and_fix(train: Path, defect: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_each_defect_is_reported_with_file_and_fix(
+    train: Path, defect: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     breaker, message = DEFECTS[defect]
     name = breaker(train)
     code = main(["validate", str(train), "--workers", "2"])
@@ -135,7 +149,7 @@ def test_each_defect_is_reported_with_file_and_fix(train: Path, defect: str, cap
     assert code == 1, out
     problems = [line for line in out.splitlines() if name in line]
     assert problems, f"no line names {name}:\n{out}"
-    assert any(__import__("re").search(message, line) for line in problems), out
+    assert any(re.search(message, line) for line in problems), out
     assert "; " in problems[0]  # "file: what is wrong; what to do"
     assert "Traceback" not in out + err
     assert out.strip().splitlines()[-1].endswith("file(s)")  # the summary comes last
@@ -160,6 +174,6 @@ def test_vflow_with_wrong_types_is_reported(train: Path) -> None:
     p = _first(train, "_VFLOW.json")
     p.write_text(json.dumps({"scale": True, "angle": 1.0}))
     report = validate_dir(train, workers=1)
-    assert [str(x) for x in report.problems if p.name in x.path][0].endswith(
+    assert next(str(x) for x in report.problems if p.name in x.path).endswith(
         'write {"scale": <px per cm>, "angle": <radians>}'
     )

@@ -103,7 +103,9 @@ def _prepare_one(job: _Job) -> _Done:
         return _Done(job.row.stem, False, f"{job.row.stem}: RGB is {rgb.shape[:2]} but AGL is {agl.shape}")
     if rgb.shape[0] % job.k or rgb.shape[1] % job.k:
         return _Done(
-            job.row.stem, False, f"{job.row.stem}: size {rgb.shape[1]}x{rgb.shape[0]} is not divisible by {job.k}"
+            job.row.stem,
+            False,
+            f"{job.row.stem}: size {rgb.shape[1]}x{rgb.shape[0]} is not divisible by {job.k}",
         )
     rgb_small = downsample_rgb(rgb, job.k)
     agl_small = downsample_nearest(agl, job.k)

@@ -95,7 +95,7 @@ def read_vflow(path: str | Path) -> tuple[float, float]:
     except FileNotFoundError as e:
         raise DataError(f"{path}: missing; every labelled tile needs its _VFLOW.json") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); rewrite it as {{\"scale\": ..., \"angle\": ...}}") from e
+        raise DataError(f'{path}: not valid JSON ({e}); rewrite it as {{"scale": ..., "angle": ...}}') from e
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected a JSON object with keys scale and angle")
     missing = [k for k in ("scale", "angle") if k not in raw]

@@ -74,8 +74,7 @@ def read_rgb(path: str | Path) -> NDArray[np.uint8]:
     data = _read(path)
     if data.shape[0] != 3 or data.dtype != np.uint8:
         raise DataError(
-            f"{path}: RGB must be 3-band uint8, found {data.shape[0]}-band {data.dtype}; "
-            "convert it to 8-bit RGB"
+            f"{path}: RGB must be 3-band uint8, found {data.shape[0]}-band {data.dtype}; convert it to 8-bit RGB"
         )
     return np.ascontiguousarray(np.moveaxis(data, 0, -1))
 

@@ -190,7 +190,7 @@ def render_tile(
 
 def _stems(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
     letters = np.array(list(string.ascii_uppercase))
-    stems = []
+    stems: list[str] = []
     while len(stems) < n:
         city = CITIES[len(stems) % len(CITIES)] if len(stems) < len(CITIES) else str(rng.choice(CITIES))
         stem = f"{city}_{''.join(rng.choice(letters, 6))}"

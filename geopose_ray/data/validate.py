@@ -147,19 +147,27 @@ def _dataset_problems(directory: Path, tiles: dict[str, StemFiles], split: str) 
             city = city_of(stem)
         except DataError:
             problems.append(
-                Problem(where, "unknown city prefix", f"stems must start with one of {list(CITIES)} and an underscore")
+                Problem(
+                    where,
+                    "unknown city prefix",
+                    f"stems must start with one of {list(CITIES)} and an underscore",
+                )
             )
             city = None
         if len(files.rgb) > 1:
-            names = " and ".join(p.name for p in files.rgb)
-            problems.append(Problem(where, f"duplicate stem: {names}", "keep exactly one RGB file per stem"))
+            both = " and ".join(p.name for p in files.rgb)
+            problems.append(Problem(where, f"duplicate stem: {both}", "keep exactly one RGB file per stem"))
         wanted = {"train": ("RGB", "AGL", "VFLOW"), "test": ("RGB",), "truth": ("AGL", "VFLOW")}[split]
         present = {"RGB": bool(files.rgb), "AGL": files.agl is not None, "VFLOW": files.vflow is not None}
         names = {"RGB": f"{stem}_RGB.j2k (or .tif)", "AGL": f"{stem}_AGL.tif", "VFLOW": f"{stem}_VFLOW.json"}
         for kind in wanted:
             if not present[kind]:
                 problems.append(
-                    Problem(where, f"missing partner file {kind}", f"add {names[kind]} or remove the stem's other files")
+                    Problem(
+                        where,
+                        f"missing partner file {kind}",
+                        f"add {names[kind]} or remove the stem's other files",
+                    )
                 )
         if meta is not None:
             row = lookup_metadata(meta, stem)
@@ -172,7 +180,11 @@ def _dataset_problems(directory: Path, tiles: dict[str, StemFiles], split: str) 
                     )
                 if city is not None and row.city != city:
                     problems.append(
-                        Problem(str(meta_path), f"city of {stem} is {row.city!r}", f"the stem says {city}; fix one")
+                        Problem(
+                            str(meta_path),
+                            f"city of {stem} is {row.city!r}",
+                            f"the stem says {city}; fix one",
+                        )
                     )
     return problems
 
