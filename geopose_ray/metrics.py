@@ -27,6 +27,12 @@ from numpy.typing import NDArray
 from geopose_ray.geometry import angle_error
 
 EPS = 1e-4
+ROWS_PER_BLOCK = 128
+
+
+def _sumsq(x: NDArray[np.float64]) -> float:
+    """Σx². einsum, not ``x @ x``: BLAS would start its own threads and oversubscribe parallel scoring."""
+    return float(np.einsum("i,i->", x, x))
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,7 @@ class Moments:
         if n == 0:
             return Moments()
         mean = float(values.mean())
-        dev = values - mean
-        return Moments(n, mean, float(dev @ dev))
+        return Moments(n, mean, _sumsq(values - mean))
 
     def merge(self, other: Moments) -> Moments:
         if other.n == 0:
@@ -101,45 +106,55 @@ def tile_stats(
             prediction file is missing.
     """
     h = np.asarray(agl_true)
-    valid = np.isfinite(h)
-    hv = h[valid].astype(np.float64)
-    heights = Moments.of(hv)
-    # The flow components are a·h and b·h, so their pooled moments follow exactly from the heights'.
+    p = None if agl_pred is None else np.asarray(agl_pred)
+    failed = None
+    if p is None:
+        failed = "prediction file missing"
+    elif not (math.isfinite(scale_pred) and math.isfinite(angle_pred)):
+        failed = f"predicted scale {scale_pred} or angle {angle_pred} is not finite"
+    elif p.shape != h.shape:
+        failed = f"predicted AGL is {p.shape[1]}x{p.shape[0]}, truth is {h.shape[1]}x{h.shape[0]}"
     a, b = scale_true * math.sin(angle_true), scale_true * math.cos(angle_true)
+    a_pred, b_pred = (
+        (scale_pred * math.sin(angle_pred), scale_pred * math.cos(angle_pred)) if failed is None else (0, 0)
+    )
+    heights = Moments()
+    agl_sse = flow_sse = n_scored = 0.0
+    # Blocks of rows keep the temporaries in cache: about 4x faster than whole-tile arrays at 2048².
+    for r in range(0, h.shape[0], ROWS_PER_BLOCK):
+        hb = h[r : r + ROWS_PER_BLOCK]
+        valid = np.isfinite(hb)
+        hv = hb[valid].astype(np.float64)
+        heights = heights.merge(Moments.of(hv))
+        if failed is not None or p is None:
+            continue
+        pv = p[r : r + ROWS_PER_BLOCK][valid].astype(np.float64)
+        ok = np.isfinite(pv)
+        if not ok.all():
+            pv, hv = pv[ok], hv[ok]
+        d = pv - hv
+        dx = pv * a_pred - hv * a
+        dy = pv * b_pred - hv * b
+        agl_sse += _sumsq(d)
+        flow_sse += _sumsq(dx) + _sumsq(dy)
+        n_scored += pv.size
+    # The flow components are a·h and b·h, so their pooled moments follow exactly from the heights'.
     flow = Moments(heights.n, a * heights.mean, a * a * heights.m2).merge(
         Moments(heights.n, b * heights.mean, b * b * heights.m2)
     )
-    base = TileStats(stem, city, agl=heights, flow=flow)
-    if agl_pred is None:
-        return _failed(base, "prediction file missing")
-    if not (math.isfinite(scale_pred) and math.isfinite(angle_pred)):
-        return _failed(base, f"predicted scale {scale_pred} or angle {angle_pred} is not finite")
-    p = np.asarray(agl_pred)
-    if p.shape != h.shape:
-        return _failed(base, f"predicted AGL is {p.shape[1]}x{p.shape[0]}, truth is {h.shape[1]}x{h.shape[0]}")
-    pv = p[valid].astype(np.float64)
-    ok = np.isfinite(pv)
-    if not ok.all():
-        pv, hv = pv[ok], hv[ok]
-    d = pv - hv
-    a_pred, b_pred = scale_pred * math.sin(angle_pred), scale_pred * math.cos(angle_pred)
-    dx = pv * a_pred - hv * a
-    dy = pv * b_pred - hv * b
+    if failed is not None:
+        return TileStats(stem, city, agl=heights, flow=flow, failed=failed)
     return TileStats(
         stem,
         city,
         agl=heights,
         flow=flow,
-        agl_sse=float(d @ d),
-        flow_sse=float(dx @ dx + dy @ dy),
-        n_scored=float(pv.size),
+        agl_sse=agl_sse,
+        flow_sse=flow_sse,
+        n_scored=n_scored,
         angle_err=float(angle_error(angle_pred, angle_true)),
         scale_err=abs(scale_pred - scale_true),
     )
-
-
-def _failed(base: TileStats, reason: str) -> TileStats:
-    return TileStats(base.stem, base.city, agl=base.agl, flow=base.flow, failed=reason)
 
 
 @dataclass

@@ -91,3 +91,20 @@ def test_manifest_refuses_an_incomplete_dataset(dataset: Path, tmp_path: Path) -
         build_manifest(d)
     with pytest.raises(DataError, match="missing"):
         read_manifest(tmp_path / "nope.csv")
+
+
+def test_metadata_round_trip_and_id_forms(tmp_path: Path) -> None:
+    from geopose_ray.data.layout import MetadataRow, lookup_metadata, write_metadata
+
+    rows = [MetadataRow("JAX_ABCDEF", "JAX", 0.1 + 0.2), MetadataRow("OMA_GHIJKL", "OMA", 0.31)]
+    write_metadata(tmp_path / "metadata.csv", rows)
+    back = read_metadata(tmp_path / "metadata.csv")
+    assert list(back.values()) == rows  # floats survive exactly (repr)
+    # Some copies of the data key metadata by the six-letter ID alone: both forms resolve.
+    (tmp_path / "short.csv").write_text("id,city,gsd\nABCDEF,JAX,0.4\n")
+    short = read_metadata(tmp_path / "short.csv")
+    assert lookup_metadata(short, "JAX_ABCDEF") == MetadataRow("ABCDEF", "JAX", 0.4)
+    assert lookup_metadata(back, "JAX_ABCDEF") == rows[0]
+    (tmp_path / "bad.csv").write_text("id,gsd\nA,1\n")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['city'\]"):
+        read_metadata(tmp_path / "bad.csv")
