@@ -7,6 +7,7 @@ it is the floor every trained model must beat.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,8 @@ def run_demo(
     def step(n: int, text: str) -> None:
         log(f"[{n}/5 {time.perf_counter() - t0:6.1f}s] {text}")
 
+    for own in (data, cache_dir, sub):  # the demo's own outputs: a rerun starts them afresh
+        shutil.rmtree(own, ignore_errors=True)
     step(1, f"synthesize {tiles} training tiles of {size}px (seed {seed}) -> {data}")
     synthesize(data, tiles, size, seed=seed, workers=workers)
     step(2, "validate train/ and test/")

@@ -68,3 +68,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     # Training means are the floor: roughly zero R² on unseen tiles, never close to a real model.
     assert -1.0 < report.score < 0.3
     assert any("final score" in line for line in lines)
+    # A rerun with other settings replaces the demo's own outputs instead of mixing old and new tiles.
+    again = run_demo("t", tmp_path, tiles=8, size=64, seed=1, workers=1, log=lines.append)
+    assert len(list((root / "data" / "train").glob("*_RGB.j2k"))) == 8
+    assert again.score != report.score

@@ -118,3 +118,9 @@ def test_bad_arguments_are_config_errors(tmp_path: Path, kwargs: dict[str, int],
     args = {"tiles": 4, "size": 64} | kwargs
     with pytest.raises(ConfigError, match=message):
         synthesize(tmp_path, **args)
+
+
+def test_refuses_to_mix_into_an_existing_dataset(tmp_path: Path) -> None:
+    synthesize(tmp_path, 4, 64, seed=1, workers=1)
+    with pytest.raises(ConfigError, match=r"train: not empty; synthesize into a new directory"):
+        synthesize(tmp_path, 8, 64, seed=2, workers=1)

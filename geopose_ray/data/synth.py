@@ -249,6 +249,8 @@ def synthesize(
     out = Path(out)
     dirs = {name: out / name for name in ("train", "test", "test_truth")}
     for d in dirs.values():
+        if d.is_dir() and any(d.iterdir()):
+            raise ConfigError(f"{d}: not empty; synthesize into a new directory or delete this one first")
         d.mkdir(parents=True, exist_ok=True)
     names_rng = np.random.default_rng([seed, 2**31])
     taken: set[str] = set()
