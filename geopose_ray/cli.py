@@ -78,6 +78,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from geopose_ray.engine import TrainConfig, Trainer
+    from geopose_ray.models import validate_model_config
+
+    cfg = TrainConfig.from_yaml(args.config)
+    if args.epochs is not None:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": args.epochs})
+    cfg.validate()
+    size = _cache_tile_size(cfg.cache)
+    for note in validate_model_config(cfg.model, size, cfg.batch_size):
+        print(f"note: {note}")
+
+    def report(m: dict[str, float], ckpt: object) -> None:
+        shown = {k: m[k] for k in ("train/total", "val/total", "score", "agl_r2", "flow_r2", "images_per_s") if k in m}
+        print(f"epoch {int(m['epoch'])}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
+
+    trainer = Trainer(cfg, args.out, on_epoch=report)
+    if trainer.epoch:
+        print(f"resuming {args.out} after epoch {trainer.epoch}")
+    trainer.fit()
+    print(f"checkpoints: {args.out}/last.pt, {args.out}/best.pt (best validation score {trainer.best_score:.4f})")
+    return 0
+
+
+def _cache_tile_size(cache: str) -> int:
+    from geopose_ray.data.cache import TrainingCache
+
+    c = TrainingCache(cache)
+    if not c.rows:
+        return 0
+    shape = c.meta(c.rows[0].stem)["shape"]
+    return int(shape[0])  # type: ignore[index]
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from geopose_ray.engine.predict import predict_dir
+
+    n = predict_dir(args.checkpoint, args.test, args.out, tta=args.tta, batch_size=args.batch_size)
+    print(f"{args.out}: {n} tiles predicted (tta: {args.tta}); complete and well formed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geopose-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--test", required=True, help="the test image directory")
     p.set_defaults(fn=_cmd_check)
+
+    p = add("train", "train one configuration outside Ray (resumes from OUT/last.pt if present)")
+    p.add_argument("--config", required=True, help="a training YAML (see sweeps/configs/train-demo.yaml)")
+    p.add_argument("--out", default="runs/train", help="checkpoint directory (default runs/train)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="override the config's epochs")
+    p.set_defaults(fn=_cmd_train)
+
+    p = add("predict", "predict test tiles with a checkpoint into a submission directory")
+    p.add_argument("checkpoint")
+    p.add_argument("--test", required=True, help="the test image directory")
+    p.add_argument("--out", required=True, help="submission directory to write")
+    p.add_argument("--tta", choices=["none", "flip", "d4"], default="none", help="test-time augmentation")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.set_defaults(fn=_cmd_predict)
 
     p = add("demo", "run the embedded default end to end under runs/<name>/")
     p.add_argument("--name", default="demo")

@@ -1,0 +1,36 @@
+"""Checkpoints: everything a run needs to continue exactly, written atomically, loadable with weights_only."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from geopose_ray.errors import DataError
+from geopose_ray.fsutil import atomic_write_bytes
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (tensors, dicts, lists and plain values) atomically: the old file stays intact until
+    the new one is complete."""
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no code is unpickled)."""
+    path = Path(path)
+    try:
+        state: dict[str, Any] = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: checkpoint not found") from e
+    except Exception as e:  # torch raises several types for a corrupt or foreign file
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not a geopose-ray checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
