@@ -61,7 +61,9 @@ def reference_loop(cache: Path, model_cfg: ModelConfig, batch: int, epochs: int,
     return rates[1:]  # the first epoch is warm-up
 
 
-def engine(cache: Path, out: Path, model_cfg: ModelConfig, batch: int, epochs: int, device: str, variant: str) -> tuple[list[float], float]:
+def engine(
+    cache: Path, out: Path, model_cfg: ModelConfig, batch: int, epochs: int, device: str, variant: str
+) -> tuple[list[float], float]:
     amp, cl = VARIANTS[variant]
     cfg = TrainConfig(
         cache=str(cache), val_fold=None, model=model_cfg, augment=None, epochs=epochs + 1, batch_size=batch,

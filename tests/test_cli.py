@@ -72,3 +72,31 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     again = run_demo("t", tmp_path, tiles=8, size=64, seed=1, workers=1, log=lines.append)
     assert len(list((root / "data" / "train").glob("*_RGB.j2k"))) == 8
     assert again.score != report.score
+
+
+def test_train_then_resume_then_predict(
+    cache: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"cache: {cache}\nmodel:\n  encoder: tu-test_resnet\nepochs: 1\nbatch_size: 4\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1: train/total" in printed and "score" in printed
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming {out} after epoch 1" in printed and "epoch 2:" in printed and "epoch 1:" not in printed
+    sub = tmp_path / "sub"
+    assert main(["predict", str(out / "best.pt"), "--test", str(dataset / "test"), "--out", str(sub)]) == 0
+    assert main(["check-submission", str(sub), "--test", str(dataset / "test")]) == 0
+
+
+def test_train_with_a_typo_fails_before_training(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"cache: {cache}\nmodel:\n  encoder: resnet344\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Wrong encoder name `resnet344`, supported encoders: [resnet34," in err
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -55,9 +55,7 @@ class GeoSample:
 
 def rot90(s: GeoSample, k: int) -> GeoSample:
     """Rotate counter-clockwise by k·90°."""
-    return GeoSample(
-        np.rot90(s.image, k), np.rot90(s.agl, k), s.scale, float(wrap_angle(s.angle + k * math.pi / 2))
-    )
+    return GeoSample(np.rot90(s.image, k), np.rot90(s.agl, k), s.scale, float(wrap_angle(s.angle + k * math.pi / 2)))
 
 
 def flip_columns(s: GeoSample) -> GeoSample:
@@ -82,9 +80,7 @@ def affine(s: GeoSample, alpha: float, zoom: float) -> GeoSample:
     matrix = np.array([[c, sn], [-sn, c]]) / zoom  # acts on (row, col)
     centre = np.array([(h - 1) / 2, (w - 1) / 2])
     offset = centre - matrix @ centre
-    agl = ndimage.affine_transform(
-        s.agl.astype(np.float32), matrix, offset, order=0, mode="constant", cval=np.nan
-    )
+    agl = ndimage.affine_transform(s.agl.astype(np.float32), matrix, offset, order=0, mode="constant", cval=np.nan)
     channels = [
         ndimage.affine_transform(s.image[..., i].astype(np.float32), matrix, offset, order=1, cval=0.0)
         for i in range(3)

@@ -7,7 +7,7 @@ lean. The AGL raster is in image space: roof pixels carry the building height, a
 it, everything else 0; some tiles get no-data patches. Cities differ in ground colour, building heights and
 density, ground sample distance and their clusters of flow angles (satellite passes).
 
-The scene is always about 512 nominal pixels wide, rendered at ``size`` pixels, so the recorded gsd (metres
+The scene is always about 256 nominal pixels wide, rendered at ``size`` pixels, so the recorded gsd (metres
 per pixel) and scale (pixels per metre) are physically consistent at any tile size:
 ``scale = tan(off-nadir) / gsd``. Everything is deterministic for a seed: tile ``i`` draws from
 ``default_rng([seed, i])``, so results do not depend on the number of workers.
@@ -29,7 +29,7 @@ from geopose_ray.errors import ConfigError
 from geopose_ray.geometry import wrap_angle
 from geopose_ray.parallel import pmap
 
-REFERENCE_PX = 512  # the nominal width of every synthetic scene, in challenge-resolution pixels
+REFERENCE_PX = 256  # the nominal width of every synthetic scene, in challenge-resolution pixels
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,10 @@ class CityStyle:
 
 
 CITY_STYLES: dict[str, CityStyle] = {
-    "ARG": CityStyle((0.45, 0.55), (0.9, 4.1), (12, 30), (150, 140, 120), (22, 34), 9.0, 0.45, (6, 14)),
-    "ATL": CityStyle((0.50, 0.59), (2.4,), (18, 38), (110, 125, 95), (8, 16), 14.0, 0.7, (16, 30)),
-    "JAX": CityStyle((0.35, 0.45), (5.3, 0.4), (10, 32), (125, 135, 110), (10, 20), 10.0, 0.55, (12, 24)),
-    "OMA": CityStyle((0.30, 0.40), (3.6,), (14, 34), (140, 135, 115), (14, 24), 8.0, 0.5, (8, 18)),
+    "ARG": CityStyle((0.45, 0.55), (0.9, 4.1), (20, 40), (150, 140, 120), (7, 11), 14.0, 0.45, (2, 5)),
+    "ATL": CityStyle((0.50, 0.59), (2.4,), (25, 45), (110, 125, 95), (3, 6), 22.0, 0.6, (5, 10)),
+    "JAX": CityStyle((0.35, 0.45), (5.3, 0.4), (18, 40), (125, 135, 110), (4, 8), 16.0, 0.5, (4, 8)),
+    "OMA": CityStyle((0.30, 0.40), (3.6,), (20, 42), (140, 135, 115), (5, 9), 12.0, 0.5, (3, 6)),
 }
 ANGLE_SPREAD = 0.25  # radians, sd of a tile's angle around its cluster centre
 
@@ -138,7 +138,7 @@ def render_tile(
     scale = math.tan(math.radians(rng.uniform(*style.off_nadir_deg))) / gsd
     angle = float(wrap_angle(rng.choice(style.angles) + rng.normal(0, ANGLE_SPREAD)))
     dx, dy = math.sin(angle), math.cos(angle)  # column and row components of the lean
-    max_disp = size / 5  # keep roofs near their footprints
+    max_disp = size / 4  # keep roofs near their footprints
 
     ground = np.array(style.ground, dtype=np.float64) + rng.normal(0, 8, 3)
     tex = 18 * _smooth_noise(rng, size, 6) + 8 * _smooth_noise(rng, size, max(2, size // 8))

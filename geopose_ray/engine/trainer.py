@@ -104,10 +104,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = (model if model is not None else GeoposeModel(cfg.model)).to(self.device)
         if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.forward: Callable[..., dict[str, torch.Tensor]] = (
-            torch.compile(self.model) if cfg.compile else self.model  # type: ignore[assignment]
-        )
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward: Callable[..., dict[str, torch.Tensor]] = torch.compile(self.model) if cfg.compile else self.model
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)

@@ -137,7 +137,7 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
         if weights is not None and weights not in available:
             raise ConfigError(
                 f"Wrong pretrained weights `{weights}` for encoder `{encoder}`. Available options are: "
-                f"{available + [None]}"
+                f"{[*available, None]}"
             )
         encoder_weights = weights
         if encoder.startswith(_HALF_NORMALISED):

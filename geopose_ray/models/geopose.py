@@ -43,17 +43,29 @@ class GeoposeModel(nn.Module):
         with warnings.catch_warnings():
             # smp warns when timm weights are asked for with True, which is how a tagged tu- name wants it.
             warnings.filterwarnings("ignore", message="For 'tu-' .*encoders")
-            net = smp.create_model(
-                r.decoder,
-                encoder_name=r.encoder,
-                encoder_weights=r.encoder_weights,  # type: ignore[arg-type]
-                classes=cfg.head_channels,
-                **cfg.decoder_kwargs,
-            )
+            try:
+                net = smp.create_model(
+                    r.decoder,
+                    encoder_name=r.encoder,
+                    encoder_weights=r.encoder_weights,
+                    classes=cfg.head_channels,
+                    **cfg.decoder_kwargs,
+                )
+            except Exception as e:
+                if r.encoder_weights is None:
+                    raise
+                # Weights come from the Hugging Face hub (smp and timm); offline, or behind a proxy, that fails.
+                raise ConfigError(
+                    f"could not load `{cfg.weights}` weights for encoder `{cfg.encoder}` ({type(e).__name__}: {e}); "
+                    "on a machine without access to the weights hub use weights: null, or fill the hub cache "
+                    "(HF_HOME) on a connected machine first"
+                ) from e
         self.encoder = net.encoder
         self.decoder = net.decoder
         self.head_features = net.segmentation_head
         self._vit_decoder = r.decoder == "DPT"  # its encoder also returns prefix tokens for the decoder
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(r.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(r.std).view(1, 3, 1, 1) * 255.0, persistent=False)
         deep = int(net.encoder.out_channels[-1]) + (1 + len(CITIES) if cfg.metadata else 0)
@@ -107,7 +119,9 @@ def validate_model_config(cfg: ModelConfig, image_size: int, batch_size: int = 2
     """
     resolved = resolve_model(cfg)
     dry = ModelConfig(**{**cfg.__dict__, "weights": None})
-    dry_resolved = ResolvedModel(resolved.decoder, resolved.encoder.split(".")[0], None, resolved.mean, resolved.std, ())
+    dry_resolved = ResolvedModel(
+        resolved.decoder, resolved.encoder.split(".")[0], None, resolved.mean, resolved.std, ()
+    )
     what = f"{resolved.decoder} with encoder {cfg.encoder}"
     for device in ("meta", "cpu"):
         try:
