@@ -113,8 +113,12 @@ def test_loss_masks_no_data_and_returns_every_part() -> None:
         "angle": torch.tensor([0.0, 1.0]),
         "scale": torch.tensor([0.5, 0.25]),
     }
-    pred = {"agl": batch["agl"].clone(), "mag": batch["agl"] * batch["scale"].view(-1, 1, 1, 1),
-            "xy": torch.stack([torch.sin(batch["angle"]), torch.cos(batch["angle"])], 1), "scale": batch["scale"]}  # fmt: skip
+    pred = {
+        "agl": batch["agl"].clone(),
+        "mag": batch["agl"] * batch["scale"].view(-1, 1, 1, 1),
+        "xy": torch.stack([torch.sin(batch["angle"]), torch.cos(batch["angle"])], 1),
+        "scale": batch["scale"],
+    }
     pred["agl"][0, :, :2] = 1000.0  # wrong, but only where there is no data
     parts = geopose_loss(pred, batch)
     assert set(parts) == {"total", "agl", "mag", "xy", "scale"}
