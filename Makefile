@@ -26,6 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Runs every test, the `slow` learning test included (CI runs exactly this); for a quick loop:
+#   make test PYTEST_ARGS='-m "not slow"'
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
 test: lint
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \

@@ -14,37 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from geopose_ray.baselines import city_means
 from geopose_ray.data.cache import TrainingCache, prepare_cache
-from geopose_ray.data.layout import CITIES, city_of, rgb_path, scan_dir
+from geopose_ray.data.layout import city_of, rgb_path, scan_dir
 from geopose_ray.data.rasters import raster_info
 from geopose_ray.data.submission import check_submission, write_prediction
 from geopose_ray.data.synth import synthesize
 from geopose_ray.data.validate import validate_dir
 from geopose_ray.errors import DataError
-from geopose_ray.geometry import direction_to_angle
 from geopose_ray.metrics import ScoreReport, format_report
 from geopose_ray.scoring import score_dirs
-
-
-def city_means(cache: TrainingCache) -> dict[str, tuple[float, float, float]]:
-    """Per city: mean valid AGL (m), mean scale (px/m at the cache's resolution), circular mean angle."""
-    sums: dict[str, list[float]] = {c: [0.0, 0.0, 0.0, 0.0, 0.0, 0.0] for c in CITIES}
-    for row in cache.rows:
-        s = cache.load(row.stem)
-        valid = np.isfinite(s.agl)
-        acc = sums[row.city]
-        acc[0] += float(s.agl[valid].sum())
-        acc[1] += float(valid.sum())
-        acc[2] += s.scale
-        acc[3] += float(np.sin(s.angle))
-        acc[4] += float(np.cos(s.angle))
-        acc[5] += 1
-    everything = np.sum([v for v in sums.values()], axis=0)
-    means = {}
-    for city, acc in sums.items():
-        a = acc if acc[5] else list(everything)  # a city absent from training falls back to all cities
-        means[city] = (a[0] / max(a[1], 1.0), a[2] / a[5], float(direction_to_angle(a[3], a[4])))
-    return means
 
 
 def predict_means(cache: TrainingCache, test_dir: Path, out_dir: Path) -> int:

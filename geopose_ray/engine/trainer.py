@@ -65,8 +65,8 @@ def batch_sizes(n: int, batch: int) -> list[int]:
 
 
 def seed_for(*parts: int) -> int:
-    """A 63-bit seed derived from integers."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1, 2**31])
+    """A 63-bit seed derived from integers (torch generators take signed 64-bit seeds)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 @dataclass
@@ -164,8 +164,9 @@ class Trainer:
             self.epoch += 1
             metrics = {"epoch": float(self.epoch), **result.metrics}
             self.history.append(metrics)
-            improved = metrics.get("score", -math.inf) > self.best_score
-            if improved:
+            # Without a validation fold every epoch is the best so far: best.pt follows last.pt.
+            improved = self.val_set is None or metrics.get("score", -math.inf) > self.best_score
+            if improved and "score" in metrics:
                 self.best_score = metrics["score"]
             metrics["best_score"] = self.best_score
             state = self.state()
@@ -229,9 +230,9 @@ class Trainer:
             if not torch.isfinite(total):
                 parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
                 raise TrainingError(
-                    f"non-finite loss at epoch {self.epoch + 1}, step {i + 1} ({parts}); the checkpoint of epoch "
-                    f"{self.epoch} is intact: lower the learning rate (now {self._lr():.3g}), enable grad_clip, "
-                    "or check the data with geopose-ray validate"
+                    f"non-finite loss at epoch {self.epoch + 1}, step {i + 1} ({parts}); the last checkpoint, if "
+                    f"any, is intact: lower the learning rate (now {self._lr():.3g}), enable grad_clip, or check "
+                    "the data with geopose-ray validate"
                 )
             # Each micro-batch's loss is its samples' mean; weighting it by its share of the optimizer step's
             # samples makes the accumulated gradient that of the whole effective batch, tail included.
