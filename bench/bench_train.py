@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--variants", default="ref,fp32,fp32-cl,bf16")
+    ap.add_argument("--variants", default="ref,fp32,fp32-cl,bf16,bf16-cl")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(2)
