@@ -183,6 +183,7 @@ def test_bf16_autocast_runs_on_cpu(cache: Path, tmp_path: Path) -> None:
         ({"lrr": 1}, r"unknown key\(s\) \['lrr'\] in `train`; valid keys: \['cache'"),
         ({"model": {"encoder": "resnet18", "decoderr": "Unet"}}, r"unknown key\(s\) \['decoderr'\] in `model`"),
         ({"cache": "/nonexistent"}, "is not a training cache; run geopose-ray prepare"),
+        ({"val_fold": 7}, r"`val_fold` is 7, but the cache's folds are \[0, 1, 2, 3\]"),
     ],
 )
 def test_bad_config_values_are_named(cache: Path, tmp_path: Path, over: dict[str, Any], message: str) -> None:

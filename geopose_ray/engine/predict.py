@@ -129,6 +129,8 @@ def predict_dir(
             shapes.append(rgb.shape[:2])
             images.append(torch.from_numpy(downsample_rgb(rgb, k).transpose(2, 0, 1).copy()))
             row = lookup_metadata(meta, stem)
+            if row is None and cfg.model.metadata:
+                raise DataError(f"{test_dir / METADATA_FILE}: no row for {stem}; this model needs its gsd")
             gsds.append(row.gsd if row is not None else math.nan)
             cities.append(CITIES.index(city_of(stem)))
         if len({tuple(i.shape) for i in images}) > 1:

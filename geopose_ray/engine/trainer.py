@@ -28,7 +28,7 @@ from geopose_ray.data.dataset import GeoposeDataset
 from geopose_ray.data.layout import CITIES
 from geopose_ray.engine.checkpoint import load_checkpoint, save_checkpoint
 from geopose_ray.engine.config import TrainConfig
-from geopose_ray.errors import GeoposeError
+from geopose_ray.errors import ConfigError, GeoposeError
 from geopose_ray.geometry import direction_to_angle
 from geopose_ray.losses import geopose_loss
 from geopose_ray.metrics import TileStats, score_report, tile_stats
@@ -111,6 +111,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.cache = TrainingCache(cfg.cache)
         folds = sorted({r.fold for r in self.cache.rows})
+        if cfg.val_fold is not None and cfg.val_fold not in folds:
+            raise ConfigError(f"The value of `val_fold` is {cfg.val_fold}, but the cache's folds are {folds} (or null)")
         train_folds = [f for f in folds if f != cfg.val_fold]
         self.train_set = GeoposeDataset(self.cache, train_folds, cfg.augment, cfg.seed)
         self.val_set = GeoposeDataset(self.cache, [cfg.val_fold]) if cfg.val_fold is not None else None
