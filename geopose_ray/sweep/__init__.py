@@ -1,0 +1,1 @@
+"""The sweep: the promoter's rules (pure), and later the Ray Tune scheduler, trainable and driver."""

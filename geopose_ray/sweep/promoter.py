@@ -1,0 +1,186 @@
+"""The promoter's rules: asynchronous successive halving with pause and resume, as a pure state machine.
+
+Rungs are epochs (default 20, 60, 200) and η is the reduction factor (default 3). When a trial reaches a rung
+its metric is recorded there. It continues if it ranks in the top ⌊n/η⌋ of the n results recorded at that rung
+so far (and the rung holds at least ``min_results``); otherwise it pauses. A paused trial is promoted later,
+as soon as the rung has filled enough for it to rank in the top ⌊n/η⌋; it then resumes from its checkpoint,
+so no epoch is trained twice. A trial that reaches the top rung is a finalist. Once the GPU-hour budget is
+spent nothing more is promoted.
+
+Unlike stop-based ASHA, a trial below the cut-off is not killed: a late bloomer that looked mediocre when it
+arrived early at a rung is promoted once enough weaker trials have arrived behind it.
+
+No Ray here: the Ray Tune scheduler only turns these decisions into CONTINUE / PAUSE and picks the paused
+trials :meth:`Promoter.promotable` names. The state round-trips through :meth:`to_dict` for driver restarts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from geopose_ray.errors import ConfigError
+
+
+class Decision(StrEnum):
+    CONTINUE = "continue"  # not at a rung, or promoted on arrival
+    PAUSE = "pause"  # at a rung, not (yet) in its top 1/η, or the budget is spent
+    FINALIST = "finalist"  # reached the top rung: done screening
+
+
+@dataclass
+class Promoter:
+    """The promotion rules and their state.
+
+    Args:
+        rungs: strictly increasing epochs at which trials are compared; the last is the top rung.
+        eta: reduction factor: the top ⌊n/η⌋ of a rung's n results are promoted.
+        mode: ``max`` or ``min`` of the metric.
+        min_results: results a rung must hold before anyone is promoted from it.
+        budget_gpu_hours: no promotions once this many GPU-hours are spent (None = no budget).
+    """
+
+    rungs: Sequence[int] = (20, 60, 200)
+    eta: int = 3
+    mode: str = "max"
+    min_results: int = 1
+    budget_gpu_hours: float | None = None
+    results: dict[int, dict[str, float]] = field(default_factory=dict)  # rung index -> trial -> metric
+    promoted: dict[int, set[str]] = field(default_factory=dict)  # rung index -> trials promoted from it
+    paused: dict[str, int] = field(default_factory=dict)  # trial -> rung index it waits at
+    finalists: list[str] = field(default_factory=list)
+    gpu_hours: dict[str, float] = field(default_factory=dict)  # trial -> GPU-hours so far
+
+    def __post_init__(self) -> None:
+        self.rungs = [int(r) for r in self.rungs]
+        if not self.rungs or any(r < 1 for r in self.rungs):
+            raise ConfigError(f"The value of `rungs` is {self.rungs}, but must be positive epochs")
+        if any(b <= a for a, b in zip(self.rungs, self.rungs[1:], strict=False)):
+            raise ConfigError(f"The value of `rungs` is {self.rungs}, but must be strictly increasing")
+        if self.eta < 2:
+            raise ConfigError(f"The value of `eta` is {self.eta}, but must be `eta >= 2`")
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"The value of `mode` is {self.mode!r}, but must be 'max' or 'min'")
+        if self.min_results < 1:
+            raise ConfigError(f"The value of `min_results` is {self.min_results}, but must be `min_results >= 1`")
+        for i in range(len(self.rungs)):
+            self.results.setdefault(i, {})
+            self.promoted.setdefault(i, set())
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    @property
+    def spent_gpu_hours(self) -> float:
+        return sum(self.gpu_hours.values())
+
+    @property
+    def budget_left(self) -> bool:
+        return self.budget_gpu_hours is None or self.spent_gpu_hours < self.budget_gpu_hours
+
+    def rung_index(self, epoch: int) -> int | None:
+        """The rung at this epoch, or None between rungs."""
+        return self.rungs.index(epoch) if epoch in self.rungs else None
+
+    def _key(self, value: float) -> float:
+        if math.isnan(value):
+            return math.inf  # a failed result ranks last
+        return -value if self.mode == "max" else value
+
+    def top(self, rung: int) -> set[str]:
+        """The trials in the top ⌊n/η⌋ of a rung (empty until it holds ``min_results`` results)."""
+        recorded = self.results[rung]
+        if len(recorded) < self.min_results:
+            return set()
+        k = len(recorded) // self.eta
+        ranked = sorted(recorded, key=lambda t: (self._key(recorded[t]), t))
+        return set(ranked[:k])
+
+    # -- events -----------------------------------------------------------------------------------------
+
+    def on_result(self, trial: str, epoch: int, value: float, gpu_hours: float | None = None) -> Decision:
+        """A trial finished ``epoch`` with metric ``value`` (and has used ``gpu_hours`` in total)."""
+        if gpu_hours is not None:
+            self.gpu_hours[trial] = gpu_hours
+        rung = self.rung_index(epoch)
+        if rung is None:
+            return Decision.CONTINUE
+        self.results[rung][trial] = float(value)
+        if rung == len(self.rungs) - 1:
+            if trial not in self.finalists:
+                self.finalists.append(trial)
+            return Decision.FINALIST
+        if self.budget_left and trial in self.top(rung) and trial not in self.promoted[rung]:
+            self.promoted[rung].add(trial)
+            return Decision.CONTINUE
+        self.paused[trial] = rung
+        return Decision.PAUSE
+
+    def promotable(self) -> list[str]:
+        """Paused trials that qualify now, highest rung first, best first. Pure: call :meth:`promote` to act."""
+        if not self.budget_left:
+            return []
+        ready = []
+        for rung in sorted({r for r in self.paused.values()}, reverse=True):
+            recorded = self.results[rung]
+            top = self.top(rung)
+            waiting = [t for t, r in self.paused.items() if r == rung and t in top and t not in self.promoted[rung]]
+            ready += sorted(waiting, key=lambda t: (self._key(recorded[t]), t))
+        return ready
+
+    def promote(self, trial: str) -> None:
+        """Mark a paused trial promoted: it resumes from its checkpoint towards the next rung."""
+        rung = self.paused.pop(trial)
+        self.promoted[rung].add(trial)
+
+    def close(self) -> list[str]:
+        """No more results will arrive (the grid is exhausted and nothing runs): promote, per rung from the top,
+        the paused trials in the top ⌊n/η⌋ (at least one per rung that has results and promoted nobody), so
+        every rung keeps feeding the next. Returns the trials promoted; the rest stay paused for good."""
+        if not self.budget_left:
+            return []
+        chosen = self.promotable()
+        if not chosen:
+            for rung in sorted({r for r in self.paused.values()}, reverse=True):
+                if self.promoted[rung]:
+                    continue
+                recorded = self.results[rung]
+                waiting = sorted((t for t, r in self.paused.items() if r == rung), key=lambda t: self._key(recorded[t]))
+                if waiting:
+                    chosen.append(waiting[0])
+        for t in chosen:
+            self.promote(t)
+        return chosen
+
+    # -- persistence ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rungs": list(self.rungs),
+            "eta": self.eta,
+            "mode": self.mode,
+            "min_results": self.min_results,
+            "budget_gpu_hours": self.budget_gpu_hours,
+            "results": {str(k): v for k, v in self.results.items()},
+            "promoted": {str(k): sorted(v) for k, v in self.promoted.items()},
+            "paused": dict(self.paused),
+            "finalists": list(self.finalists),
+            "gpu_hours": dict(self.gpu_hours),
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Promoter:
+        return Promoter(
+            rungs=d["rungs"],
+            eta=d["eta"],
+            mode=d["mode"],
+            min_results=d["min_results"],
+            budget_gpu_hours=d["budget_gpu_hours"],
+            results={int(k): dict(v) for k, v in d["results"].items()},
+            promoted={int(k): set(v) for k, v in d["promoted"].items()},
+            paused=dict(d["paused"]),
+            finalists=list(d["finalists"]),
+            gpu_hours=dict(d["gpu_hours"]),
+        )
