@@ -1,0 +1,156 @@
+"""A sweep's configuration: the data, the grid, the promoter's rungs, resources and budget; validated before
+Ray starts, so a typo fails in seconds with the valid choices instead of after trials have started."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geopose_ray.engine.config import TrainConfig
+from geopose_ray.errors import ConfigError
+from geopose_ray.models.config import ModelConfig, resolve_decoder, resolve_model
+from geopose_ray.models.geopose import validate_model_config
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The screened grid: every combination is one trial."""
+
+    encoders: list[str] = field(default_factory=lambda: ["resnet34"])
+    decoders: list[str] = field(default_factory=lambda: ["Unet"])
+    lrs: list[float] = field(default_factory=lambda: [1e-4])
+    accumulation: list[int] = field(default_factory=lambda: [1])
+    weights: dict[str, str | None] = field(default_factory=dict)  # per encoder; missing = `train.model.weights`
+    batch_size: dict[str, int] = field(default_factory=dict)  # per encoder; missing = `train.batch_size`
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One sweep."""
+
+    name: str
+    cache: str  # the training cache (geopose-ray prepare); must be readable on every node
+    grid: GridConfig = field(default_factory=GridConfig)
+    train: dict[str, Any] = field(default_factory=dict)  # the rest of every trial's TrainConfig
+    rungs: list[int] = field(default_factory=lambda: [20, 60, 200])  # epochs; the last is the top rung
+    eta: int = 3
+    min_results: int = 1
+    metric: str = "score"
+    mode: str = "max"
+    val_fold: int = 0  # screening validates on this fold; finalists then run every fold
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    storage_path: str = "runs"  # Ray Tune's storage (a local dir or s3://...); the sweep writes under it/name
+    budget_gpu_hours: float | None = None
+
+    @staticmethod
+    def from_yaml(path: str | Path) -> SweepConfig:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: sweep config not found") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sweep keys")
+        return SweepConfig.from_dict(raw)
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> SweepConfig:
+        raw = dict(raw)
+        names = [f.name for f in dataclasses.fields(SweepConfig)]
+        unknown = sorted(set(raw) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in the sweep config; valid keys: {names}")
+        grid = raw.pop("grid", {}) or {}
+        grid_names = [f.name for f in dataclasses.fields(GridConfig)]
+        bad = sorted(set(grid) - set(grid_names))
+        if bad:
+            raise ConfigError(f"unknown key(s) {bad} in `grid`; valid keys: {grid_names}")
+        try:
+            return SweepConfig(grid=GridConfig(**grid), **raw)
+        except TypeError as e:
+            raise ConfigError(f"sweep config: {e}") from e
+
+    def trial_configs(self) -> list[dict[str, Any]]:
+        """Every grid point as a plain TrainConfig dict (what a Ray Tune trial receives)."""
+        out = []
+        g = self.grid
+        for enc, dec, lr, acc in itertools.product(g.encoders, g.decoders, g.lrs, g.accumulation):
+            model = {**self.train.get("model", {}), "encoder": enc, "decoder": dec}
+            if enc in g.weights:
+                model["weights"] = g.weights[enc]
+            batch = g.batch_size.get(enc, self.train.get("batch_size", TrainConfig.batch_size))
+            cfg = {
+                **self.train,
+                "cache": self.cache,
+                "val_fold": self.val_fold,
+                "model": model,
+                "lr": lr,
+                "accumulation": acc,
+                "batch_size": batch,
+                "epochs": self.rungs[-1],
+            }
+            out.append(TrainConfig.from_dict(cfg).to_dict())
+        return out
+
+    def validate(self) -> list[str]:
+        """Check everything that can be checked before Ray starts; returns notes (resolved names)."""
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"The value of `name` is {self.name!r}: use a plain, non-empty name")
+        if not Path(self.cache, "cache.json").exists():
+            raise ConfigError(f"`cache` {self.cache!r} is not a training cache; run geopose-ray prepare first")
+        g = self.grid
+        for key in ("encoders", "decoders", "lrs", "accumulation"):
+            if not getattr(g, key):
+                raise ConfigError(f"`grid.{key}` is empty; give at least one value")
+        for lr in g.lrs:
+            if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+                raise ConfigError(f"The value {lr!r} in `grid.lrs` is not valid: learning rates must be > 0")
+        for steps in g.accumulation:
+            if not (isinstance(steps, int) and steps >= 1):
+                raise ConfigError(f"The value {steps!r} in `grid.accumulation` is not valid: steps must be >= 1")
+        if any(b <= a for a, b in zip(self.rungs, self.rungs[1:], strict=False)) or not self.rungs:
+            raise ConfigError(f"The value of `rungs` is {self.rungs}, but must be strictly increasing epochs")
+        if self.eta < 2:
+            raise ConfigError(f"The value of `eta` is {self.eta}, but must be `eta >= 2`")
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"The value of `mode` is {self.mode!r}, but must be 'max' or 'min'")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ConfigError(
+                f"resources per trial ({self.cpus_per_trial} CPU, {self.gpus_per_trial} GPU) are impossible: "
+                "cpus_per_trial must be > 0 and gpus_per_trial >= 0"
+            )
+        if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
+            raise ConfigError(f"The value of `budget_gpu_hours` is {self.budget_gpu_hours}, but must be > 0 or null")
+        for d in g.decoders:
+            resolve_decoder(d)
+        notes: list[str] = []
+        for enc in g.encoders:  # names first: cheap, and the commonest mistake
+            notes += resolve_model(ModelConfig(encoder=enc, weights=g.weights.get(enc))).notes
+        size = _tile_size(self.cache)
+        seen = set()
+        for cfg in self.trial_configs():
+            t = TrainConfig.from_dict(cfg)
+            t.validate()
+            combo = (t.model.decoder, t.model.encoder, t.batch_size)
+            if combo not in seen:  # one model check per architecture, not per learning rate
+                seen.add(combo)
+                validate_model_config(t.model, size, t.batch_size)
+        return sorted(set(notes))
+
+
+def _tile_size(cache: str) -> int:
+    from geopose_ray.data.cache import TrainingCache
+
+    c = TrainingCache(cache)
+    if not c.rows:
+        raise ConfigError(f"`cache` {cache!r} holds no tiles")
+    return int(c.meta(c.rows[0].stem)["shape"][0])  # type: ignore[index]

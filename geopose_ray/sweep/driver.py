@@ -1,0 +1,138 @@
+"""The sweep driver: screening with the promoter on Ray Tune, then every fold for the finalists."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from geopose_ray.data.cache import TrainingCache
+from geopose_ray.fsutil import atomic_write_text
+from geopose_ray.sweep.config import SweepConfig
+from geopose_ray.sweep.promoter import Promoter
+from geopose_ray.sweep.tune import PromoterScheduler, train_trial
+
+COLUMNS = [
+    "trial", "stage", "status", "encoder", "decoder", "weights", "lr", "accumulation", "batch_size",
+    "effective_batch", "val_fold", "epochs", "score", "best_score", "gpu_hours", "device_hours",
+]  # fmt: skip
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced."""
+
+    rows: list[dict[str, Any]]  # the results table, one row per trial (screening and fold runs)
+    finalists: list[str]  # screening trial ids that reached the top rung
+    table_path: Path
+
+
+def _row(trial_id: str, stage: str, status: str, cfg: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    model = cfg["model"]
+    return {
+        "trial": trial_id,
+        "stage": stage,
+        "status": status,
+        "encoder": model["encoder"],
+        "decoder": model["decoder"],
+        "weights": model.get("weights"),
+        "lr": cfg["lr"],
+        "accumulation": cfg["accumulation"],
+        "batch_size": cfg["batch_size"],
+        "effective_batch": cfg["batch_size"] * cfg["accumulation"],
+        "val_fold": cfg["val_fold"],
+        "epochs": int(metrics.get("epoch", 0)),
+        "score": metrics.get("score"),
+        "best_score": metrics.get("best_score"),
+        "gpu_hours": metrics.get("gpu_hours", 0.0),
+        "device_hours": metrics.get("device_hours", 0.0),
+    }
+
+
+def _outcomes(grid: Any) -> list[tuple[str, dict[str, Any], dict[str, Any], Exception | None]]:
+    """(trial id, its TrainConfig dict, its last metrics, its error) for each trial of a ResultGrid."""
+    out = []
+    for i in range(len(grid)):
+        result = grid[i]
+        cfg = {k: v for k, v in ((result.config or {}).get("cfg") or {}).items() if k != "_threads"}
+        out.append((Path(result.path).name, cfg, dict(result.metrics or {}), result.error))
+    return out
+
+
+def _tuner(cfg: SweepConfig, name: str, configs: list[dict[str, Any]], scheduler: Any) -> tune.Tuner:
+    trainable = tune.with_resources(train_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    threads = max(1, int(cfg.cpus_per_trial))
+    return tune.Tuner(
+        trainable,
+        param_space={"cfg": tune.grid_search([{**c, "_threads": threads} for c in configs])},
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler,
+            metric=cfg.metric,
+            mode=cfg.mode,
+            trial_name_creator=lambda t: f"{name}-{t.trial_id}",
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path,
+            failure_config=tune.FailureConfig(max_failures=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=0,
+        ),
+    )
+
+
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Validate, screen the grid with the promoter, train the finalists on every other fold, write the table."""
+    cfg.validate()
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    promoter = Promoter(cfg.rungs, cfg.eta, cfg.mode, cfg.min_results, cfg.budget_gpu_hours)
+    configs = cfg.trial_configs()
+    screen = _tuner(cfg, f"{cfg.name}-screen", configs, PromoterScheduler(promoter, cfg.metric)).fit()
+    rows = []
+    finalist_cfgs = []
+    for trial_id, trial_cfg, metrics, error in _outcomes(screen):
+        if trial_id in promoter.finalists:
+            status = "finalist"
+            finalist_cfgs.append((trial_id, trial_cfg))
+        elif error is not None:
+            status = f"errored: {type(error).__name__}"
+        else:
+            status = "paused" if trial_id in promoter.paused else "stopped"
+        rows.append(_row(trial_id, "screen", status, trial_cfg, metrics))
+    folds = sorted({r.fold for r in TrainingCache(cfg.cache).rows} - {cfg.val_fold})
+    fold_cfgs = [{**c, "val_fold": k, "_finalist": t} for t, c in finalist_cfgs for k in folds]
+    if fold_cfgs:
+        for _, fc, metrics, error in _outcomes(_tuner(cfg, f"{cfg.name}-folds", fold_cfgs, None).fit()):
+            parent = fc.pop("_finalist", "")
+            status = "done" if error is None else f"errored: {type(error).__name__}"
+            rows.append(_row(f"{parent}/fold{fc['val_fold']}", "fold", status, fc, metrics))
+    out = Path(cfg.storage_path) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    return SweepResult(rows, list(promoter.finalists), out / "results.csv")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The results table for a terminal, best screening score first."""
+    head = (
+        f"{'trial':<22}{'stage':<7}{'status':<10}{'encoder':<18}{'decoder':<10}{'lr':>9}{'acc':>4}{'ep':>5}{'best':>8}"
+    )
+    lines = [head]
+    for r in sorted(rows, key=lambda r: (r["stage"] != "screen", -(r["best_score"] or -1e9))):
+        lines.append(
+            f"{r['trial']:<22}{r['stage']:<7}{r['status'][:9]:<10}{r['encoder'][:17]:<18}{r['decoder'][:9]:<10}"
+            f"{r['lr']:>9.2g}{r['accumulation']:>4}{r['epochs']:>5}{(r['best_score'] or float('nan')):>8.4f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Ray Tune glue: the scheduler that dispatches the promoter's decisions, and the trial function.
+
+The only module (with the driver) that imports Ray. The promotion rules live in :mod:`.promoter`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from geopose_ray.engine import TrainConfig, Trainer
+from geopose_ray.engine.trainer import LAST
+from geopose_ray.sweep.promoter import Decision, Promoter
+
+
+class PromoterScheduler(FIFOScheduler):
+    """A Ray Tune scheduler that asks a :class:`Promoter`: CONTINUE, PAUSE (checkpointed) or STOP (a finalist).
+
+    New trials run first; then paused trials the promoter names, which Tune resumes from their last
+    checkpoint. When nothing runs or waits, the rungs are closed and whatever can never be promoted is
+    stopped, so the sweep ends.
+    """
+
+    def __init__(self, promoter: Promoter, metric: str = "score") -> None:
+        super().__init__()
+        self.promoter = promoter
+        self._score_key = metric
+        self._resume: list[str] = []  # promoted, still PAUSED in Tune
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        value = result.get(self._score_key, math.nan)
+        decision = self.promoter.on_result(
+            trial.trial_id, int(result["epoch"]), float(value), float(result.get("gpu_hours", 0.0))
+        )
+        if decision is Decision.CONTINUE:
+            return TrialScheduler.CONTINUE
+        if decision is Decision.FINALIST:
+            return TrialScheduler.STOP
+        return TrialScheduler.PAUSE
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        trials = tune_controller.get_trials()
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
+        for trial_id in self.promoter.promotable():
+            if trial_id in paused:
+                self.promoter.promote(trial_id)
+                self._resume.append(trial_id)
+        if not self._resume and not any(t.status == Trial.RUNNING for t in trials):
+            self._resume += [t for t in self.promoter.close() if t in paused]
+            if not self._resume:
+                for trial in paused.values():  # can never be promoted: end them so the sweep finishes
+                    tune_controller.stop_trial(trial)
+        while self._resume:
+            trial_id = self._resume.pop(0)
+            if trial_id in paused:
+                return paused[trial_id]
+        return None
+
+    def debug_string(self) -> str:
+        p = self.promoter
+        sizes = [len(p.results[i]) for i in range(len(p.rungs))]
+        return (
+            f"Promoter: rungs {p.rungs}, results per rung {sizes}, paused {len(p.paused)}, finalists {len(p.finalists)}"
+        )
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: train one TrainConfig, reporting every epoch with a checkpoint and
+    resuming from Tune's checkpoint when the trial is resumed or restarted."""
+    torch.set_num_threads(max(1, int(config["cfg"].get("_threads", 1))))
+    config = {k: v for k, v in config["cfg"].items() if not k.startswith("_")}
+    cfg = TrainConfig.from_dict(config)
+    work = Path(tempfile.mkdtemp(prefix="geopose-trial-"))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            shutil.copy(Path(d) / LAST, work / LAST)
+    devices = max(1.0, float(torch.cuda.device_count())) if cfg.device != "cpu" and torch.cuda.is_available() else 0.0
+
+    def report(metrics: dict[str, float], last: Path) -> None:
+        seconds = sum(h.get("train_s", 0.0) for h in trainer.history)
+        out = dict(metrics)
+        out["gpu_hours"] = seconds / 3600.0 * devices
+        out["device_hours"] = seconds / 3600.0
+        tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(last.parent)))
+
+    trainer = Trainer(cfg, work, on_epoch=report)
+    try:
+        trainer.fit()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

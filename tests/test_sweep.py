@@ -1,0 +1,121 @@
+"""The sweep: config validation before Ray starts, and a real screening run on a local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from geopose_ray.errors import ConfigError
+from geopose_ray.models.config import ModelConfig, resolve_decoder, resolve_model
+from geopose_ray.sweep.config import SweepConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(cache_dir: Path, tmp_path: Path, **over: Any) -> SweepConfig:
+    raw: dict[str, Any] = {
+        "name": "t",
+        "cache": str(cache_dir),
+        "grid": {
+            "encoders": ["tu-test_resnet"],
+            "decoders": ["Unet"],
+            "lrs": [1e-3, 3e-3, 1e-2],
+            "accumulation": [1, 2],
+        },
+        "train": {"batch_size": 4, "augment": None},
+        "rungs": [1, 2, 3],
+        "eta": 2,
+        "storage_path": str(tmp_path / "runs"),
+    }
+    return SweepConfig.from_dict({**raw, **over})
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"grid": {"encoders": ["resnet344"]}}, r"Wrong encoder name `resnet344`, supported encoders: \[resnet34,"),
+        ({"grid": {"decoders": ["Unett"]}}, r"Wrong decoder `Unett`"),
+        ({"grid": {"lrs": [0.0]}}, r"`grid.lrs` is not valid: learning rates must be > 0"),
+        ({"grid": {"accumulation": [0]}}, r"`grid.accumulation` is not valid: steps must be >= 1"),
+        ({"rungs": [4, 2]}, "strictly increasing"),
+        ({"eta": 1}, "`eta >= 2`"),
+        ({"cache": "/nonexistent"}, "is not a training cache"),
+        ({"cpus_per_trial": 0}, "resources per trial"),
+        ({"gridd": {}}, r"unknown key\(s\) \['gridd'\]"),
+    ],
+)
+def test_bad_sweep_configs_fail_fast(cache: Path, tmp_path: Path, over: dict[str, Any], message: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        _cfg(cache, tmp_path, **over).validate()
+    assert time.perf_counter() - start < 5.0
+
+
+def test_the_seed_grid_resolves() -> None:
+    cfg = SweepConfig.from_yaml(ROOT / "sweeps" / "configs" / "screen-t4.yaml")
+    g = cfg.grid
+    assert len(g.encoders) * len(g.decoders) * len(g.lrs) * len(g.accumulation) == 720
+    for d in g.decoders:
+        resolve_decoder(d)
+    for e in g.encoders:
+        resolve_model(ModelConfig(encoder=e, weights=g.weights.get(e)))
+    configs = [c for c in cfg.trial_configs() if c["model"]["encoder"] == "resnext50_32x4d"]
+    assert configs[0]["model"]["weights"] == "swsl" and configs[0]["batch_size"] == 4
+    assert configs[0]["epochs"] == 200 and {c["accumulation"] for c in configs} == {1, 4, 16}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray for the session: 2 CPUs, 1 per trial."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _epochs(trial_dir: Path) -> list[int]:
+    return [int(json.loads(line)["epoch"]) for line in (trial_dir / "result.json").read_text().splitlines()]
+
+
+def test_screening_pauses_resumes_and_runs_finalist_folds(ray_cluster: None, cache: Path, tmp_path: Path) -> None:
+    from geopose_ray.sweep.driver import run_sweep
+
+    cfg = _cfg(cache, tmp_path)
+    result = run_sweep(cfg)
+    screen = [r for r in result.rows if r["stage"] == "screen"]
+    assert len(screen) == 6
+    assert result.finalists and all(r["epochs"] == 3 for r in screen if r["status"] == "finalist")
+    assert any(r["status"] == "paused" and r["epochs"] < 3 for r in screen)  # the promoter held some back
+    # Paused trials resumed from their checkpoints: every trial's epochs are 1, 2, ... with none repeated.
+    for r in screen:
+        epochs = _epochs(tmp_path / "runs" / "t-screen" / r["trial"])
+        assert epochs == list(range(1, len(epochs) + 1)), (r["trial"], epochs)
+    folds = [r for r in result.rows if r["stage"] == "fold"]
+    assert len(folds) == 3 * len(result.finalists)  # the cache has 4 folds; fold 0 was screened
+    assert {r["val_fold"] for r in folds} == {1, 2, 3}
+    assert result.table_path.read_text().startswith("trial,stage,status,encoder,decoder,weights,lr,accumulation")
+
+
+def test_screen_script_validates_a_config(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT / "sweeps"))
+    try:
+        import screen
+    finally:
+        sys.path.pop(0)
+    y = tmp_path / "s.yaml"
+    y.write_text(
+        f"name: s\ncache: {cache}\ngrid: {{encoders: [tu-test_resnet], lrs: [0.001, 0.01], accumulation: [1, 4]}}\n"
+        "train: {batch_size: 4}\nrungs: [1, 2]\n"
+    )
+    assert screen.main(["--config", str(y), "--validate-only"]) == 0
+    assert "s: 4 trials, rungs [1, 2], eta 3" in capsys.readouterr().out
+    y.write_text(f"name: s\ncache: {cache}\ngrid: {{encoders: [resnet-34]}}\n")
+    assert screen.main(["--config", str(y), "--validate-only"]) == 2
+    assert "Wrong encoder name `resnet-34`" in capsys.readouterr().err
