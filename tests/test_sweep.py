@@ -101,6 +101,23 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(ray_cluster: None, cac
     assert len(folds) == 3 * len(result.finalists)  # the cache has 4 folds; fold 0 was screened
     assert {r["val_fold"] for r in folds} == {1, 2, 3}
     assert result.table_path.read_text().startswith("trial,stage,status,encoder,decoder,weights,lr,accumulation")
+    # MLflow: one parent run, one child run per trial and per fold run, statuses as the promoter left them.
+    from geopose_ray.tracking import Tracker
+
+    tracker = Tracker(cfg.mlflow_uri, "t", "t")
+    runs = {r.data.tags["trial"]: r for r in tracker.runs()}
+    assert set(runs) == {r["trial"] for r in result.rows}
+    parent = tracker.parent()
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in runs.values())
+    for row in screen:
+        run = runs[row["trial"]]
+        assert run.data.tags["status"] == row["status"]
+        assert run.data.params["lr"] == str(row["lr"]) and run.data.params["effective_batch"] == str(
+            row["effective_batch"]
+        )
+        steps = [m.step for m in tracker._client.get_metric_history(run.info.run_id, "score")]
+        assert steps == list(range(1, row["epochs"] + 1))  # every epoch once, none twice
+    assert {runs[r["trial"]].data.tags["stage"] for r in folds} == {"fold"}
 
 
 def test_screen_script_validates_a_config(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,6 +48,8 @@ class SweepConfig:
     gpus_per_trial: float = 0.0
     storage_path: str = "runs"  # Ray Tune's storage (a local dir or s3://...); the sweep writes under it/name
     budget_gpu_hours: float | None = None
+    tracking_uri: str | None = None  # MLflow; default sqlite:///<storage_path>/<name>/mlflow.db
+    experiment: str | None = None  # MLflow experiment; default the sweep's name
 
     @staticmethod
     def from_yaml(path: str | Path) -> SweepConfig:
@@ -78,6 +80,15 @@ class SweepConfig:
             return SweepConfig(grid=GridConfig(**grid), **raw)
         except TypeError as e:
             raise ConfigError(f"sweep config: {e}") from e
+
+    @property
+    def out_dir(self) -> Path:
+        """Where the sweep's own files go (results table, MLflow database on the embedded default)."""
+        return Path(self.storage_path) / self.name
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
 
     def trial_configs(self) -> list[dict[str, Any]]:
         """Every grid point as a plain TrainConfig dict (what a Ray Tune trial receives)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,10 @@ from geopose_ray.data.cache import TrainingCache
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.promoter import Promoter
-from geopose_ray.sweep.tune import PromoterScheduler, train_trial
+from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, train_trial
+from geopose_ray.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 COLUMNS = [
     "trial", "stage", "status", "encoder", "decoder", "weights", "lr", "accumulation", "batch_size",
@@ -65,7 +70,9 @@ def _outcomes(grid: Any) -> list[tuple[str, dict[str, Any], dict[str, Any], Exce
     return out
 
 
-def _tuner(cfg: SweepConfig, name: str, configs: list[dict[str, Any]], scheduler: Any) -> tune.Tuner:
+def _tuner(
+    cfg: SweepConfig, name: str, configs: list[dict[str, Any]], scheduler: Any, callbacks: list[Any]
+) -> tune.Tuner:
     trainable = tune.with_resources(train_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     threads = max(1, int(cfg.cpus_per_trial))
     return tune.Tuner(
@@ -83,6 +90,7 @@ def _tuner(cfg: SweepConfig, name: str, configs: list[dict[str, Any]], scheduler
             storage_path=str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path,
             failure_config=tune.FailureConfig(max_failures=2),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
             verbose=0,
         ),
     )
@@ -95,7 +103,16 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     promoter = Promoter(cfg.rungs, cfg.eta, cfg.mode, cfg.min_results, cfg.budget_gpu_hours)
     configs = cfg.trial_configs()
-    screen = _tuner(cfg, f"{cfg.name}-screen", configs, PromoterScheduler(promoter, cfg.metric)).fit()
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name, str(cfg.out_dir / "mlartifacts"))
+    try:
+        tracker.parent(dataclasses.asdict(cfg))
+    except Exception as e:
+        log.warning("MLflow at %s unavailable (%s); the sweep runs and logs when it is back", cfg.mlflow_uri, e)
+    screen = _tuner(
+        cfg, f"{cfg.name}-screen", configs, PromoterScheduler(promoter, cfg.metric),
+        [MlflowCallback(tracker, promoter, "screen")],
+    ).fit()  # fmt: skip
     rows = []
     finalist_cfgs = []
     for trial_id, trial_cfg, metrics, error in _outcomes(screen):
@@ -110,18 +127,25 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     folds = sorted({r.fold for r in TrainingCache(cfg.cache).rows} - {cfg.val_fold})
     fold_cfgs = [{**c, "val_fold": k, "_finalist": t} for t, c in finalist_cfgs for k in folds]
     if fold_cfgs:
-        for _, fc, metrics, error in _outcomes(_tuner(cfg, f"{cfg.name}-folds", fold_cfgs, None).fit()):
+        folds_grid = _tuner(cfg, f"{cfg.name}-folds", fold_cfgs, None, [MlflowCallback(tracker, None, "fold")]).fit()
+        for _, fc, metrics, error in _outcomes(folds_grid):
             parent = fc.pop("_finalist", "")
             status = "done" if error is None else f"errored: {type(error).__name__}"
             rows.append(_row(f"{parent}/fold{fc['val_fold']}", "fold", status, fc, metrics))
-    out = Path(cfg.storage_path) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
-    return SweepResult(rows, list(promoter.finalists), out / "results.csv")
+    table = cfg.out_dir / "results.csv"
+    atomic_write_text(table, buf.getvalue())
+    try:
+        tracker.artifact(tracker.parent(), table)
+        tracker.tags(tracker.parent(), {"finalists": ",".join(promoter.finalists), "trials": len(configs)})
+    except Exception as e:
+        log.warning("MLflow unavailable at the end of the sweep (%s); results.csv is at %s", e, table)
+    if not tracker.flush(timeout_s=30):
+        log.warning("%d MLflow calls could not be delivered; results.csv is at %s", tracker.pending, table)
+    return SweepResult(rows, list(promoter.finalists), table)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 from ray import tune
+from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from geopose_ray.engine import TrainConfig, Trainer
 from geopose_ray.engine.trainer import LAST
 from geopose_ray.sweep.promoter import Decision, Promoter
+from geopose_ray.tracking import Tracker
 
 
 class PromoterScheduler(FIFOScheduler):
@@ -100,3 +102,82 @@ def train_trial(config: dict[str, Any]) -> None:
         trainer.fit()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class MlflowCallback(Callback):
+    """Logs every trial to MLflow from the driver: a child run per trial under the sweep's parent run,
+    metrics each epoch in one batch, and tags (stage, rung, status) that follow the promoter's decisions.
+
+    Results that arrive while the server is down are kept per trial and sent when it is back.
+    """
+
+    def __init__(self, tracker: Tracker, promoter: Promoter | None, stage: str) -> None:
+        self.tracker = tracker
+        self.promoter = promoter
+        self.stage = stage
+        self._waiting: dict[str, list[tuple[dict[str, float], int]]] = {}
+
+    def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
+        cfg = dict(trial.config.get("cfg", {}))
+        parent = cfg.pop("_finalist", None)
+        cfg.pop("_threads", None)
+        return (f"{parent}/fold{cfg['val_fold']}" if parent else trial.trial_id), cfg
+
+    def _status(self, trial: Trial) -> dict[str, Any]:
+        p = self.promoter
+        if p is None:
+            return {"status": "running"}
+        tid = trial.trial_id
+        rung = max((i + 1 for i, results in p.results.items() if tid in results), default=0)
+        if tid in p.finalists:
+            status = "finalist"
+        elif tid in p.paused:
+            status = "paused"
+        elif any(tid in promoted for promoted in p.promoted.values()):
+            status = "promoted"
+        else:
+            status = "running"
+        return {"status": status, "rung": rung}
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
+    ) -> None:
+        key, cfg = self._key(trial)
+        numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        waiting = self._waiting.setdefault(key, [])
+        waiting.append((numbers, int(result.get("epoch", result.get("training_iteration", 0)))))
+        run = self.tracker.trial(key, cfg, self.stage)
+        if run is None:
+            return  # the server is down: keep the epoch, send it with the next one
+        for metrics, step in waiting:
+            self.tracker.metrics(run, metrics, step)
+        waiting.clear()
+        self.tracker.tags(run, {**self._status(trial), "stage": self.stage})
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        key, cfg = self._key(trial)
+        run = self.tracker.trial(key, cfg, self.stage)
+        if run is not None:
+            status = self._status(trial)
+            if status["status"] == "running":
+                status["status"] = "done" if self.stage == "fold" else "stopped"
+            self.tracker.tags(run, status)
+            self.tracker.finish(run)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        key, cfg = self._key(trial)
+        run = self.tracker.trial(key, cfg, self.stage)
+        if run is not None:
+            reason = _error_reason(trial)
+            self.tracker.tags(run, {"status": "errored", "error": reason})
+            self.tracker.finish(run, failed=True)
+
+
+def _error_reason(trial: Trial) -> str:
+    """The last line of a trial's error (its exception), for the run's ``error`` tag."""
+    path = trial.error_file
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()] if path else []
+    except OSError:
+        lines = []
+    return lines[-1][:500] if lines else "unknown error"

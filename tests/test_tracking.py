@@ -1,0 +1,112 @@
+"""MLflow tracking: runs created once and reattached, and a tracking server that goes away and comes back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from geopose_ray.tracking import Tracker, trial_params
+
+CFG = {"model": {"encoder": "resnet34", "decoder": "Unet", "weights": None}, "lr": 1e-4, "accumulation": 4,
+       "batch_size": 2, "val_fold": 0, "epochs": 20}  # fmt: skip
+
+
+def test_runs_are_created_once_and_reattached(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = Tracker(uri, "exp", "sweep-a", str(tmp_path / "art"))
+    parent = t.parent({"name": "sweep-a", "eta": 3})
+    run = t.trial("trial-1", CFG, "screen")
+    assert run is not None
+    for epoch in (1, 2):
+        t.metrics(run, {"score": 0.1 * epoch, "train/total": 3.0, "bad": float("nan")}, epoch)
+    t.tags(run, {"status": "paused", "rung": 1})
+    again = Tracker(uri, "exp", "sweep-a")  # a restarted driver
+    assert again.parent() == parent and again.trial("trial-1", CFG, "screen") == run
+    assert len(again.runs()) == 1
+    data = again._client.get_run(run).data
+    assert data.params["encoder"] == "resnet34" and data.params["effective_batch"] == "8"
+    assert data.tags["status"] == "paused" and data.tags["mlflow.parentRunId"] == parent
+    history = again._client.get_metric_history(run, "score")
+    assert [m.step for m in history] == [1, 2] and "bad" not in data.metrics
+    assert "train_total" in data.metrics
+
+
+def test_trial_params_flatten_the_config() -> None:
+    p = trial_params({**CFG, "augment": {"rot90": True}})
+    assert p["lr"] == "0.0001" and p["augment.rot90"] == "True" and p["effective_batch"] == "8"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A real `mlflow server` on loopback with a SQLite backend, in its own process group."""
+
+    def __init__(self, root: Path) -> None:
+        self.db, self.art, self.port = root / "server.db", root / "artifacts", _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.db}",
+             "--default-artifact-root", self.art.as_uri(), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("mlflow server did not start within 90 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def test_a_dead_server_loses_nothing_and_duplicates_nothing(server: Server) -> None:
+    t = Tracker(server.uri, "exp", "sweep-b")
+    run = t.trial("trial-1", CFG, "screen")
+    assert run is not None
+    t.metrics(run, {"score": 0.1}, 1)
+    server.stop()  # the tracking server dies mid-sweep
+    start = time.monotonic()
+    for epoch in (2, 3, 4):
+        t.metrics(run, {"score": 0.1 * epoch}, epoch)  # must not raise, nor hang
+    t.tags(run, {"status": "paused"})
+    assert time.monotonic() - start < 30
+    assert t.pending >= 3
+    server.start()
+    assert t.flush(timeout_s=30)
+    client = Tracker(server.uri, "exp", "sweep-b")._client
+    assert sorted(m.step for m in client.get_metric_history(run, "score")) == [1, 2, 3, 4]  # every epoch, once
+    assert client.get_run(run).data.tags["status"] == "paused"
