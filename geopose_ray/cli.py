@@ -120,6 +120,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_results(args: argparse.Namespace) -> int:
+    from geopose_ray.sweep.config import SweepConfig
+    from geopose_ray.tracking import Tracker, format_results, results_table
+
+    cfg = SweepConfig.from_yaml(args.config)
+    tracker = Tracker(args.tracking_uri or cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name)
+    try:
+        rows = results_table(tracker)
+    except Exception as e:  # the tracking server or database is unreachable
+        raise GeoposeError(f"cannot read MLflow at {tracker.uri} ({type(e).__name__}: {e})") from e
+    print(format_results(rows) if rows else f"{cfg.name}: no trials recorded yet at {tracker.uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geopose-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["none", "flip", "d4"], default="none", help="test-time augmentation")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.set_defaults(fn=_cmd_predict)
+
+    p = add("results", "print a sweep's results table, as the MLflow run table holds it")
+    p.add_argument("--config", required=True, help="the sweep's YAML")
+    p.add_argument("--tracking-uri", default=None, help="override the config's MLflow tracking URI")
+    p.set_defaults(fn=_cmd_results)
 
     p = add("demo", "run the embedded default end to end under runs/<name>/")
     p.add_argument("--name", default="demo")

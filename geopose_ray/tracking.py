@@ -205,3 +205,43 @@ class Tracker:
                 [self._experiment()], filter_string=f"tags.sweep = '{self.sweep}' and tags.kind = 'trial'"
             )
         )
+
+
+def results_table(tracker: Tracker) -> list[dict[str, Any]]:
+    """The sweep's results table as the MLflow run table holds it: one row per trial run."""
+    rows = []
+    for run in tracker.runs():
+        d = run.data
+        rows.append(
+            {
+                "trial": d.tags.get("trial", ""),
+                "stage": d.tags.get("stage", ""),
+                "status": d.tags.get("status", ""),
+                "rung": d.tags.get("rung", ""),
+                **{k: d.params.get(k, "") for k in PARAM_KEYS},
+                "epoch": int(d.metrics.get("epoch", 0)),
+                "score": d.metrics.get("score", float("nan")),
+                "best_score": d.metrics.get("best_score", float("nan")),
+                "gpu_hours": d.metrics.get("gpu_hours", 0.0),
+            }
+        )
+    return sorted(
+        rows, key=lambda r: (r["stage"] != "screen", -(r["best_score"] if r["best_score"] == r["best_score"] else -1e9))
+    )
+
+
+def format_results(rows: list[dict[str, Any]]) -> str:
+    cols = [("trial", 24), ("stage", 7), ("status", 9), ("rung", 5), ("encoder", 18), ("decoder", 13), ("lr", 8),
+            ("accumulation", 5), ("effective_batch", 6), ("val_fold", 5), ("epoch", 6), ("best_score", 9)]  # fmt: skip
+    head = "".join(
+        f"{(n if n not in ('accumulation', 'effective_batch', 'val_fold') else n[:4]):<{w}}" for n, w in cols
+    )
+    lines = [head]
+    for r in rows:
+        cells = []
+        for n, w in cols:
+            v = r[n]
+            text = f"{v:.4f}" if isinstance(v, float) else str(v)
+            cells.append(f"{text[: w - 1]:<{w}}")
+        lines.append("".join(cells))
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -84,7 +85,9 @@ def _epochs(trial_dir: Path) -> list[int]:
     return [int(json.loads(line)["epoch"]) for line in (trial_dir / "result.json").read_text().splitlines()]
 
 
-def test_screening_pauses_resumes_and_runs_finalist_folds(ray_cluster: None, cache: Path, tmp_path: Path) -> None:
+def test_screening_pauses_resumes_and_runs_finalist_folds(
+    ray_cluster: None, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from geopose_ray.sweep.driver import run_sweep
 
     cfg = _cfg(cache, tmp_path)
@@ -118,6 +121,16 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(ray_cluster: None, cac
         steps = [m.step for m in tracker._client.get_metric_history(run.info.run_id, "score")]
         assert steps == list(range(1, row["epochs"] + 1))  # every epoch once, none twice
     assert {runs[r["trial"]].data.tags["stage"] for r in folds} == {"fold"}
+    # `geopose-ray results` prints the same table from MLflow.
+    import yaml
+
+    from geopose_ray.cli import main
+
+    y = tmp_path / "sweep.yaml"
+    y.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    assert main(["results", "--config", str(y)]) == 0
+    printed = capsys.readouterr().out
+    assert all(r["trial"][:20] in printed for r in result.rows) and "finalist" in printed
 
 
 def test_screen_script_validates_a_config(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
