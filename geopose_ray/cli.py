@@ -74,7 +74,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from geopose_ray.demo import run_demo
 
-    run_demo(args.name, args.runs_dir, args.tiles, args.size, args.downsample, args.seed, args.workers)
+    run_demo(
+        args.name, args.runs_dir, args.tiles, args.size, args.downsample, args.seed, args.workers,
+        sweep=not args.no_sweep,
+    )  # fmt: skip
     return 0
 
 
@@ -202,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--downsample", type=_positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-sweep", action="store_true", help="stop after scoring the trivial predictor")
     p.set_defaults(fn=_cmd_demo)
     return parser
 

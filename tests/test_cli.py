@@ -59,17 +59,17 @@ def test_bad_option_values_are_rejected_by_the_parser(capsys: pytest.CaptureFixt
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
     lines: list[str] = []
-    report = run_demo("t", tmp_path, tiles=12, size=64, workers=2, log=lines.append)
+    report = run_demo("t", tmp_path, tiles=12, size=64, workers=2, log=lines.append, sweep=False)
     root = tmp_path / "t"
     assert (root / "score.json").exists() and (root / "cache" / "manifest.csv").exists()
-    assert sorted(p.name for p in (root / "submission").iterdir())[0].endswith(("_AGL.tif", "_VFLOW.json"))
+    assert sorted(p.name for p in (root / "submission-means").iterdir())[0].endswith(("_AGL.tif", "_VFLOW.json"))
     saved = json.loads((root / "score.json").read_text())
     assert saved["score"] == pytest.approx(report.score)
     # Training means are the floor: roughly zero R² on unseen tiles, never close to a real model.
     assert -1.0 < report.score < 0.3
     assert any("final score" in line for line in lines)
     # A rerun with other settings replaces the demo's own outputs instead of mixing old and new tiles.
-    again = run_demo("t", tmp_path, tiles=8, size=64, seed=1, workers=1, log=lines.append)
+    again = run_demo("t", tmp_path, tiles=8, size=64, seed=1, workers=1, log=lines.append, sweep=False)
     assert len(list((root / "data" / "train").glob("*_RGB.j2k"))) == 8
     assert again.score != report.score
 

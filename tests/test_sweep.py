@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -149,3 +150,26 @@ def test_screen_script_validates_a_config(cache: Path, tmp_path: Path, capsys: p
     y.write_text(f"name: s\ncache: {cache}\ngrid: {{encoders: [resnet-34]}}\n")
     assert screen.main(["--config", str(y), "--validate-only"]) == 2
     assert "Wrong encoder name `resnet-34`" in capsys.readouterr().err
+
+
+def test_demo_sweep_config_matches_the_shipped_yaml(tmp_path: Path) -> None:
+    """sweeps/configs/demo.yaml is what `make demo` runs (with its own paths)."""
+    from geopose_ray.demo import demo_sweep
+
+    shipped = SweepConfig.from_yaml(ROOT / "sweeps" / "configs" / "demo.yaml")
+    built = demo_sweep(shipped.name, Path(shipped.cache), Path(shipped.storage_path))
+    assert dataclasses.asdict(built) == dataclasses.asdict(shipped)
+
+
+@pytest.mark.slow
+def test_the_whole_demo_with_its_sweep(ray_cluster: None, tmp_path: Path) -> None:
+    """What `make demo` runs: synthesize, validate, prepare, floor, sweep, predict with the best finalist."""
+    from geopose_ray.demo import run_demo
+
+    lines: list[str] = []
+    report = run_demo("d", tmp_path, tiles=24, size=64, workers=2, log=lines.append)
+    root = tmp_path / "d"
+    assert (root / "sweeps" / "d" / "results.csv").exists() and (root / "sweeps" / "d" / "mlflow.db").exists()
+    assert (root / "submission").is_dir() and (root / "submission-means").is_dir()
+    assert math.isfinite(report.score)
+    assert any(line.startswith("floor (training means): score") for line in lines)

@@ -34,6 +34,7 @@ class SweepResult:
     """What a sweep produced."""
 
     rows: list[dict[str, Any]]  # the results table, one row per trial (screening and fold runs)
+    checkpoints: dict[str, Path]  # trial (or "<trial>/fold<k>") -> its last checkpoint directory
     finalists: list[str]  # screening trial ids that reached the top rung
     table_path: Path
 
@@ -60,13 +61,14 @@ def _row(trial_id: str, stage: str, status: str, cfg: dict[str, Any], metrics: d
     }
 
 
-def _outcomes(grid: Any) -> list[tuple[str, dict[str, Any], dict[str, Any], Exception | None]]:
-    """(trial id, its TrainConfig dict, its last metrics, its error) for each trial of a ResultGrid."""
+def _outcomes(grid: Any) -> list[tuple[str, dict[str, Any], dict[str, Any], Exception | None, Path | None]]:
+    """(trial id, its TrainConfig dict, last metrics, error, last checkpoint dir) for each trial of a ResultGrid."""
     out = []
     for i in range(len(grid)):
         result = grid[i]
         cfg = {k: v for k, v in ((result.config or {}).get("cfg") or {}).items() if k != "_threads"}
-        out.append((Path(result.path).name, cfg, dict(result.metrics or {}), result.error))
+        ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
+        out.append((Path(result.path).name, cfg, dict(result.metrics or {}), result.error, ckpt))
     return out
 
 
@@ -115,7 +117,10 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     ).fit()  # fmt: skip
     rows = []
     finalist_cfgs = []
-    for trial_id, trial_cfg, metrics, error in _outcomes(screen):
+    checkpoints: dict[str, Path] = {}
+    for trial_id, trial_cfg, metrics, error, ckpt in _outcomes(screen):
+        if ckpt is not None:
+            checkpoints[trial_id] = ckpt
         if trial_id in promoter.finalists:
             status = "finalist"
             finalist_cfgs.append((trial_id, trial_cfg))
@@ -128,8 +133,10 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     fold_cfgs = [{**c, "val_fold": k, "_finalist": t} for t, c in finalist_cfgs for k in folds]
     if fold_cfgs:
         folds_grid = _tuner(cfg, f"{cfg.name}-folds", fold_cfgs, None, [MlflowCallback(tracker, None, "fold")]).fit()
-        for _, fc, metrics, error in _outcomes(folds_grid):
+        for _, fc, metrics, error, ckpt in _outcomes(folds_grid):
             parent = fc.pop("_finalist", "")
+            if ckpt is not None:
+                checkpoints[f"{parent}/fold{fc['val_fold']}"] = ckpt
             status = "done" if error is None else f"errored: {type(error).__name__}"
             rows.append(_row(f"{parent}/fold{fc['val_fold']}", "fold", status, fc, metrics))
     buf = io.StringIO()
@@ -145,7 +152,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         log.warning("MLflow unavailable at the end of the sweep (%s); results.csv is at %s", e, table)
     if not tracker.flush(timeout_s=30):
         log.warning("%d MLflow calls could not be delivered; results.csv is at %s", tracker.pending, table)
-    return SweepResult(rows, list(promoter.finalists), table)
+    return SweepResult(rows, checkpoints, list(promoter.finalists), table)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
