@@ -28,9 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="a sweep YAML (sweeps/configs/)")
     ap.add_argument("--smoke-test", action="store_true", help="a tiny version of the sweep")
     ap.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    ap.add_argument("--cache", default=None, help="override the config's cache (an absolute path on a cluster)")
+    ap.add_argument("--storage", default=None, help="override the config's storage_path")
     args = ap.parse_args(argv)
     try:
         cfg = SweepConfig.from_yaml(args.config)
+        if args.cache:
+            cfg = dataclasses.replace(cfg, cache=args.cache)
+        if args.storage:
+            cfg = dataclasses.replace(cfg, storage_path=args.storage)
         if args.smoke_test:
             cfg = smoke(cfg)
         for note in cfg.validate():
