@@ -253,8 +253,10 @@ class Trainer:
         metrics["lr"] = self._lr()
         stats: list[TileStats] = []
         if self.val_set is not None and len(self.val_set):
+            val_start = time.perf_counter()
             val_metrics, stats = self.validate()
             metrics.update(val_metrics)
+            metrics["val_s"] = time.perf_counter() - val_start
         metrics["peak_mem_mb"] = (
             torch.cuda.max_memory_allocated(self.device) / 2**20
             if self.device.type == "cuda"

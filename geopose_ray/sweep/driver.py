@@ -86,6 +86,7 @@ def _tuner(
             mode=cfg.mode,
             trial_name_creator=lambda t: f"{name}-{t.trial_id}",
             trial_dirname_creator=lambda t: t.trial_id,
+            reuse_actors=True,  # a resumed or next trial skips the process start and the torch import
         ),
         run_config=tune.RunConfig(
             name=name,
