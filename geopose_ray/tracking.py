@@ -85,8 +85,12 @@ class Tracker:
     # -- delivery -----------------------------------------------------------------------------------------
 
     def _call(self, what: str, call: Callable[[], Any]) -> bool:
-        """Send queued calls, then this one; on failure keep it (and what follows) for later."""
+        """Queue this call behind any undelivered ones and try to deliver them all, in order."""
         self._queue.append((what, call))
+        return self._drain()
+
+    def _drain(self) -> bool:
+        """Send queued calls in order; stop at the first failure and keep it (and what follows) for later."""
         while self._queue:
             name, fn = self._queue[0]
             try:
@@ -105,12 +109,11 @@ class Tracker:
     def flush(self, timeout_s: float = 0.0) -> bool:
         """Try to send everything queued; with a timeout, keep trying until it passes. True if all sent."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            if not self._queue or self._call("flush", lambda: None):
-                return True
+        while not self._drain():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.5)
+        return True
 
     @property
     def pending(self) -> int:

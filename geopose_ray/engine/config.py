@@ -96,16 +96,21 @@ class TrainConfig:
 
     @staticmethod
     def from_yaml(path: str | Path) -> TrainConfig:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: config file not found") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-        return TrainConfig.from_dict(raw)
+        return TrainConfig.from_dict(read_yaml_mapping(path, "training config"))
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; ConfigError naming the file otherwise."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: {what} not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what} keys")
+    return raw
 
 
 def _build(cls: Any, values: dict[str, Any], where: str) -> Any:

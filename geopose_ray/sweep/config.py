@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from geopose_ray.engine.config import TrainConfig
+from geopose_ray.engine.config import TrainConfig, read_yaml_mapping
 from geopose_ray.errors import ConfigError
 from geopose_ray.models.config import ModelConfig, resolve_decoder, resolve_model
 from geopose_ray.models.geopose import validate_model_config
@@ -53,16 +51,7 @@ class SweepConfig:
 
     @staticmethod
     def from_yaml(path: str | Path) -> SweepConfig:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: sweep config not found") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sweep keys")
-        return SweepConfig.from_dict(raw)
+        return SweepConfig.from_dict(read_yaml_mapping(path, "sweep config"))
 
     @staticmethod
     def from_dict(raw: dict[str, Any]) -> SweepConfig:
