@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--validate-only", action="store_true", help="check the config and exit")
     ap.add_argument("--cache", default=None, help="override the config's cache (an absolute path on a cluster)")
     ap.add_argument("--storage", default=None, help="override the config's storage_path")
+    ap.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
     args = ap.parse_args(argv)
     try:
         cfg = SweepConfig.from_yaml(args.config)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from geopose_ray.sweep.driver import format_table, run_sweep
 
-        result = run_sweep(cfg)
+        result = run_sweep(cfg, resume=args.resume)
     except GeoposeError as e:
         print(f"screen: error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -73,9 +74,14 @@ def _outcomes(grid: Any) -> list[tuple[str, dict[str, Any], dict[str, Any], Exce
 
 
 def _tuner(
-    cfg: SweepConfig, name: str, configs: list[dict[str, Any]], scheduler: Any, callbacks: list[Any]
+    cfg: SweepConfig, name: str, configs: list[dict[str, Any]], scheduler: Any, callbacks: list[Any], resume: bool
 ) -> tune.Tuner:
     trainable = tune.with_resources(train_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    storage = str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path
+    path = f"{storage}/{name}"
+    if resume and tune.Tuner.can_restore(path):
+        # Finished trials keep their results; unfinished and errored ones continue from their checkpoints.
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     threads = max(1, int(cfg.cpus_per_trial))
     return tune.Tuner(
         trainable,
@@ -90,7 +96,7 @@ def _tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path,
+            storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=2),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -99,8 +105,12 @@ def _tuner(
     )
 
 
-def run_sweep(cfg: SweepConfig) -> SweepResult:
-    """Validate, screen the grid with the promoter, train the finalists on every other fold, write the table."""
+def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
+    """Validate, screen the grid with the promoter, train the finalists on every other fold, write the table.
+
+    With ``resume``, a sweep whose driver was killed continues: Tune restores its trials (each from its last
+    checkpoint), the promoter its state from ``promoter.json``, and MLflow runs are found again by their tags.
+    """
     cfg.validate()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
@@ -112,10 +122,14 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         tracker.parent(dataclasses.asdict(cfg))
     except Exception as e:
         log.warning("MLflow at %s unavailable (%s); the sweep runs and logs when it is back", cfg.mlflow_uri, e)
+    state = cfg.out_dir / "promoter.json"
+    if not resume:
+        state.unlink(missing_ok=True)
+    scheduler = PromoterScheduler(promoter, cfg.metric, str(state.resolve()))
     screen = _tuner(
-        cfg, f"{cfg.name}-screen", configs, PromoterScheduler(promoter, cfg.metric),
-        [MlflowCallback(tracker, promoter, "screen")],
-    ).fit()  # fmt: skip
+        cfg, f"{cfg.name}-screen", configs, scheduler, [MlflowCallback(tracker, promoter, "screen")], resume
+    ).fit()
+    promoter = Promoter.from_dict(json.loads(state.read_text())["promoter"])  # a restored Tuner has its own copy
     rows = []
     finalist_cfgs = []
     checkpoints: dict[str, Path] = {}
@@ -133,7 +147,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     folds = sorted({r.fold for r in TrainingCache(cfg.cache).rows} - {cfg.val_fold})
     fold_cfgs = [{**c, "val_fold": k, "_finalist": t} for t, c in finalist_cfgs for k in folds]
     if fold_cfgs:
-        folds_grid = _tuner(cfg, f"{cfg.name}-folds", fold_cfgs, None, [MlflowCallback(tracker, None, "fold")]).fit()
+        folds_grid = _tuner(
+            cfg, f"{cfg.name}-folds", fold_cfgs, None, [MlflowCallback(tracker, None, "fold")], resume
+        ).fit()
         for _, fc, metrics, error, ckpt in _outcomes(folds_grid):
             parent = fc.pop("_finalist", "")
             if ckpt is not None:

@@ -5,6 +5,7 @@ The only module (with the driver) that imports Ray. The promotion rules live in 
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from geopose_ray.engine import TrainConfig, Trainer
 from geopose_ray.engine.trainer import LAST
+from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.promoter import Decision, Promoter
 from geopose_ray.tracking import Tracker
 
@@ -31,17 +33,33 @@ class PromoterScheduler(FIFOScheduler):
     stopped, so the sweep ends.
     """
 
-    def __init__(self, promoter: Promoter, metric: str = "score") -> None:
+    def __init__(self, promoter: Promoter, metric: str = "score", state_path: str | None = None) -> None:
         super().__init__()
         self.promoter = promoter
         self._score_key = metric
-        self._resume: list[str] = []  # promoted, still PAUSED in Tune
+        self._resume: list[str] = []  # promoted, not yet running again
+        self.state_path = state_path  # the promoter's state, rewritten after every change (Tune keeps none)
+
+    def _save(self) -> None:
+        if self.state_path:
+            state = {"promoter": self.promoter.to_dict(), "resume": self._resume}
+            atomic_write_text(self.state_path, json.dumps(state))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tuner.restore unpickles the scheduler as it was when the sweep started; the saved state is newer.
+        # The promoter is updated in place: the MLflow callback holds the same object.
+        self.__dict__.update(state)
+        if self.state_path and Path(self.state_path).exists():
+            saved = json.loads(Path(self.state_path).read_text())
+            self.promoter.__dict__.update(Promoter.from_dict(saved["promoter"]).__dict__)
+            self._resume = list(saved["resume"])
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         value = result.get(self._score_key, math.nan)
         decision = self.promoter.on_result(
             trial.trial_id, int(result["epoch"]), float(value), float(result.get("gpu_hours", 0.0))
         )
+        self._save()
         if decision is Decision.CONTINUE:
             return TrialScheduler.CONTINUE
         if decision is Decision.FINALIST:
@@ -50,23 +68,39 @@ class PromoterScheduler(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
+        # After a driver restart Tune may bring a paused trial back as PENDING: it still waits for promotion.
+        waiting = {
+            t.trial_id: t
+            for t in trials
+            if t.status == Trial.PAUSED
+            or (t.status == Trial.PENDING and t.trial_id in self.promoter.paused and t.trial_id not in self._resume)
+        }
         for trial in trials:
-            if trial.status == Trial.PENDING:
+            if trial.status == Trial.PENDING and trial.trial_id not in waiting:
+                if trial.trial_id in self._resume:
+                    self._resume.remove(trial.trial_id)
+                    self._save()
                 return trial
-        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
+        changed = False
         for trial_id in self.promoter.promotable():
-            if trial_id in paused:
+            if trial_id in waiting:
                 self.promoter.promote(trial_id)
                 self._resume.append(trial_id)
+                changed = True
         if not self._resume and not any(t.status == Trial.RUNNING for t in trials):
-            self._resume += [t for t in self.promoter.close() if t in paused]
+            self._resume += [t for t in self.promoter.close() if t in waiting]
+            changed = True
             if not self._resume:
-                for trial in paused.values():  # can never be promoted: end them so the sweep finishes
+                for trial in waiting.values():  # can never be promoted: end them so the sweep finishes
                     tune_controller.stop_trial(trial)
         while self._resume:
             trial_id = self._resume.pop(0)
-            if trial_id in paused:
-                return paused[trial_id]
+            changed = True
+            if trial_id in waiting:
+                self._save()
+                return waiting[trial_id]
+        if changed:
+            self._save()
         return None
 
     def debug_string(self) -> str:
