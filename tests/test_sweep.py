@@ -60,6 +60,14 @@ def test_bad_sweep_configs_fail_fast(cache: Path, tmp_path: Path, over: dict[str
     assert time.perf_counter() - start < 5.0
 
 
+def test_trials_get_an_absolute_cache_path(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials run in their own directories: a relative cache path in the config must reach them absolute."""
+    monkeypatch.chdir(cache.parent)
+    cfg = _cfg(Path(cache.name), tmp_path)
+    assert cfg.validate() == []
+    assert all(c["cache"] == str(cache.resolve()) for c in cfg.trial_configs())
+
+
 def test_the_seed_grid_resolves() -> None:
     cfg = SweepConfig.from_yaml(ROOT / "sweeps" / "configs" / "screen-t4.yaml")
     g = cfg.grid

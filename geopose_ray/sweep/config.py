@@ -90,7 +90,8 @@ class SweepConfig:
             batch = g.batch_size.get(enc, self.train.get("batch_size", TrainConfig.batch_size))
             cfg = {
                 **self.train,
-                "cache": self.cache,
+                # Trials run in their own working directories, on any node: a relative path would not resolve.
+                "cache": self.cache if "://" in self.cache else str(Path(self.cache).resolve()),
                 "val_fold": self.val_fold,
                 "model": model,
                 "lr": lr,

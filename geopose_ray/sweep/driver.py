@@ -16,6 +16,7 @@ import ray
 from ray import tune
 
 from geopose_ray.data.cache import TrainingCache
+from geopose_ray.errors import GeoposeError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.promoter import Promoter
@@ -60,6 +61,11 @@ def _row(trial_id: str, stage: str, status: str, cfg: dict[str, Any], metrics: d
         "gpu_hours": metrics.get("gpu_hours", 0.0),
         "device_hours": metrics.get("device_hours", 0.0),
     }
+
+
+def _last_line(error: Exception | None) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
 
 
 def _outcomes(grid: Any) -> list[tuple[str, dict[str, Any], dict[str, Any], Exception | None, Path | None]]:
@@ -129,11 +135,19 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     screen = _tuner(
         cfg, f"{cfg.name}-screen", configs, scheduler, [MlflowCallback(tracker, promoter, "screen")], resume
     ).fit()
-    promoter = Promoter.from_dict(json.loads(state.read_text())["promoter"])  # a restored Tuner has its own copy
+    if state.exists():  # a restored Tuner has its own copy of the scheduler: its saved state is the truth
+        promoter = Promoter.from_dict(json.loads(state.read_text())["promoter"])
+    outcomes = _outcomes(screen)
+    failed = [o for o in outcomes if o[3] is not None]
+    if outcomes and len(failed) == len(outcomes):
+        raise GeoposeError(
+            f"all {len(outcomes)} screening trials of {cfg.name} failed; the first: {_last_line(failed[0][3])} "
+            f"(details under {Path(cfg.storage_path) / (cfg.name + '-screen')})"
+        )
     rows = []
     finalist_cfgs = []
     checkpoints: dict[str, Path] = {}
-    for trial_id, trial_cfg, metrics, error, ckpt in _outcomes(screen):
+    for trial_id, trial_cfg, metrics, error, ckpt in outcomes:
         if ckpt is not None:
             checkpoints[trial_id] = ckpt
         if trial_id in promoter.finalists:
