@@ -171,13 +171,15 @@ def test_demo_sweep_config_matches_the_shipped_yaml(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_whole_demo_with_its_sweep(ray_cluster: None, tmp_path: Path) -> None:
-    """What `make demo` runs: synthesize, validate, prepare, floor, sweep, predict with the best finalist."""
+def test_the_whole_demo_with_its_sweep(ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `make demo` runs (relative paths under runs/, as there): synthesize, validate, prepare, floor,
+    sweep, predict with the best finalist."""
     from geopose_ray.demo import run_demo
 
+    monkeypatch.chdir(tmp_path)
     lines: list[str] = []
-    report = run_demo("d", tmp_path, tiles=24, size=64, workers=2, log=lines.append)
-    root = tmp_path / "d"
+    report = run_demo("d", "runs", tiles=24, size=64, workers=2, log=lines.append)
+    root = tmp_path / "runs" / "d"
     assert (root / "sweeps" / "d" / "results.csv").exists() and (root / "sweeps" / "d" / "mlflow.db").exists()
     assert (root / "submission").is_dir() and (root / "submission-means").is_dir()
     assert math.isfinite(report.score)
