@@ -131,6 +131,10 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(
         steps = [m.step for m in tracker._client.get_metric_history(run.info.run_id, "score")]
         assert steps == list(range(1, row["epochs"] + 1))  # every epoch once, none twice
     assert {runs[r["trial"]].data.tags["stage"] for r in folds} == {"fold"}
+    # Learning curves as artifacts: one per finished trial, all screening curves on the parent.
+    finalist_run = runs[result.finalists[0]].info.run_id
+    assert "learning_curve.png" in {a.path for a in tracker._client.list_artifacts(finalist_run)}
+    assert {"results.csv", "screen_curves.png"} <= {a.path for a in tracker._client.list_artifacts(parent)}
     # `geopose-ray results` prints the same table from MLflow.
     import yaml
 

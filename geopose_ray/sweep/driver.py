@@ -20,7 +20,7 @@ from geopose_ray.errors import GeoposeError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.promoter import Promoter
-from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, train_trial
+from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, log_curves_plot, train_trial
 from geopose_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     if not resume:
         state.unlink(missing_ok=True)
     scheduler = PromoterScheduler(promoter, cfg.metric, str(state.resolve()))
-    screen = _tuner(
-        cfg, f"{cfg.name}-screen", configs, scheduler, [MlflowCallback(tracker, promoter, "screen")], resume
-    ).fit()
+    screen_callback = MlflowCallback(tracker, promoter, "screen")
+    screen = _tuner(cfg, f"{cfg.name}-screen", configs, scheduler, [screen_callback], resume).fit()
     if state.exists():  # a restored Tuner has its own copy of the scheduler: its saved state is the truth
         promoter = Promoter.from_dict(json.loads(state.read_text())["promoter"])
     outcomes = _outcomes(screen)
@@ -178,6 +177,10 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     atomic_write_text(table, buf.getvalue())
     try:
         tracker.artifact(tracker.parent(), table)
+        log_curves_plot(
+            tracker, tracker.parent(), screen_callback.curves, "screen_curves.png",
+            rungs=cfg.rungs, highlight=promoter.finalists, title=f"{cfg.name}: screening (finalists bold)",
+        )  # fmt: skip
         tracker.tags(tracker.parent(), {"finalists": ",".join(promoter.finalists), "trials": len(configs)})
     except Exception as e:
         log.warning("MLflow unavailable at the end of the sweep (%s); results.csv is at %s", e, table)

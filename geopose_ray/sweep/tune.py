@@ -21,6 +21,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from geopose_ray.engine import TrainConfig, Trainer
 from geopose_ray.engine.trainer import LAST
 from geopose_ray.fsutil import atomic_write_text
+from geopose_ray.sweep.plots import curves_plot
 from geopose_ray.sweep.promoter import Decision, Promoter
 from geopose_ray.tracking import Tracker
 
@@ -150,6 +151,7 @@ class MlflowCallback(Callback):
         self.promoter = promoter
         self.stage = stage
         self._waiting: dict[str, list[tuple[dict[str, float], int]]] = {}
+        self.curves: dict[str, list[tuple[int, float]]] = {}  # trial key -> (epoch, score), for the plots
 
     def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
         cfg = dict(trial.config.get("cfg", {}))
@@ -179,7 +181,10 @@ class MlflowCallback(Callback):
         key, cfg = self._key(trial)
         numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         waiting = self._waiting.setdefault(key, [])
-        waiting.append((numbers, int(result.get("epoch", result.get("training_iteration", 0)))))
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        waiting.append((numbers, epoch))
+        if isinstance(result.get("score"), int | float):
+            self.curves.setdefault(key, []).append((epoch, float(result["score"])))
         run = self.tracker.trial(key, cfg, self.stage)
         if run is None:
             return  # the server is down: keep the epoch, send it with the next one
@@ -196,7 +201,14 @@ class MlflowCallback(Callback):
             if status["status"] == "running":
                 status["status"] = "done" if self.stage == "fold" else "stopped"
             self.tracker.tags(run, status)
+            self._plot(run, key)
             self.tracker.finish(run)
+
+    def _plot(self, run: str, key: str) -> None:
+        rungs = self.promoter.rungs if self.promoter is not None else ()
+        log_curves_plot(
+            self.tracker, run, {key: self.curves.get(key, [])}, "learning_curve.png", rungs=rungs, title=key
+        )
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         key, cfg = self._key(trial)
@@ -205,6 +217,17 @@ class MlflowCallback(Callback):
             reason = _error_reason(trial)
             self.tracker.tags(run, {"status": "errored", "error": reason})
             self.tracker.finish(run, failed=True)
+
+
+def log_curves_plot(
+    tracker: Tracker, run: str, curves: dict[str, list[tuple[int, float]]], name: str, **kw: Any
+) -> None:
+    """Log a learning-curve plot as an artifact of ``run``; a plotting failure never stops a sweep."""
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            tracker.artifact(run, curves_plot(curves, Path(d) / name, **kw))
+    except Exception:
+        return
 
 
 def _error_reason(trial: Trial) -> str:
