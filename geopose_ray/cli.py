@@ -82,6 +82,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from geopose_ray.data.cache import TrainingCache
     from geopose_ray.engine import TrainConfig, Trainer
     from geopose_ray.models import validate_model_config
 
@@ -89,7 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": args.epochs})
     cfg.validate()
-    size = _cache_tile_size(cfg.cache)
+    size = TrainingCache(cfg.cache).tile_size
     for note in validate_model_config(cfg.model, size, cfg.batch_size):
         print(f"note: {note}")
 
@@ -103,16 +104,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trainer.fit()
     print(f"checkpoints: {args.out}/last.pt, {args.out}/best.pt (best validation score {trainer.best_score:.4f})")
     return 0
-
-
-def _cache_tile_size(cache: str) -> int:
-    from geopose_ray.data.cache import TrainingCache
-
-    c = TrainingCache(cache)
-    if not c.rows:
-        return 0
-    shape = c.meta(c.rows[0].stem)["shape"]
-    return int(shape[0])  # type: ignore[index]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -205,6 +205,13 @@ class TrainingCache:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def tile_size(self) -> int:
+        """Side in pixels of the cached tiles (the training resolution)."""
+        if not self.rows:
+            raise DataError(f"{self.path}: the cache holds no tiles; run geopose-ray prepare")
+        return int(self.meta(self.rows[0].stem)["shape"][0])  # type: ignore[index]
+
     def meta(self, stem: str) -> dict[str, object]:
         if stem not in self._meta:
             p = self.path / "entries" / f"{stem}.json"

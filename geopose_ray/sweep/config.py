@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geopose_ray.data.cache import TrainingCache
 from geopose_ray.engine.config import TrainConfig, read_yaml_mapping
 from geopose_ray.errors import ConfigError
 from geopose_ray.models.config import ModelConfig, resolve_decoder, resolve_model
@@ -136,7 +137,7 @@ class SweepConfig:
         notes: list[str] = []
         for enc in g.encoders:  # names first: cheap, and the commonest mistake
             notes += resolve_model(ModelConfig(encoder=enc, weights=g.weights.get(enc))).notes
-        size = _tile_size(self.cache)
+        size = TrainingCache(self.cache).tile_size
         seen = set()
         for cfg in self.trial_configs():
             t = TrainConfig.from_dict(cfg)
@@ -146,12 +147,3 @@ class SweepConfig:
                 seen.add(combo)
                 validate_model_config(t.model, size, t.batch_size)
         return sorted(set(notes))
-
-
-def _tile_size(cache: str) -> int:
-    from geopose_ray.data.cache import TrainingCache
-
-    c = TrainingCache(cache)
-    if not c.rows:
-        raise ConfigError(f"`cache` {cache!r} holds no tiles")
-    return int(c.meta(c.rows[0].stem)["shape"][0])  # type: ignore[index]

@@ -20,7 +20,7 @@ from geopose_ray.errors import GeoposeError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.promoter import Promoter
-from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, log_curves_plot, train_trial
+from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, log_curves_plot, train_trial, trial_key
 from geopose_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,13 @@ def _last_line(error: Exception | None) -> str:
 
 
 def _outcomes(grid: Any) -> list[tuple[str, dict[str, Any], dict[str, Any], Exception | None, Path | None]]:
-    """(trial id, its TrainConfig dict, last metrics, error, last checkpoint dir) for each trial of a ResultGrid."""
+    """(trial key, its TrainConfig dict, last metrics, error, last checkpoint dir) per trial of a ResultGrid."""
     out = []
     for i in range(len(grid)):
         result = grid[i]
-        cfg = {k: v for k, v in ((result.config or {}).get("cfg") or {}).items() if k != "_threads"}
+        key, cfg = trial_key(Path(result.path).name, (result.config or {}).get("cfg") or {})
         ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
-        out.append((Path(result.path).name, cfg, dict(result.metrics or {}), result.error, ckpt))
+        out.append((key, cfg, dict(result.metrics or {}), result.error, ckpt))
     return out
 
 
@@ -163,12 +163,11 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         folds_grid = _tuner(
             cfg, f"{cfg.name}-folds", fold_cfgs, None, [MlflowCallback(tracker, None, "fold")], resume
         ).fit()
-        for _, fc, metrics, error, ckpt in _outcomes(folds_grid):
-            parent = fc.pop("_finalist", "")
+        for key, fc, metrics, error, ckpt in _outcomes(folds_grid):
             if ckpt is not None:
-                checkpoints[f"{parent}/fold{fc['val_fold']}"] = ckpt
+                checkpoints[key] = ckpt
             status = "done" if error is None else f"errored: {type(error).__name__}"
-            rows.append(_row(f"{parent}/fold{fc['val_fold']}", "fold", status, fc, metrics))
+            rows.append(_row(key, "fold", status, fc, metrics))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

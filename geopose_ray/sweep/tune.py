@@ -26,6 +26,14 @@ from geopose_ray.sweep.promoter import Decision, Promoter
 from geopose_ray.tracking import Tracker
 
 
+def trial_key(trial_id: str, cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A trial's name in the results table and MLflow (``<screening trial>/fold<k>`` for a finalist's fold
+    run), and its TrainConfig dict without the driver's private keys (``_threads``, ``_finalist``)."""
+    clean = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    parent = cfg.get("_finalist")
+    return (f"{parent}/fold{clean['val_fold']}" if parent else trial_id), clean
+
+
 class PromoterScheduler(FIFOScheduler):
     """A Ray Tune scheduler that asks a :class:`Promoter`: CONTINUE, PAUSE (checkpointed) or STOP (a finalist).
 
@@ -116,7 +124,7 @@ def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: train one TrainConfig, reporting every epoch with a checkpoint and
     resuming from Tune's checkpoint when the trial is resumed or restarted."""
     torch.set_num_threads(max(1, int(config["cfg"].get("_threads", 1))))
-    config = {k: v for k, v in config["cfg"].items() if not k.startswith("_")}
+    _, config = trial_key("", config["cfg"])
     cfg = TrainConfig.from_dict(config)
     work = Path(tempfile.mkdtemp(prefix="geopose-trial-"))
     checkpoint = tune.get_checkpoint()
@@ -154,10 +162,7 @@ class MlflowCallback(Callback):
         self.curves: dict[str, list[tuple[int, float]]] = {}  # trial key -> (epoch, score), for the plots
 
     def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
-        cfg = dict(trial.config.get("cfg", {}))
-        parent = cfg.pop("_finalist", None)
-        cfg.pop("_threads", None)
-        return (f"{parent}/fold{cfg['val_fold']}" if parent else trial.trial_id), cfg
+        return trial_key(trial.trial_id, trial.config.get("cfg") or {})
 
     def _status(self, trial: Trial) -> dict[str, Any]:
         p = self.promoter
