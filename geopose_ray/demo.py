@@ -116,7 +116,8 @@ def run_demo(
         import ray
 
         from geopose_ray.engine.predict import predict_dir
-        from geopose_ray.sweep.driver import format_table, run_sweep
+        from geopose_ray.sweep.driver import run_sweep
+        from geopose_ray.tracking import format_results
 
         cfg = demo_sweep(name, cache_dir, sweeps)
         step(6, f"sweep {len(cfg.trial_configs())} configurations on local Ray (rungs {cfg.rungs}) -> {sweeps}")
@@ -128,7 +129,7 @@ def run_demo(
         finally:
             if started:
                 ray.shutdown()
-        log(format_table(swept.rows))
+        log(format_results(swept.rows))
         screen = [r for r in swept.rows if r["stage"] == "screen" and r["status"] == "finalist"]
         best = max(screen, key=lambda r: r["best_score"] or -1e9)
         checkpoint = swept.checkpoints[best["trial"]] / "best.pt"
@@ -138,7 +139,7 @@ def run_demo(
         log(format_report(report))
         log(
             f"floor (training means): score {floor.score:.4f}, mean AGL R² {_mean_agl_r2(floor):.3f}; best model "
-            f"after {best['epochs']} epochs: score {report.score:.4f}, mean AGL R² {_mean_agl_r2(report):.3f} "
+            f"after {best['epoch']} epochs: score {report.score:.4f}, mean AGL R² {_mean_agl_r2(report):.3f} "
             "(heights come first; the direction needs more tiles and epochs, see BENCHMARKS.md)"
         )
         log(f"results table: {swept.table_path}; MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow_uri}")

@@ -11,6 +11,8 @@ at :meth:`Tracker.flush`. Nothing is sent twice: a batch leaves the queue only o
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 import time
@@ -36,10 +38,10 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def trial_params(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """The params of a trial run: the headline columns, then the rest of its TrainConfig, flattened."""
+def headline(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns a user compares trials by, from a TrainConfig dict."""
     model = cfg.get("model", {})
-    head = {
+    return {
         "encoder": model.get("encoder"),
         "decoder": model.get("decoder"),
         "weights": model.get("weights"),
@@ -49,9 +51,57 @@ def trial_params(cfg: Mapping[str, Any]) -> dict[str, str]:
         "effective_batch": (cfg.get("batch_size") or 0) * (cfg.get("accumulation") or 0),
         "val_fold": cfg.get("val_fold"),
     }
+
+
+def trial_params(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The params of a trial run: the headline columns, then the rest of its TrainConfig, flattened."""
+    head = headline(cfg)
     rest = {k: v for k, v in flatten(cfg).items() if k not in ("model.encoder", "model.decoder", "model.weights")}
     rest = {k: v for k, v in rest.items() if k not in head}
     return {k: str(v)[:500] for k, v in {**head, **rest}.items()}
+
+
+COLUMNS = ["trial", "stage", "status", "rung", *PARAM_KEYS, "epoch", "score", "best_score", "gpu_hours", "device_hours"]
+
+
+def result_row(
+    trial: str, stage: str, status: str, rung: int | str, cfg: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One row of the results table (``results.csv``, ``geopose-ray results``, the parent run's artifact)."""
+    nan = float("nan")
+    return {
+        "trial": trial,
+        "stage": stage,
+        "status": status,
+        "rung": rung,
+        **headline(cfg),
+        "epoch": int(metrics.get("epoch", 0) or 0),
+        "score": metrics.get("score", nan),
+        "best_score": metrics.get("best_score", nan),
+        "gpu_hours": metrics.get("gpu_hours", 0.0),
+        "device_hours": metrics.get("device_hours", 0.0),
+    }
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Screening trials first, best first; a trial without a score last."""
+
+    def best(r: dict[str, Any]) -> float:
+        try:
+            v = float(r["best_score"])
+        except (TypeError, ValueError):
+            return 1e9
+        return -v if v == v else 1e9
+
+    return sorted(rows, key=lambda r: (r["stage"] != "screen", best(r), str(r["trial"])))
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sort_rows(rows))
+    return buf.getvalue()
 
 
 @dataclass
@@ -215,22 +265,10 @@ def results_table(tracker: Tracker) -> list[dict[str, Any]]:
     rows = []
     for run in tracker.runs():
         d = run.data
-        rows.append(
-            {
-                "trial": d.tags.get("trial", ""),
-                "stage": d.tags.get("stage", ""),
-                "status": d.tags.get("status", ""),
-                "rung": d.tags.get("rung", ""),
-                **{k: d.params.get(k, "") for k in PARAM_KEYS},
-                "epoch": int(d.metrics.get("epoch", 0)),
-                "score": d.metrics.get("score", float("nan")),
-                "best_score": d.metrics.get("best_score", float("nan")),
-                "gpu_hours": d.metrics.get("gpu_hours", 0.0),
-            }
-        )
-    return sorted(
-        rows, key=lambda r: (r["stage"] != "screen", -(r["best_score"] if r["best_score"] == r["best_score"] else -1e9))
-    )
+        row = result_row(d.tags.get("trial", ""), d.tags.get("stage", ""), d.tags.get("status", ""),
+                         d.tags.get("rung", ""), {}, d.metrics)  # fmt: skip
+        rows.append({**row, **{k: d.params.get(k, "") for k in PARAM_KEYS}})
+    return sort_rows(rows)
 
 
 def format_results(rows: list[dict[str, Any]]) -> str:
@@ -240,11 +278,11 @@ def format_results(rows: list[dict[str, Any]]) -> str:
         f"{(n if n not in ('accumulation', 'effective_batch', 'val_fold') else n[:4]):<{w}}" for n, w in cols
     )
     lines = [head]
-    for r in rows:
+    for r in sort_rows(rows):
         cells = []
         for n, w in cols:
             v = r[n]
-            text = f"{v:.4f}" if isinstance(v, float) else str(v)
+            text = (f"{v:.2g}" if n == "lr" else f"{v:.4f}") if isinstance(v, float) else str(v)
             cells.append(f"{text[: w - 1]:<{w}}")
         lines.append("".join(cells))
     return "\n".join(lines)

@@ -45,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cfg.name}: {len(cfg.trial_configs())} trials, rungs {cfg.rungs}, eta {cfg.eta}")
         if args.validate_only:
             return 0
-        from geopose_ray.sweep.driver import format_table, run_sweep
+        from geopose_ray.sweep.driver import run_sweep
+        from geopose_ray.tracking import format_results
 
         result = run_sweep(cfg, resume=args.resume)
     except GeoposeError as e:
         print(f"screen: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(result.rows))
+    print(format_results(result.rows))
     print(f"finalists: {result.finalists}\nresults table: {result.table_path}")
     return 0
 

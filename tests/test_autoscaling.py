@@ -55,5 +55,5 @@ def test_pending_gpu_trials_scale_t4_workers_up_and_idle_ones_down(cache: Path, 
     rows = list(csv.DictReader((tmp_path / "sweeps" / "autoscale" / "results.csv").open()))
     screen = [r for r in rows if r["stage"] == "screen"]
     folds = [r for r in rows if r["stage"] == "fold"]
-    assert len(screen) == 2 and all(int(r["epochs"]) >= 1 for r in screen)
-    assert len(folds) == 3 and all(r["status"] == "done" and int(r["epochs"]) == 2 for r in folds)
+    assert len(screen) == 2 and all(int(r["epoch"]) >= 1 for r in screen)
+    assert len(folds) == 3 and all(r["status"] == "done" and int(r["epoch"]) == 2 for r in folds)

@@ -186,3 +186,29 @@ def test_state_round_trips() -> None:
 def test_bad_settings(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Promoter(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_reopened_sweep_with_another_rung_sends_the_best_finalists_on_without_retraining() -> None:
+    curves: dict[str, Curve] = {f"t{i}": (lambda e, i=i: i + 0.01 * e) for i in range(9)}
+    p = Promoter(rungs=[1, 2], eta=3)
+    first = run_sweep(p, curves, list(curves))
+    old_finalists = set(p.finalists)
+    assert {"t8"} <= old_finalists and len(old_finalists) >= 3  # t8 ranks first at rung 1; close() adds others
+    p = Promoter.from_dict(p.to_dict())  # as promote.py reloads it
+    p.add_rung(4)
+    assert p.rungs == [1, 2, 4] and not p.finalists and set(p.paused) >= old_finalists
+    ready = p.promotable()
+    k = len(old_finalists) // 3
+    assert ready == sorted(old_finalists, key=lambda t: -curves[t](2))[:k]  # the top 1/η of the old top rung
+    # Continue from each trial's last epoch: nothing is trained twice across the two runs.
+    progress = {t: max(e for s, e in first if s == t) for t in curves}
+    trained = list(first)
+    for t in ready:
+        p.promote(t)
+        for epoch in range(progress[t] + 1, 5):
+            trained.append((t, epoch))
+            p.on_result(t, epoch, curves[t](epoch))
+    assert len(trained) == len(set(trained))
+    assert p.finalists == ready
+    with pytest.raises(ConfigError, match="above the top rung 4"):
+        p.add_rung(3)

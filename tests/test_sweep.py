@@ -83,10 +83,11 @@ def test_the_seed_grid_resolves() -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """One local Ray for the session: 2 CPUs, 1 per trial."""
+    """One local Ray for the session: 2 CPUs, 1 per trial, and 2 GPUs as logical resources (none is real: a
+    trial that holds one trains on the CPU, and counts GPU-hours as a GPU trial would)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -104,8 +105,8 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(
     result = run_sweep(cfg)
     screen = [r for r in result.rows if r["stage"] == "screen"]
     assert len(screen) == 6
-    assert result.finalists and all(r["epochs"] == 3 for r in screen if r["status"] == "finalist")
-    assert any(r["status"] == "paused" and r["epochs"] < 3 for r in screen)  # the promoter held some back
+    assert result.finalists and all(r["epoch"] == 3 for r in screen if r["status"] == "finalist")
+    assert any(r["status"] == "paused" and r["epoch"] < 3 for r in screen)  # the promoter held some back
     # Paused trials resumed from their checkpoints: every trial's epochs are 1, 2, ... with none repeated.
     for r in screen:
         epochs = _epochs(tmp_path / "runs" / "t-screen" / r["trial"])
@@ -113,7 +114,7 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(
     folds = [r for r in result.rows if r["stage"] == "fold"]
     assert len(folds) == 3 * len(result.finalists)  # the cache has 4 folds; fold 0 was screened
     assert {r["val_fold"] for r in folds} == {1, 2, 3}
-    assert result.table_path.read_text().startswith("trial,stage,status,encoder,decoder,weights,lr,accumulation")
+    assert result.table_path.read_text().startswith("trial,stage,status,rung,encoder,decoder,weights,lr,accumulation")
     # MLflow: one parent run, one child run per trial and per fold run, statuses as the promoter left them.
     from geopose_ray.tracking import Tracker
 
@@ -129,7 +130,7 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(
             row["effective_batch"]
         )
         steps = [m.step for m in tracker._client.get_metric_history(run.info.run_id, "score")]
-        assert steps == list(range(1, row["epochs"] + 1))  # every epoch once, none twice
+        assert steps == list(range(1, row["epoch"] + 1))  # every epoch once, none twice
     assert {runs[r["trial"]].data.tags["stage"] for r in folds} == {"fold"}
     # Learning curves as artifacts: one per finished trial, all screening curves on the parent.
     finalist_run = runs[result.finalists[0]].info.run_id
@@ -145,6 +146,54 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(
     assert main(["results", "--config", str(y)]) == 0
     printed = capsys.readouterr().out
     assert all(r["trial"][:20] in printed for r in result.rows) and "finalist" in printed
+
+
+@pytest.mark.slow
+def test_a_spent_budget_stops_promotion_and_a_reopened_sweep_goes_on_from_checkpoints(
+    ray_cluster: None, cache: Path, tmp_path: Path
+) -> None:
+    """A GPU-hour budget spent by the first results: every trial pauses at rung 1. promote.py's reopening with
+    a larger budget promotes the qualifying ones, which continue from their checkpoints to the top rung and get
+    their fold runs; adding a rung sends the best finalist on, fold runs included. No epoch is trained twice
+    and every trial keeps one MLflow run."""
+    from geopose_ray.sweep.driver import reopen_sweep, run_sweep
+    from geopose_ray.tracking import Tracker
+
+    grid = {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 3e-3], "accumulation": [1, 2]}
+    cfg = _cfg(cache, tmp_path, grid=grid, rungs=[1, 2], eta=2, gpus_per_trial=1, budget_gpu_hours=1e-9)
+    first = run_sweep(cfg)
+    assert first.finalists == [] and len(first.rows) == 4  # no promotion, so no fold runs either
+    assert all(r["status"] == "paused" and r["epoch"] == 1 and r["rung"] == 1 for r in first.rows)
+    saved = json.loads((tmp_path / "runs" / "t" / "promoter.json").read_text())["promoter"]
+    for r in first.rows:  # a trial holding 1 GPU spends 1 GPU-hour per hour of its epochs
+        assert r["gpu_hours"] > 0 and saved["gpu_hours"][r["trial"]] == pytest.approx(r["device_hours"])
+
+    second = reopen_sweep(cfg, budget_gpu_hours=10.0)
+    by_key = {r["trial"]: r for r in second.rows}
+    assert len(second.finalists) == 2  # the top 1/η of 4 at rung 1
+    for t in second.finalists:
+        assert by_key[t]["epoch"] == 2 and by_key[t]["status"] == "finalist"
+        assert _epochs(tmp_path / "runs" / "t-screen-1" / t) == [2]  # epoch 1 was not trained again
+    folds = [r for r in second.rows if r["stage"] == "fold"]
+    assert sorted(r["trial"] for r in folds) == sorted(f"{t}/fold{k}" for t in second.finalists for k in (1, 2, 3))
+
+    third = reopen_sweep(cfg, add_rung=3)
+    assert len(third.finalists) == 1 and third.finalists[0] in second.finalists
+    best = third.finalists[0]
+    assert _epochs(tmp_path / "runs" / "t-screen-2" / best) == [3]
+    fold_dirs = sorted((tmp_path / "runs" / "t-folds-2").glob("*/result.json"))
+    assert len(fold_dirs) == 3 and all(_epochs(d.parent) == [3] for d in fold_dirs)  # fold runs continued
+    rows = {r["trial"]: r for r in third.rows}
+    assert rows[best]["epoch"] == 3 and rows[f"{best}/fold1"]["epoch"] == 3
+    (other,) = set(second.finalists) - {best}
+    assert rows[other]["status"] == "paused" and rows[other]["epoch"] == 2
+
+    tracker = Tracker(cfg.mlflow_uri, "t", "t")
+    runs = tracker.runs()
+    assert sorted(r.data.tags["trial"] for r in runs) == sorted(rows)  # one run per trial, none duplicated
+    run = next(r for r in runs if r.data.tags["trial"] == best)
+    steps = [m.step for m in tracker._client.get_metric_history(run.info.run_id, "score")]
+    assert steps == [1, 2, 3] and run.data.tags["status"] == "finalist"
 
 
 def test_screen_script_validates_a_config(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,6 +268,9 @@ def test_a_killed_driver_resumes_without_retraining_or_duplicate_runs(cache: Pat
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "runs" / "t" / "promoter.json").exists()
+    # The results table is refreshed while the sweep runs (at the first pause), not only at its end.
+    partial = (tmp_path / "runs" / "t" / "results.csv").read_text().splitlines()
+    assert len(partial) >= 2 and ",paused," in "\n".join(partial)
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     rows = list(__import__("csv").DictReader((tmp_path / "runs" / "t" / "results.csv").open()))

@@ -1,10 +1,14 @@
-"""The sweep driver: screening with the promoter on Ray Tune, then every fold for the finalists."""
+"""The sweep driver: screening with the promoter on Ray Tune, then every fold for the finalists; and reopening
+a finished sweep with a larger budget or another rung.
+
+What a sweep leaves in ``<storage_path>/<name>/``: ``results.csv`` (the results table), ``promoter.json`` (the
+promoter's state) and ``trials.json`` (every trial's config, last metrics and checkpoint directory, the record
+``sweeps/promote.py`` and the ensemble read). Tune's own experiments sit beside it, one per stage.
+"""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -16,19 +20,29 @@ import ray
 from ray import tune
 
 from geopose_ray.data.cache import TrainingCache
-from geopose_ray.errors import GeoposeError
+from geopose_ray.errors import ConfigError, GeoposeError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.promoter import Promoter
-from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, log_curves_plot, train_trial, trial_key
-from geopose_ray.tracking import Tracker
+from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, SweepTable, train_trial, trial_key
+from geopose_ray.tracking import Tracker, result_row
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [
-    "trial", "stage", "status", "encoder", "decoder", "weights", "lr", "accumulation", "batch_size",
-    "effective_batch", "val_fold", "epochs", "score", "best_score", "gpu_hours", "device_hours",
-]  # fmt: skip
+PROMOTER = "promoter.json"
+TRIALS = "trials.json"
+
+
+@dataclass
+class TrialRecord:
+    """What the driver knows of one trial once a stage has finished."""
+
+    key: str  # screening trial id, or "<screening trial>/fold<k>"
+    stage: str  # screen | fold
+    cfg: dict[str, Any]  # its TrainConfig dict
+    metrics: dict[str, Any]  # its last reported result
+    checkpoint: str | None  # its last checkpoint directory (last.pt and best.pt)
+    error: str | None = None  # the last line of its error, if it failed
 
 
 @dataclass
@@ -41,41 +55,23 @@ class SweepResult:
     table_path: Path
 
 
-def _row(trial_id: str, stage: str, status: str, cfg: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    model = cfg["model"]
-    return {
-        "trial": trial_id,
-        "stage": stage,
-        "status": status,
-        "encoder": model["encoder"],
-        "decoder": model["decoder"],
-        "weights": model.get("weights"),
-        "lr": cfg["lr"],
-        "accumulation": cfg["accumulation"],
-        "batch_size": cfg["batch_size"],
-        "effective_batch": cfg["batch_size"] * cfg["accumulation"],
-        "val_fold": cfg["val_fold"],
-        "epochs": int(metrics.get("epoch", 0)),
-        "score": metrics.get("score"),
-        "best_score": metrics.get("best_score"),
-        "gpu_hours": metrics.get("gpu_hours", 0.0),
-        "device_hours": metrics.get("device_hours", 0.0),
-    }
-
-
 def _last_line(error: Exception | None) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(error).__name__
 
 
-def _outcomes(grid: Any) -> list[tuple[str, dict[str, Any], dict[str, Any], Exception | None, Path | None]]:
-    """(trial key, its TrainConfig dict, last metrics, error, last checkpoint dir) per trial of a ResultGrid."""
-    out = []
+def _records(grid: Any, stage: str) -> dict[str, TrialRecord]:
+    """A record per trial of a ResultGrid that reported at least once or failed."""
+    out = {}
     for i in range(len(grid)):
         result = grid[i]
         key, cfg = trial_key(Path(result.path).name, (result.config or {}).get("cfg") or {})
-        ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
-        out.append((key, cfg, dict(result.metrics or {}), result.error, ckpt))
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float | str)}
+        if "epoch" not in metrics and result.error is None:
+            continue  # never ran (a paused trial that was not promoted in a reopened sweep)
+        ckpt = str(Path(result.checkpoint.path).resolve()) if result.checkpoint is not None else None
+        error = _last_line(result.error) if result.error is not None else None
+        out[key] = TrialRecord(key, stage, cfg, metrics, ckpt, error)
     return out
 
 
@@ -88,16 +84,17 @@ def _tuner(
     if resume and tune.Tuner.can_restore(path):
         # Finished trials keep their results; unfinished and errored ones continue from their checkpoints.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    threads = max(1, int(cfg.cpus_per_trial))
+    private = {"_threads": max(1, int(cfg.cpus_per_trial)), "_gpus": cfg.gpus_per_trial}
     return tune.Tuner(
         trainable,
-        param_space={"cfg": tune.grid_search([{**c, "_threads": threads} for c in configs])},
+        param_space={"cfg": tune.grid_search([{**c, **private} for c in configs])},
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
             metric=cfg.metric,
             mode=cfg.mode,
             trial_name_creator=lambda t: f"{name}-{t.trial_id}",
-            trial_dirname_creator=lambda t: t.trial_id,
+            # Named as in the results table and MLflow (a fold run's "/" becomes "-").
+            trial_dirname_creator=lambda t: trial_key(t.trial_id, t.config.get("cfg") or {})[0].replace("/", "-"),
             reuse_actors=True,  # a resumed or next trial skips the process start and the torch import
         ),
         run_config=tune.RunConfig(
@@ -111,6 +108,118 @@ def _tuner(
     )
 
 
+class _Sweep:
+    """The state one driver run shares between its stages: Ray, MLflow, the table, the promoter, the records."""
+
+    def __init__(self, cfg: SweepConfig, promoter: Promoter, records: dict[str, TrialRecord], round_: int) -> None:
+        self.cfg = cfg
+        self.promoter = promoter
+        self.records = records
+        self.round = round_  # 0 for the sweep itself, n for its n-th reopening
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = Tracker(cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name, str(cfg.out_dir / "mlartifacts"))
+        try:
+            self.tracker.parent(dataclasses.asdict(cfg))
+        except Exception as e:
+            log.warning("MLflow at %s unavailable (%s); the sweep runs and logs when it is back", cfg.mlflow_uri, e)
+        self.table = SweepTable(cfg.out_dir / "results.csv", list(cfg.rungs), cfg.name)
+        for row in self.rows():
+            self.table.rows[row["trial"]] = row
+
+    @property
+    def state_path(self) -> Path:
+        return self.cfg.out_dir / PROMOTER
+
+    def _suffix(self) -> str:
+        return f"-{self.round}" if self.round else ""
+
+    def screen(self, configs: list[dict[str, Any]], resume: bool, name: str) -> None:
+        """Run screening trials under the promoter; records and promoter state are updated from the result."""
+        scheduler = PromoterScheduler(self.promoter, self.cfg.metric, str(self.state_path.resolve()))
+        callback = MlflowCallback(self.tracker, self.promoter, "screen", self.table)
+        grid = _tuner(self.cfg, name, configs, scheduler, [callback], resume).fit()
+        if self.state_path.exists():  # a restored Tuner has its own copy of the scheduler: the saved state rules
+            self.promoter = Promoter.from_dict(json.loads(self.state_path.read_text())["promoter"])
+        found = _records(grid, "screen")
+        failed = [r for r in found.values() if r.error is not None]
+        if found and len(failed) == len(found) and not self.round:
+            raise GeoposeError(
+                f"all {len(found)} screening trials of {self.cfg.name} failed; the first: {failed[0].error} "
+                f"(details under {Path(self.cfg.storage_path) / name})"
+            )
+        self.records.update(found)
+
+    def folds(self, resume: bool) -> None:
+        """Train each finalist on every other fold, to the top rung; a fold run that exists continues from
+        its checkpoint (a reopened sweep with a higher top rung), one that is complete is left alone."""
+        top = self.cfg.rungs[-1]
+        folds = sorted({r.fold for r in TrainingCache(self.cfg.cache).rows} - {self.cfg.val_fold})
+        todo = []
+        for t in self.promoter.finalists:
+            for k in folds:
+                key = f"{t}/fold{k}"
+                done = self.records.get(key)
+                if done is not None and done.error is None and int(done.metrics.get("epoch", 0)) >= top:
+                    continue
+                fold_cfg = {**self.records[t].cfg, "val_fold": k, "epochs": top, "_finalist": t}
+                if done is not None and done.checkpoint:
+                    fold_cfg["_resume_from"] = done.checkpoint
+                todo.append(fold_cfg)
+        if not todo:
+            return
+        callback = MlflowCallback(self.tracker, None, "fold", self.table)
+        grid = _tuner(self.cfg, f"{self.cfg.name}-folds{self._suffix()}", todo, None, [callback], resume).fit()
+        self.records.update(_records(grid, "fold"))
+
+    def status(self, rec: TrialRecord) -> str:
+        if rec.stage == "fold":
+            return "done" if rec.error is None else "errored"
+        if rec.key in self.promoter.finalists:
+            return "finalist"
+        if rec.error is not None:
+            return "errored"
+        return "paused" if rec.key in self.promoter.paused else "stopped"
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            result_row(r.key, r.stage, self.status(r), self.promoter.reached(r.key) if r.stage == "screen" else "",
+                       r.cfg, r.metrics)
+            for r in self.records.values()
+        ]  # fmt: skip
+
+    def finish(self) -> SweepResult:
+        """Write trials.json and the results table, to disk and to the parent run."""
+        state = {
+            "sweep": self.cfg.name,
+            "round": self.round,
+            "rungs": list(self.cfg.rungs),
+            "finalists": list(self.promoter.finalists),
+            "trials": {k: dataclasses.asdict(r) for k, r in self.records.items()},
+        }
+        atomic_write_text(self.cfg.out_dir / TRIALS, json.dumps(state, indent=1))
+        rows = self.rows()
+        self.table.rows = {r["trial"]: r for r in rows}
+        self.table.finalists = list(self.promoter.finalists)
+        self.table.write(self.tracker, force=True)
+        try:
+            parent = self.tracker.parent()
+            spent = self.promoter.spent_gpu_hours
+            self.tracker.tags(
+                parent,
+                {"finalists": ",".join(self.promoter.finalists), "trials": len(self.records),
+                 "gpu_hours": f"{spent:.3f}", "budget_gpu_hours": self.promoter.budget_gpu_hours, "round": self.round},
+            )  # fmt: skip
+        except Exception as e:
+            log.warning("MLflow unavailable at the end of the sweep (%s); results.csv is at %s", e, self.table.path)
+        if not self.tracker.flush(timeout_s=30):
+            n = self.tracker.pending
+            log.warning("%d MLflow calls could not be delivered; results.csv is at %s", n, self.table.path)
+        checkpoints = {k: Path(r.checkpoint) for k, r in self.records.items() if r.checkpoint}
+        return SweepResult(rows, checkpoints, list(self.promoter.finalists), self.table.path)
+
+
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     """Validate, screen the grid with the promoter, train the finalists on every other fold, write the table.
 
@@ -118,85 +227,56 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     checkpoint), the promoter its state from ``promoter.json``, and MLflow runs are found again by their tags.
     """
     cfg.validate()
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-    promoter = Promoter(cfg.rungs, cfg.eta, cfg.mode, cfg.min_results, cfg.budget_gpu_hours)
-    configs = cfg.trial_configs()
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name, str(cfg.out_dir / "mlartifacts"))
-    try:
-        tracker.parent(dataclasses.asdict(cfg))
-    except Exception as e:
-        log.warning("MLflow at %s unavailable (%s); the sweep runs and logs when it is back", cfg.mlflow_uri, e)
-    state = cfg.out_dir / "promoter.json"
+    state = cfg.out_dir / PROMOTER
     if not resume:
         state.unlink(missing_ok=True)
-    scheduler = PromoterScheduler(promoter, cfg.metric, str(state.resolve()))
-    screen_callback = MlflowCallback(tracker, promoter, "screen")
-    screen = _tuner(cfg, f"{cfg.name}-screen", configs, scheduler, [screen_callback], resume).fit()
-    if state.exists():  # a restored Tuner has its own copy of the scheduler: its saved state is the truth
-        promoter = Promoter.from_dict(json.loads(state.read_text())["promoter"])
-    outcomes = _outcomes(screen)
-    failed = [o for o in outcomes if o[3] is not None]
-    if outcomes and len(failed) == len(outcomes):
+        (cfg.out_dir / TRIALS).unlink(missing_ok=True)
+    sweep = _Sweep(cfg, Promoter(cfg.rungs, cfg.eta, cfg.mode, cfg.min_results, cfg.budget_gpu_hours), {}, 0)
+    sweep.screen(cfg.trial_configs(), resume, f"{cfg.name}-screen")
+    sweep.folds(resume)
+    return sweep.finish()
+
+
+def load_records(cfg: SweepConfig) -> tuple[dict[str, Any], Promoter]:
+    """A finished sweep's trials.json and promoter; a clear error when there is none."""
+    trials, promoter = cfg.out_dir / TRIALS, cfg.out_dir / PROMOTER
+    if not trials.exists() or not promoter.exists():
         raise GeoposeError(
-            f"all {len(outcomes)} screening trials of {cfg.name} failed; the first: {_last_line(failed[0][3])} "
-            f"(details under {Path(cfg.storage_path) / (cfg.name + '-screen')})"
+            f"no finished sweep {cfg.name!r} under {cfg.out_dir} ({TRIALS} or {PROMOTER} missing): run "
+            "sweeps/screen.py first, or sweeps/screen.py --resume if its driver stopped"
         )
-    rows = []
-    finalist_cfgs = []
-    checkpoints: dict[str, Path] = {}
-    for trial_id, trial_cfg, metrics, error, ckpt in outcomes:
-        if ckpt is not None:
-            checkpoints[trial_id] = ckpt
-        if trial_id in promoter.finalists:
-            status = "finalist"
-            finalist_cfgs.append((trial_id, trial_cfg))
-        elif error is not None:
-            status = f"errored: {type(error).__name__}"
-        else:
-            status = "paused" if trial_id in promoter.paused else "stopped"
-        rows.append(_row(trial_id, "screen", status, trial_cfg, metrics))
-    folds = sorted({r.fold for r in TrainingCache(cfg.cache).rows} - {cfg.val_fold})
-    fold_cfgs = [{**c, "val_fold": k, "_finalist": t} for t, c in finalist_cfgs for k in folds]
-    if fold_cfgs:
-        folds_grid = _tuner(
-            cfg, f"{cfg.name}-folds", fold_cfgs, None, [MlflowCallback(tracker, None, "fold")], resume
-        ).fit()
-        for key, fc, metrics, error, ckpt in _outcomes(folds_grid):
-            if ckpt is not None:
-                checkpoints[key] = ckpt
-            status = "done" if error is None else f"errored: {type(error).__name__}"
-            rows.append(_row(key, "fold", status, fc, metrics))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    table = cfg.out_dir / "results.csv"
-    atomic_write_text(table, buf.getvalue())
-    try:
-        tracker.artifact(tracker.parent(), table)
-        log_curves_plot(
-            tracker, tracker.parent(), screen_callback.curves, "screen_curves.png",
-            rungs=cfg.rungs, highlight=promoter.finalists, title=f"{cfg.name}: screening (finalists bold)",
-        )  # fmt: skip
-        tracker.tags(tracker.parent(), {"finalists": ",".join(promoter.finalists), "trials": len(configs)})
-    except Exception as e:
-        log.warning("MLflow unavailable at the end of the sweep (%s); results.csv is at %s", e, table)
-    if not tracker.flush(timeout_s=30):
-        log.warning("%d MLflow calls could not be delivered; results.csv is at %s", tracker.pending, table)
-    return SweepResult(rows, checkpoints, list(promoter.finalists), table)
+    return json.loads(trials.read_text()), Promoter.from_dict(json.loads(promoter.read_text())["promoter"])
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The results table for a terminal, best screening score first."""
-    head = (
-        f"{'trial':<22}{'stage':<7}{'status':<10}{'encoder':<18}{'decoder':<10}{'lr':>9}{'acc':>4}{'ep':>5}{'best':>8}"
-    )
-    lines = [head]
-    for r in sorted(rows, key=lambda r: (r["stage"] != "screen", -(r["best_score"] or -1e9))):
-        lines.append(
-            f"{r['trial']:<22}{r['stage']:<7}{r['status'][:9]:<10}{r['encoder'][:17]:<18}{r['decoder'][:9]:<10}"
-            f"{r['lr']:>9.2g}{r['accumulation']:>4}{r['epochs']:>5}{(r['best_score'] or float('nan')):>8.4f}"
-        )
-    return "\n".join(lines)
+def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_rung: int | None = None) -> SweepResult:
+    """Continue a finished sweep: with a larger GPU-hour budget, paused trials that now qualify are promoted;
+    with another rung (more epochs than the top one), the top rung's best 1/η go on to it. Trials resume from
+    their last checkpoints (no epoch is retrained), keep their MLflow runs, and the new finalists get their
+    fold runs (existing fold runs continue to the new top rung)."""
+    saved, promoter = load_records(cfg)
+    cfg = dataclasses.replace(cfg, rungs=list(saved["rungs"]), budget_gpu_hours=promoter.budget_gpu_hours)
+    if budget_gpu_hours is not None:
+        if budget_gpu_hours <= promoter.spent_gpu_hours:
+            raise ConfigError(
+                f"The value of `budget` is {budget_gpu_hours} GPU-hours, but the sweep has already spent "
+                f"{promoter.spent_gpu_hours:.3f}: give a larger budget"
+            )
+        promoter.budget_gpu_hours = budget_gpu_hours
+        cfg = dataclasses.replace(cfg, budget_gpu_hours=budget_gpu_hours)
+    if add_rung is not None:
+        promoter.add_rung(add_rung)
+        cfg = dataclasses.replace(cfg, rungs=list(promoter.rungs))
+    if budget_gpu_hours is None and add_rung is None:
+        raise ConfigError("nothing to reopen the sweep for: give a larger budget, another rung, or both")
+    cfg.validate()
+    records = {k: TrialRecord(**v) for k, v in saved["trials"].items()}
+    sweep = _Sweep(cfg, promoter, records, int(saved.get("round", 0)) + 1)
+    atomic_write_text(sweep.state_path, json.dumps({"promoter": promoter.to_dict(), "resume": []}))
+    waiting = [t for t in promoter.paused if t in records and records[t].checkpoint]
+    configs = [
+        {**records[t].cfg, "epochs": cfg.rungs[-1], "_trial": t, "_resume_from": records[t].checkpoint} for t in waiting
+    ]
+    if configs:
+        sweep.screen(configs, False, f"{cfg.name}-screen{sweep._suffix()}")
+    sweep.folds(False)
+    return sweep.finish()

@@ -80,6 +80,20 @@ class Promoter:
     def budget_left(self) -> bool:
         return self.budget_gpu_hours is None or self.spent_gpu_hours < self.budget_gpu_hours
 
+    def reached(self, trial: str) -> int:
+        """How many rungs a trial has recorded a result at (0 before the first)."""
+        return max((i + 1 for i, recorded in self.results.items() if trial in recorded), default=0)
+
+    def status(self, trial: str) -> str:
+        """finalist, paused (waiting at a rung), promoted (continuing past one) or running."""
+        if trial in self.finalists:
+            return "finalist"
+        if trial in self.paused:
+            return "paused"
+        if any(trial in promoted for promoted in self.promoted.values()):
+            return "promoted"
+        return "running"
+
     def rung_index(self, epoch: int) -> int | None:
         """The rung at this epoch, or None between rungs."""
         return self.rungs.index(epoch) if epoch in self.rungs else None
@@ -153,6 +167,18 @@ class Promoter:
         for t in chosen:
             self.promote(t)
         return chosen
+
+    def add_rung(self, epochs: int) -> None:
+        """Another rung above the top one (a finished sweep reopened): the finalists wait at the old top rung,
+        compared like at any other rung, and its best 1/η go on to the new top rung."""
+        if epochs <= self.rungs[-1]:
+            raise ConfigError(f"The value of the new rung is {epochs}, but must be above the top rung {self.rungs[-1]}")
+        self.rungs = [*self.rungs, int(epochs)]
+        top = len(self.rungs) - 1
+        self.results[top], self.promoted[top] = {}, set()
+        for t in self.finalists:
+            self.paused[t] = top - 1
+        self.finalists = []
 
     # -- persistence ------------------------------------------------------------------------------------
 

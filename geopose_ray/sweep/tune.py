@@ -6,9 +6,11 @@ The only module (with the driver) that imports Ray. The promotion rules live in 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +25,28 @@ from geopose_ray.engine.trainer import LAST
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.plots import curves_plot
 from geopose_ray.sweep.promoter import Decision, Promoter
-from geopose_ray.tracking import Tracker
+from geopose_ray.tracking import Tracker, result_row, rows_csv
+
+log = logging.getLogger(__name__)
 
 
 def trial_key(trial_id: str, cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A trial's name in the results table and MLflow (``<screening trial>/fold<k>`` for a finalist's fold
-    run), and its TrainConfig dict without the driver's private keys (``_threads``, ``_finalist``)."""
+    """A trial's name in the promoter, the results table and MLflow, and its TrainConfig dict without the
+    driver's private keys (``_threads``, ``_gpus``, ``_trial``, ``_finalist``, ``_resume_from``).
+
+    The name is Tune's trial id, except for a finalist's fold run (``<screening trial>/fold<k>``) and a trial
+    continued in a reopened sweep (``_trial``: the id it had when the sweep first ran it).
+    """
     clean = {k: v for k, v in cfg.items() if not k.startswith("_")}
     parent = cfg.get("_finalist")
-    return (f"{parent}/fold{clean['val_fold']}" if parent else trial_id), clean
+    if parent:
+        return f"{parent}/fold{clean['val_fold']}", clean
+    return str(cfg.get("_trial") or trial_id), clean
+
+
+def _pid(trial: Trial) -> str:
+    """The promoter's name for a Tune trial."""
+    return trial_key(trial.trial_id, trial.config.get("cfg") or {})[0]
 
 
 class PromoterScheduler(FIFOScheduler):
@@ -63,10 +78,20 @@ class PromoterScheduler(FIFOScheduler):
             self.promoter.__dict__.update(Promoter.from_dict(saved["promoter"]).__dict__)
             self._resume = list(saved["resume"])
 
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        # Tune starts every PENDING trial by itself; the scheduler only picks which goes first. A trial that
+        # waits at a rung (restored after a driver restart, or brought back by a reopened sweep) must therefore
+        # enter as PAUSED, so that only a promotion (choose_trial_to_run) starts it. Tune files the trial under
+        # its status right after this call. (Trial.set_status and init_local_path are Trial's own methods.)
+        pid = _pid(trial)
+        if trial.status == Trial.PENDING and pid in self.promoter.paused and pid not in self._resume:
+            trial.init_local_path()  # a trial that never runs still needs its directory for Tune's results
+            trial.set_status(Trial.PAUSED)
+
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         value = result.get(self._score_key, math.nan)
         decision = self.promoter.on_result(
-            trial.trial_id, int(result["epoch"]), float(value), float(result.get("gpu_hours", 0.0))
+            _pid(trial), int(result["epoch"]), float(value), float(result.get("gpu_hours", 0.0))
         )
         self._save()
         if decision is Decision.CONTINUE:
@@ -79,15 +104,15 @@ class PromoterScheduler(FIFOScheduler):
         trials = tune_controller.get_trials()
         # After a driver restart Tune may bring a paused trial back as PENDING: it still waits for promotion.
         waiting = {
-            t.trial_id: t
+            _pid(t): t
             for t in trials
             if t.status == Trial.PAUSED
-            or (t.status == Trial.PENDING and t.trial_id in self.promoter.paused and t.trial_id not in self._resume)
+            or (t.status == Trial.PENDING and _pid(t) in self.promoter.paused and _pid(t) not in self._resume)
         }
         for trial in trials:
-            if trial.status == Trial.PENDING and trial.trial_id not in waiting:
-                if trial.trial_id in self._resume:
-                    self._resume.remove(trial.trial_id)
+            if trial.status == Trial.PENDING and _pid(trial) not in waiting:
+                if _pid(trial) in self._resume:
+                    self._resume.remove(_pid(trial))
                     self._save()
                 return trial
         changed = False
@@ -124,19 +149,22 @@ def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: train one TrainConfig, reporting every epoch with a checkpoint and
     resuming from Tune's checkpoint when the trial is resumed or restarted."""
     torch.set_num_threads(max(1, int(config["cfg"].get("_threads", 1))))
-    _, config = trial_key("", config["cfg"])
+    raw = config["cfg"]
+    gpus = float(raw.get("_gpus", 0.0))  # GPUs the trial holds: what a bill (and the budget) counts
+    _, config = trial_key("", raw)
     cfg = TrainConfig.from_dict(config)
     work = Path(tempfile.mkdtemp(prefix="geopose-trial-"))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             shutil.copy(Path(d) / LAST, work / LAST)
-    devices = max(1.0, float(torch.cuda.device_count())) if cfg.device != "cpu" and torch.cuda.is_available() else 0.0
+    elif raw.get("_resume_from"):  # continued in a reopened sweep: from its last checkpoint there
+        shutil.copy(Path(raw["_resume_from"]) / LAST, work / LAST)
 
     def report(metrics: dict[str, float], last: Path) -> None:
-        seconds = sum(h.get("train_s", 0.0) for h in trainer.history)
+        seconds = sum(h.get("train_s", 0.0) + h.get("val_s", 0.0) for h in trainer.history)
         out = dict(metrics)
-        out["gpu_hours"] = seconds / 3600.0 * devices
+        out["gpu_hours"] = seconds / 3600.0 * gpus
         out["device_hours"] = seconds / 3600.0
         tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(last.parent)))
 
@@ -147,19 +175,55 @@ def train_trial(config: dict[str, Any]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+class SweepTable:
+    """The sweep's results table as it stands: a row per trial (screening and fold runs) and each trial's
+    curve. While the sweep runs it is rewritten (``results.csv`` and the parent run's artifacts: the table and
+    a plot of every screening curve with the finalists bold) at most every ``refresh_s`` seconds, as trials
+    pause, finish or fail; the driver writes it once more at the end."""
+
+    def __init__(self, path: Path, rungs: list[int], title: str = "", refresh_s: float = 30.0) -> None:
+        self.path = path
+        self.rungs = rungs
+        self.title = title
+        self.refresh_s = refresh_s
+        self.rows: dict[str, dict[str, Any]] = {}  # trial key -> row
+        self.curves: dict[str, list[tuple[int, float]]] = {}  # trial key -> (epoch, score)
+        self.finalists: list[str] = []
+        self._written = -math.inf
+
+    def write(self, tracker: Tracker, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._written < self.refresh_s:
+            return
+        self._written = now
+        atomic_write_text(self.path, rows_csv(list(self.rows.values())))
+        screen = {k: v for k, v in self.curves.items() if self.rows.get(k, {}).get("stage") == "screen"}
+        try:
+            parent = tracker.parent()
+            tracker.artifact(parent, self.path)
+            log_curves_plot(
+                tracker, parent, screen, "screen_curves.png", rungs=self.rungs, highlight=self.finalists,
+                title=f"{self.title}: screening (finalists bold)",
+            )  # fmt: skip
+        except Exception as e:  # the table on disk is current; MLflow gets it at the next refresh
+            log.warning("MLflow unavailable (%s); the results table is at %s", e, self.path)
+
+
 class MlflowCallback(Callback):
     """Logs every trial to MLflow from the driver: a child run per trial under the sweep's parent run,
-    metrics each epoch in one batch, and tags (stage, rung, status) that follow the promoter's decisions.
+    metrics each epoch in one batch, and tags (stage, rung, status) that follow the promoter's decisions;
+    keeps the sweep's :class:`SweepTable` current.
 
     Results that arrive while the server is down are kept per trial and sent when it is back.
     """
 
-    def __init__(self, tracker: Tracker, promoter: Promoter | None, stage: str) -> None:
+    def __init__(self, tracker: Tracker, promoter: Promoter | None, stage: str, table: SweepTable) -> None:
         self.tracker = tracker
         self.promoter = promoter
         self.stage = stage
+        self.table = table
         self._waiting: dict[str, list[tuple[dict[str, float], int]]] = {}
-        self.curves: dict[str, list[tuple[int, float]]] = {}  # trial key -> (epoch, score), for the plots
+        self._last: dict[str, dict[str, Any]] = {}  # trial key -> its last result
 
     def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
         return trial_key(trial.trial_id, trial.config.get("cfg") or {})
@@ -168,17 +232,14 @@ class MlflowCallback(Callback):
         p = self.promoter
         if p is None:
             return {"status": "running"}
-        tid = trial.trial_id
-        rung = max((i + 1 for i, results in p.results.items() if tid in results), default=0)
-        if tid in p.finalists:
-            status = "finalist"
-        elif tid in p.paused:
-            status = "paused"
-        elif any(tid in promoted for promoted in p.promoted.values()):
-            status = "promoted"
-        else:
-            status = "running"
-        return {"status": status, "rung": rung}
+        return {"status": p.status(_pid(trial)), "rung": p.reached(_pid(trial))}
+
+    def _row(self, key: str, cfg: dict[str, Any], status: dict[str, Any]) -> None:
+        self.table.rows[key] = result_row(
+            key, self.stage, status["status"], status.get("rung", ""), cfg, self._last.get(key, {})
+        )
+        if self.promoter is not None:
+            self.table.finalists = list(self.promoter.finalists)
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
@@ -188,23 +249,30 @@ class MlflowCallback(Callback):
         waiting = self._waiting.setdefault(key, [])
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         waiting.append((numbers, epoch))
+        self._last[key] = numbers
         if isinstance(result.get("score"), int | float):
-            self.curves.setdefault(key, []).append((epoch, float(result["score"])))
+            self.table.curves.setdefault(key, []).append((epoch, float(result["score"])))
+        status = self._status(trial)
+        self._row(key, cfg, status)
+        if status["status"] in ("paused", "finalist"):
+            self.table.write(self.tracker)
         run = self.tracker.trial(key, cfg, self.stage)
         if run is None:
             return  # the server is down: keep the epoch, send it with the next one
         for metrics, step in waiting:
             self.tracker.metrics(run, metrics, step)
         waiting.clear()
-        self.tracker.tags(run, {**self._status(trial), "stage": self.stage})
+        self.tracker.tags(run, {**status, "stage": self.stage})
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         key, cfg = self._key(trial)
+        status = self._status(trial)
+        if status["status"] == "running":
+            status["status"] = "done" if self.stage == "fold" else "stopped"
+        self._row(key, cfg, status)
+        self.table.write(self.tracker)
         run = self.tracker.trial(key, cfg, self.stage)
         if run is not None:
-            status = self._status(trial)
-            if status["status"] == "running":
-                status["status"] = "done" if self.stage == "fold" else "stopped"
             self.tracker.tags(run, status)
             self._plot(run, key)
             self.tracker.finish(run)
@@ -212,14 +280,16 @@ class MlflowCallback(Callback):
     def _plot(self, run: str, key: str) -> None:
         rungs = self.promoter.rungs if self.promoter is not None else ()
         log_curves_plot(
-            self.tracker, run, {key: self.curves.get(key, [])}, "learning_curve.png", rungs=rungs, title=key
+            self.tracker, run, {key: self.table.curves.get(key, [])}, "learning_curve.png", rungs=rungs, title=key
         )
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         key, cfg = self._key(trial)
+        reason = _error_reason(trial)
+        self._row(key, cfg, {"status": "errored"})
+        self.table.write(self.tracker)
         run = self.tracker.trial(key, cfg, self.stage)
         if run is not None:
-            reason = _error_reason(trial)
             self.tracker.tags(run, {"status": "errored", "error": reason})
             self.tracker.finish(run, failed=True)
 
