@@ -128,6 +128,23 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rungs(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of epochs, e.g. 20,60,200") from None
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from geopose_ray.simulate import format_table, simulate
+
+    result = simulate(
+        args.trials, args.workers, args.seeds, args.budget, args.rungs, args.eta, args.min_results, args.first_seed
+    )
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geopose-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-sweep", action="store_true", help="stop after scoring the trivial predictor")
     p.set_defaults(fn=_cmd_demo)
+
+    about = "replay a sweep on simulated T4 workers: promoter vs full grid, Ray's ASHA and random search"
+    p = sub.add_parser("simulate", help=about, description=about)
+    p.add_argument("--trials", type=_positive_int, default=240, help="configurations (240: the seed's grid)")
+    p.add_argument("--workers", type=_positive_int, default=16, help="simulated GPU workers (default 16)")
+    p.add_argument("--seeds", type=_positive_int, default=50, help="populations to draw (default 50)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument(
+        "--budget", type=float, default=None,
+        help="GPU-hours: the promoter's budget, random search's, and B for 'regret at B' (default: no promoter "
+        "budget; B = what the promoter spent)",
+    )  # fmt: skip
+    p.add_argument("--rungs", type=_rungs, default=(20, 60, 200), help="epochs, comma-separated (default 20,60,200)")
+    p.add_argument("--eta", type=int, default=3, help="reduction factor (default 3)")
+    p.add_argument("--min-results", type=int, default=9, help="promoter's min_results (default 9, as screen-t4)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(fn=_cmd_simulate)
     return parser
 
 

@@ -102,39 +102,43 @@ class PromoterScheduler(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
+        by_pid = {_pid(t): t for t in trials}
         # After a driver restart Tune may bring a paused trial back as PENDING: it still waits for promotion.
         waiting = {
-            _pid(t): t
-            for t in trials
+            pid: t
+            for pid, t in by_pid.items()
             if t.status == Trial.PAUSED
-            or (t.status == Trial.PENDING and _pid(t) in self.promoter.paused and _pid(t) not in self._resume)
+            or (t.status == Trial.PENDING and pid in self.promoter.paused and pid not in self._resume)
         }
-        for trial in trials:
-            if trial.status == Trial.PENDING and _pid(trial) not in waiting:
-                if _pid(trial) in self._resume:
-                    self._resume.remove(_pid(trial))
-                    self._save()
-                return trial
         changed = False
-        for trial_id in self.promoter.promotable():
-            if trial_id in waiting:
-                self.promoter.promote(trial_id)
-                self._resume.append(trial_id)
+        # Promotions first, as asynchronous successive halving has it: a trial that qualifies now goes on before
+        # a new trial starts, so the best configurations reach the top rung early.
+        for pid in self.promoter.promotable():
+            if pid in waiting:
+                self.promoter.promote(pid)
+                self._resume.append(pid)
                 changed = True
-        if not self._resume and not any(t.status == Trial.RUNNING for t in trials):
-            self._resume += [t for t in self.promoter.close() if t in waiting]
-            changed = True
-            if not self._resume:
-                for trial in waiting.values():  # can never be promoted: end them so the sweep finishes
-                    tune_controller.stop_trial(trial)
         while self._resume:
-            trial_id = self._resume.pop(0)
+            trial = by_pid.get(self._resume.pop(0))
             changed = True
-            if trial_id in waiting:
+            if trial is not None and trial.status in (Trial.PAUSED, Trial.PENDING):
                 self._save()
-                return waiting[trial_id]
+                return trial
         if changed:
             self._save()
+        new = [t for pid, t in by_pid.items() if t.status == Trial.PENDING and pid not in waiting]
+        if new:
+            return new[0]
+        if any(t.status == Trial.RUNNING for t in trials):
+            return None
+        # Nothing runs and nothing new is left: close the rungs, then end whatever can never be promoted.
+        chosen = [pid for pid in self.promoter.close() if pid in waiting]
+        self._resume += chosen[1:]
+        self._save()
+        if chosen:
+            return waiting[chosen[0]]
+        for trial in waiting.values():
+            tune_controller.stop_trial(trial)
         return None
 
     def debug_string(self) -> str:
