@@ -1,0 +1,116 @@
+"""The sweep simulator at the seed's scale and at 1,000 trials on 64 workers: the table and the plot for BENCHMARKS.md.
+
+Each scale runs every policy on ``--seeds`` populations (``geopose_ray.simulate``); the table is the same one
+``geopose-ray simulate`` prints. The plot shows, per policy, the mean regret of the pick and the share of seeds
+within 0.002 of the best, as GPU-hours are spent (as % of the full grid's GPU-hours on the same seed).
+
+    .venv/bin/python bench/bench_simulate.py [--seeds 50] [--plot bench/simulate.png] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geopose_ray.simulate import format_table, simulate
+from geopose_ray.simulate.measure import POLICIES, TOLERANCE, fold_pipeline
+
+FOLDS_HEAD = (
+    "| then 5 folds per finalist | utilisation while screening % | screening h | whole pipeline h | pipeline "
+    "utilisation % | fold-run GPU-hours |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+)
+FOLDS_COLS = [
+    ("screen_utilisation", 100, ".1f"),
+    ("screen_h", 1, ".0f"),
+    ("pipeline_h", 1, ".0f"),
+    ("pipeline_utilisation", 100, ".1f"),
+    ("fold_gpu_hours", 1, ".0f"),
+]
+SCALES = {"seed's scale: 240 trials, 16 workers": (240, 16), "1,000 trials, 64 workers": (1000, 64)}
+
+
+def anytime(outcomes: list[dict[str, Any]], policy: str, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean regret over seeds (NaN until every seed has a pick) and the share of seeds whose pick has come within
+    the tolerance, at GPU-hours = xs × the grid's GPU-hours of each seed."""
+    ended = np.full((len(outcomes), len(xs)), math.inf)  # inf: no pick yet
+    for i, o in enumerate(outcomes):
+        grid = o["grid"]["gpu_hours"]
+        for spent, regret in o[policy]["anytime"]:  # after the policy ends, its last pick stands
+            ended[i, xs * grid >= spent * (1 - 1e-12)] = regret
+    mean = np.where(np.isinf(ended).any(axis=0), np.nan, ended.mean(axis=0))
+    near = np.maximum.accumulate(ended <= TOLERANCE + 1e-12, axis=1).mean(axis=0)  # has come within, as the table
+    return mean, near
+
+
+def plot(results: dict[str, dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = np.logspace(-2, 0, 4001)
+    fig, axes = plt.subplots(2, len(results), figsize=(6.2 * len(results), 7.5), sharex=True, squeeze=False)
+    colours = dict(zip(POLICIES, ["#555555", "#d62728", "#ff9896", "#1f77b4", "#2ca02c"], strict=True))
+    for col, (title, result) in enumerate(results.items()):
+        top, bottom = axes[0, col], axes[1, col]
+        for name in POLICIES:
+            mean, near = anytime(result["outcomes"], name, xs)
+            top.plot(xs * 100, mean, color=colours[name], label=name, lw=1.8)
+            bottom.plot(xs * 100, near * 100, color=colours[name], label=name, lw=1.8)
+            p = result["policies"][name]
+            top.plot(p["grid_share"]["median"] * 100, p["regret"]["mean"], "o", color=colours[name], ms=6)
+        for ax in (top, bottom):
+            ax.axvline(20, color="grey", ls=":", lw=0.9)
+            ax.set_xscale("log")
+            ax.set_xlim(2, 100)
+            ax.grid(alpha=0.3)
+        top.set_title(f"{title} ({result['config']['seeds']} seeds)")
+        top.set_ylim(bottom=0)
+        bottom.set_xlabel("GPU-hours spent, % of the full grid's (log)")
+        bottom.set_ylim(0, 102)
+    axes[0, 0].set_ylabel("mean regret of the pick (true score)")
+    axes[1, 0].set_ylabel(f"% of seeds whose pick has come\nwithin {TOLERANCE} of the best")
+    axes[0, 0].legend(fontsize=8, title="dot: where the policy ends", title_fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=50)
+    ap.add_argument("--plot", type=Path, default=Path("bench/simulate.png"))
+    ap.add_argument("--json", type=Path, default=None, help="also write every measure here")
+    args = ap.parse_args()
+    results = {}
+    for title, (trials, workers) in SCALES.items():
+        t = time.perf_counter()
+        results[title] = simulate(trials, workers, args.seeds, keep_outcomes=True)
+        print(f"### {title}: {time.perf_counter() - t:.1f} s for {args.seeds} seeds\n")
+        print(format_table(results[title]) + "\n")
+        folds = fold_pipeline(trials, workers, args.seeds)
+        print(FOLDS_HEAD)
+        for name, f in folds.items():
+            cells = [
+                f"{f[k]['median'] * s:{fmt}} ({f[k]['p10'] * s:{fmt}}–{f[k]['p90'] * s:{fmt}})"
+                for k, s, fmt in FOLDS_COLS
+            ]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print()
+        results[title]["fold_pipeline"] = folds
+    plot(results, args.plot)
+    print(f"plot: {args.plot}")
+    if args.json:
+        slim = {k: {kk: vv for kk, vv in v.items() if kk != "outcomes"} for k, v in results.items()}
+        args.json.write_text(json.dumps(slim, indent=2))
+
+
+if __name__ == "__main__":
+    main()

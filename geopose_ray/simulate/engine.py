@@ -1,0 +1,346 @@
+"""A discrete-event replay of a sweep on W workers, and the scheduling policies it compares.
+
+A worker (one T4) runs one trial at a time. A policy hands a free worker a job, (trial, epoch to stop at); the
+trial trains from where it last stopped, one epoch costing its minutes per epoch, until that epoch or the
+epoch in which it errors. At the stop the policy sees the reported scores and either keeps the trial on its
+worker with a new stop epoch or lets the worker go. When no job is left for a free worker and nothing runs,
+the policy is told it is idle and may create more work (the promoter's ``close``). Policies see only
+:attr:`Curves.observed` (and an error when it happens): never the true final scores.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from geopose_ray.errors import ConfigError
+from geopose_ray.simulate.curves import Curves
+from geopose_ray.sweep.promoter import Decision, Promoter
+
+
+class Policy(Protocol):
+    name: str
+
+    def next_job(self) -> tuple[int, int] | None:
+        """(trial, epoch to stop at) for a free worker, or None: nothing to hand out now."""
+        ...
+
+    def on_stop(self, trial: int, epoch: int) -> int | None:
+        """The trial reached the stop epoch: a further stop epoch keeps it on its worker; None frees it."""
+        ...
+
+    def on_error(self, trial: int, epoch: int) -> None:
+        """The trial errored in ``epoch`` (no result for it): its worker is free."""
+        ...
+
+    def on_idle(self) -> bool:
+        """No job for any free worker and nothing runs: True if the policy made more work."""
+        ...
+
+
+@dataclass
+class Run:
+    """What one policy did on one population."""
+
+    policy: str
+    workers: int
+    epochs: np.ndarray  # (n,) screening epochs trained per trial, every segment counted
+    reached: np.ndarray  # (n,) the last epoch each trial trained
+    gpu_hours: float  # busy worker-time, integrated over the replay (fold runs included)
+    makespan_h: float  # hours from the first start to the last stop
+    finishes: list[tuple[float, float, int]] = field(default_factory=list)  # (hour, GPU-hours spent, trial) at the top
+    screen_h: float = 0.0  # hour of the last screening stop (= makespan_h without fold runs)
+    screen_busy_h: float = 0.0  # busy worker-hours up to screen_h, fold runs included
+    fold_gpu_hours: float = 0.0  # GPU-hours of fold runs
+
+    @property
+    def utilisation(self) -> float:
+        return self.gpu_hours / (self.workers * self.makespan_h) if self.makespan_h > 0 else 0.0
+
+    @property
+    def screen_utilisation(self) -> float:
+        return self.screen_busy_h / (self.workers * self.screen_h) if self.screen_h > 0 else 0.0
+
+
+def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> Run:
+    """Replay ``policy`` on ``workers`` workers until it has nothing left to do.
+
+    With ``fold_runs`` = K − 1, job ids n + t·(K − 1) + k (k < K − 1) are trial t's runs on its other folds: the
+    top rung's epochs at the trial's cost, never erroring, not counted as screening (see :class:`FoldRuns`).
+    """
+    if workers < 1:
+        raise ConfigError(f"The value of `workers` is {workers}, but must be `workers >= 1`")
+    n, top = len(curves), curves.top
+    size = n * (1 + fold_runs)
+    base = np.concatenate([np.arange(n), np.repeat(np.arange(n), fold_runs)])  # job id -> its screening trial
+    fail = np.concatenate([curves.fail_epoch, np.full(n * fold_runs, top + 1)])
+    at = np.zeros(size, dtype=int)
+    epochs = np.zeros(size, dtype=int)
+    heap: list[tuple[float, int, int, int]] = []  # (end hour, sequence, job id, stop epoch)
+    seq = 0
+    now = spent = screen_h = screen_busy = 0.0
+    free = workers
+    finishes: list[tuple[float, float, int]] = []
+
+    def launch(job: int, stop: int) -> None:
+        nonlocal seq
+        if not (0 <= job < size and at[job] < stop <= top):
+            raise ConfigError(f"{policy.name} asked job {job} to run from epoch {at[job]} to {stop}")
+        end = min(stop, int(fail[job]))
+        heapq.heappush(heap, (now + curves.hours(int(base[job]), end - at[job]), seq, job, end))
+        seq += 1
+
+    while True:
+        while free:
+            job = policy.next_job()
+            if job is None:
+                break
+            launch(*job)
+            free -= 1
+        if not heap:
+            if policy.on_idle():
+                continue
+            break
+        end_h, _, trial, epoch = heapq.heappop(heap)
+        spent += (len(heap) + 1) * (end_h - now)  # the popped segment and those still in the heap ran
+        now = end_h
+        epochs[trial] += epoch - at[trial]
+        at[trial] = epoch
+        if trial < n:
+            screen_h, screen_busy = now, spent
+        if epoch >= fail[trial]:
+            policy.on_error(trial, epoch)
+            free += 1
+            continue
+        if epoch == top and trial < n:
+            finishes.append((now, spent, trial))
+        nxt = policy.on_stop(trial, epoch)
+        if nxt is None:
+            free += 1
+        else:
+            launch(trial, nxt)
+    fold_hours = float(np.sum(epochs[n:] * curves.minutes[base[n:]]) / 60.0)
+    return Run(policy.name, workers, epochs[:n], at[:n].copy(), spent, now, finishes, screen_h, screen_busy, fold_hours)
+
+
+class GridPolicy:
+    """Every trial trained to the top rung, in arrival order."""
+
+    name = "grid"
+
+    def __init__(self, curves: Curves, order: Sequence[int]) -> None:
+        self.top = curves.top
+        self.pending = deque(order)
+
+    def next_job(self) -> tuple[int, int] | None:
+        return (self.pending.popleft(), self.top) if self.pending else None
+
+    def on_stop(self, trial: int, epoch: int) -> int | None:
+        return None
+
+    def on_error(self, trial: int, epoch: int) -> None:
+        pass
+
+    def on_idle(self) -> bool:
+        return False
+
+
+class RandomPolicy:
+    """Random search: trials in a random order, each trained to the top rung, while the GPU-hours committed
+    (a running trial counts its full cost; an errored one gives back what it did not use) stay within budget."""
+
+    name = "random"
+
+    def __init__(self, curves: Curves, order: Sequence[int], budget_gpu_hours: float) -> None:
+        self.curves = curves
+        self.pending = deque(order)
+        self.budget = budget_gpu_hours
+        self.committed = 0.0
+
+    def next_job(self) -> tuple[int, int] | None:
+        if not self.pending:
+            return None
+        cost = self.curves.hours(self.pending[0], self.curves.top)
+        if self.committed + cost > self.budget:
+            return None
+        self.committed += cost
+        return self.pending.popleft(), self.curves.top
+
+    def on_stop(self, trial: int, epoch: int) -> int | None:
+        return None
+
+    def on_error(self, trial: int, epoch: int) -> None:
+        self.committed -= self.curves.hours(trial, self.curves.top - epoch)
+
+    def on_idle(self) -> bool:
+        return False
+
+
+class AshaPolicy:
+    """Ray Tune's ``AsyncHyperBandScheduler`` rule, stop-based: a trial arriving at a rung is stopped for good if
+    its score is below the (1 − 1/η) quantile (numpy's linear percentile, as Ray's ``_Bracket.cutoff``) of the
+    scores recorded there before it; otherwise it continues. Its score is then recorded. The first arrival at a
+    rung always continues. New trials start in arrival order; the top rung ends a trial."""
+
+    name = "asha"
+
+    def __init__(self, curves: Curves, order: Sequence[int], rungs: Sequence[int], eta: int) -> None:
+        self.curves = curves
+        self.pending = deque(order)
+        self.rungs = list(rungs)
+        self.eta = eta
+        self.recorded: list[list[float]] = [[] for _ in self.rungs[:-1]]
+        self.stopped: set[int] = set()
+
+    def next_job(self) -> tuple[int, int] | None:
+        return (self.pending.popleft(), self.rungs[0]) if self.pending else None
+
+    def on_stop(self, trial: int, epoch: int) -> int | None:
+        i = self.rungs.index(epoch)
+        if i == len(self.rungs) - 1:
+            return None
+        value = float(self.curves.observed[trial, epoch - 1])
+        recorded = self.recorded[i]
+        stop = bool(recorded) and value < float(np.nanpercentile(recorded, (1 - 1 / self.eta) * 100))
+        recorded.append(value)
+        if stop:
+            self.stopped.add(trial)
+            return None
+        return self.rungs[i + 1]
+
+    def on_error(self, trial: int, epoch: int) -> None:
+        pass
+
+    def on_idle(self) -> bool:
+        return False
+
+
+class PromoterPolicy:
+    """The project's promoter, the real :class:`Promoter`, dispatched as a Ray scheduler would.
+
+    Every epoch's score goes to ``on_result`` (with the trial's GPU-hours so far). CONTINUE keeps the trial on
+    its worker; PAUSE and FINALIST free it. A free worker resumes the first trial :meth:`Promoter.promotable`
+    names (from its checkpoint: no epoch is trained again), else starts a new trial; with ``new_first`` it
+    starts new trials first and resumes only when none is left (an ablation: ``PromoterScheduler``
+    promotes first, as here). When no new trial is left and nothing runs, :meth:`Promoter.close` decides what resumes.
+    Without a budget the trial runs rung to rung (nothing between rungs changes a decision); with one it stops
+    every epoch, so the spent GPU-hours are current when a rung decides.
+    """
+
+    def __init__(
+        self,
+        curves: Curves,
+        order: Sequence[int],
+        rungs: Sequence[int],
+        eta: int,
+        min_results: int,
+        budget_gpu_hours: float | None = None,
+        new_first: bool = False,
+    ) -> None:
+        self.name = "promoter (new trials first)" if new_first else "promoter"
+        self.curves = curves
+        self.promoter = Promoter(rungs, eta, "max", min_results, budget_gpu_hours)
+        self.rungs = list(self.promoter.rungs)
+        if self.rungs[-1] != curves.top:
+            raise ConfigError(f"The top rung {self.rungs[-1]} must be the curves' last epoch {curves.top}")
+        self.pending = deque(order)
+        self.resume: deque[int] = deque()
+        self.new_first = new_first
+        self.every_epoch = budget_gpu_hours is not None
+        self.names = [f"t{i:05d}" for i in range(len(curves))]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.reported = np.zeros(len(curves), dtype=int)
+
+    def _stop_after(self, epoch: int) -> int:
+        return epoch + 1 if self.every_epoch else next(r for r in self.rungs if r > epoch)
+
+    def next_job(self) -> tuple[int, int] | None:
+        if self.resume:
+            trial = self.resume.popleft()
+        elif self.new_first and self.pending:
+            trial = self.pending.popleft()
+        elif ready := self.promoter.promotable():
+            self.promoter.promote(ready[0])
+            trial = self.index[ready[0]]
+        elif self.pending:
+            trial = self.pending.popleft()
+        else:
+            return None
+        return trial, self._stop_after(int(self.reported[trial]))
+
+    def _report(self, trial: int, upto: int) -> Decision:
+        decision = Decision.CONTINUE
+        for e in range(int(self.reported[trial]) + 1, upto + 1):
+            value = float(self.curves.observed[trial, e - 1])
+            decision = self.promoter.on_result(self.names[trial], e, value, self.curves.hours(trial, e))
+        self.reported[trial] = upto
+        return decision
+
+    def on_stop(self, trial: int, epoch: int) -> int | None:
+        decision = self._report(trial, epoch)
+        return self._stop_after(epoch) if decision is Decision.CONTINUE else None
+
+    def on_error(self, trial: int, epoch: int) -> None:
+        self._report(trial, epoch - 1)  # the epochs before the failing one were reported; Tune drops the trial
+
+    def on_idle(self) -> bool:
+        if self.pending:
+            return False
+        chosen = self.promoter.close()
+        self.resume.extend(self.index[t] for t in chosen)
+        return bool(chosen)
+
+
+class FoldRuns:
+    """A screening policy followed by every finalist's runs on its K − 1 other folds (the design's next stage).
+
+    ``backfill=False`` is the driver as it runs now: the fold runs start once screening is over (a second Tuner).
+    ``backfill=True`` gives a worker that screening leaves idle to a finalist's fold run instead; screening
+    still goes first whenever it has a job, and the inner policy's idle rule (the promoter's ``close``) runs
+    as soon as no screening trial runs, fold runs or not.
+    """
+
+    def __init__(self, inner: Policy, curves: Curves, fold_runs: int, backfill: bool) -> None:
+        self.name = f"{inner.name} + folds {'backfilled' if backfill else 'after'}"
+        self.inner = inner
+        self.n, self.top = len(curves), curves.top
+        self.fold_runs = fold_runs
+        self.backfill = backfill
+        self.queue: deque[int] = deque()
+        self.screening = 0  # screening segments running
+        self.screened = False  # the inner policy has nothing left
+
+    def next_job(self) -> tuple[int, int] | None:
+        if not self.screened:
+            job = self.inner.next_job()
+            while job is None and self.screening == 0 and self.inner.on_idle():
+                job = self.inner.next_job()
+            if job is not None:
+                self.screening += 1
+                return job
+            self.screened = self.screening == 0
+            if not (self.backfill or self.screened):
+                return None
+        return (self.queue.popleft(), self.top) if self.queue else None
+
+    def on_stop(self, trial: int, epoch: int) -> int | None:
+        if trial >= self.n:
+            return None
+        nxt = self.inner.on_stop(trial, epoch)
+        if epoch == self.top:
+            self.queue.extend(self.n + trial * self.fold_runs + k for k in range(self.fold_runs))
+        if nxt is None:
+            self.screening -= 1
+        return nxt
+
+    def on_error(self, trial: int, epoch: int) -> None:
+        self.inner.on_error(trial, epoch)
+        self.screening -= 1
+
+    def on_idle(self) -> bool:
+        return False  # next_job already ran the inner policy's idle rule

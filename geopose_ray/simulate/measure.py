@@ -1,0 +1,286 @@
+"""Run every policy on the same curves, seed after seed, and measure them against what only the simulator knows.
+
+Per policy and seed:
+- ``gpu_hours``: busy worker-time; ``makespan_h``: hours until the last worker stops; ``utilisation``:
+  gpu_hours / (workers × makespan_h).
+- ``regret``: the best true final score of the population minus the true final score of the finalist a user
+  would pick (the best *observed* score at the top rung). ``best_found``: the true best reached the top rung.
+- ``hours_to_near_best``: GPU-hours spent when the pick (the incumbent, as finalists arrive) first came within
+  :data:`TOLERANCE` of the best; None if never.
+- ``regret_at_budget``: the regret of the pick when the policy had spent the matched budget B (or at its end if
+  it spent less). B is ``--budget`` when given, else the promoter's own GPU-hours on that seed; random search
+  is given B as its budget. This is the "same budget" comparison: every policy stopped at the same GPU-hours.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from geopose_ray.errors import ConfigError
+from geopose_ray.simulate.curves import Curves, draw_curves
+from geopose_ray.simulate.engine import (
+    AshaPolicy,
+    FoldRuns,
+    GridPolicy,
+    Policy,
+    PromoterPolicy,
+    RandomPolicy,
+    Run,
+    replay,
+)
+from geopose_ray.sweep.promoter import Promoter
+
+TOLERANCE = 0.002  # "within 0.002 of the best"
+GRID_SHARE = 0.20  # the target: near the best with at most this share of the grid's GPU-hours
+POLICIES = ("grid", "promoter", "promoter (new trials first)", "asha", "random")
+
+
+@dataclass
+class Outcome:
+    """One policy on one seed."""
+
+    policy: str
+    gpu_hours: float
+    makespan_h: float
+    utilisation: float
+    regret: float | None  # None: no finalist
+    best_found: bool
+    hours_to_near_best: float | None
+    regret_at_budget: float | None
+    finalists: int
+    anytime: list[tuple[float, float]] = field(default_factory=list)  # (GPU-hours, regret) at each new pick
+
+
+def evaluate(run: Run, curves: Curves, budget: float) -> Outcome:
+    """Score a replay against the true finals (see the module docstring)."""
+    best = float(np.nanmax(curves.true_final))
+    best_trial = int(np.nanargmax(curves.true_final))
+    pick, pick_obs = -1, -math.inf
+    near: float | None = None
+    at_budget: float | None = None
+    anytime: list[tuple[float, float]] = []
+    for _, spent, trial in run.finishes:
+        obs = float(curves.observed[trial, curves.top - 1])
+        if obs > pick_obs:
+            pick, pick_obs = trial, obs
+            regret = best - float(curves.true_final[pick])
+            anytime.append((spent, regret))
+            if near is None and regret <= TOLERANCE + 1e-12:
+                near = spent
+        if spent <= budget * (1 + 1e-9) and pick >= 0:
+            at_budget = best - float(curves.true_final[pick])
+    finalists = {t for _, _, t in run.finishes}
+    return Outcome(
+        policy=run.policy,
+        gpu_hours=run.gpu_hours,
+        makespan_h=run.makespan_h,
+        utilisation=run.utilisation,
+        regret=best - float(curves.true_final[pick]) if pick >= 0 else None,
+        best_found=best_trial in finalists,
+        hours_to_near_best=near,
+        regret_at_budget=at_budget,
+        finalists=len(finalists),
+        anytime=anytime,
+    )
+
+
+def simulate_seed(
+    seed: int,
+    trials: int = 240,
+    workers: int = 16,
+    rungs: Sequence[int] = (20, 60, 200),
+    eta: int = 3,
+    min_results: int = 9,
+    budget: float | None = None,
+) -> tuple[Curves, dict[str, Outcome]]:
+    """Every policy on one seed's population, all seeing the same curves and the same arrival order."""
+    curves = draw_curves(trials, seed, top=int(rungs[-1]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
+    order = [int(i) for i in rng.permutation(trials)]  # a grid's order says nothing about quality
+    random_order = [int(i) for i in rng.permutation(trials)]
+
+    def promoter(new_first: bool) -> Run:
+        return replay(curves, workers, PromoterPolicy(curves, order, rungs, eta, min_results, budget, new_first))
+
+    runs = {"promoter": promoter(False), "promoter (new trials first)": promoter(True)}
+    matched = budget if budget is not None else runs["promoter"].gpu_hours
+    others: list[Policy] = [
+        GridPolicy(curves, order),
+        AshaPolicy(curves, order, rungs, eta),
+        RandomPolicy(curves, random_order, matched),
+    ]
+    for policy in others:
+        runs[policy.name] = replay(curves, workers, policy)
+    return curves, {name: evaluate(runs[name], curves, matched) for name in POLICIES}
+
+
+def _inf(v: float | None) -> float:
+    return math.inf if v is None else v
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    """Median and the 10th/90th percentiles (nearest observed values); None stands for never/none = +inf."""
+    x = np.array([math.inf if v is None else v for v in values], dtype=float)
+    out = {
+        "median": float(np.median(x)),
+        "p10": float(np.percentile(x, 10, method="lower")),
+        "p90": float(np.percentile(x, 90, method="higher")),
+        "mean": float(np.mean(x)),
+    }
+    return {k: (None if math.isinf(v) or math.isnan(v) else v) for k, v in out.items()}
+
+
+def simulate(
+    trials: int = 240,
+    workers: int = 16,
+    seeds: int = 50,
+    budget: float | None = None,
+    rungs: Sequence[int] = (20, 60, 200),
+    eta: int = 3,
+    min_results: int = 9,
+    first_seed: int = 0,
+    keep_outcomes: bool = False,
+) -> dict[str, Any]:
+    """Every policy on ``seeds`` populations; per policy the median and spread of each measure, the rates, and
+    whether the issue's targets hold for the promoter. JSON-ready (None for never)."""
+    if seeds < 1:
+        raise ConfigError(f"The value of `seeds` is {seeds}, but must be `seeds >= 1`")
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"The value of `budget` is {budget}, but must be a positive number of GPU-hours")
+    Promoter(rungs, eta, "max", min_results, budget)  # validates rungs, η and min_results before any work
+    started = time.perf_counter()
+    per_seed = [
+        simulate_seed(s, trials, workers, rungs, eta, min_results, budget)[1]
+        for s in range(first_seed, first_seed + seeds)
+    ]
+    policies: dict[str, dict[str, Any]] = {}
+    for name in POLICIES:
+        rows = [o[name] for o in per_seed]
+        grid_hours = [o["grid"].gpu_hours for o in per_seed]
+        share = [
+            None if r.hours_to_near_best is None else r.hours_to_near_best / g
+            for r, g in zip(rows, grid_hours, strict=True)
+        ]
+        policies[name] = {
+            "gpu_hours": _spread([r.gpu_hours for r in rows]),
+            "grid_share": _spread([r.gpu_hours / g for r, g in zip(rows, grid_hours, strict=True)]),
+            "makespan_h": _spread([r.makespan_h for r in rows]),
+            "utilisation": _spread([r.utilisation for r in rows]),
+            "regret": _spread([r.regret for r in rows]),
+            "regret_at_budget": _spread([r.regret_at_budget for r in rows]),
+            "hours_to_near_best": _spread([r.hours_to_near_best for r in rows]),
+            "grid_share_to_near_best": _spread(share),
+            "finalists": _spread([r.finalists for r in rows]),
+            "best_found_rate": float(np.mean([r.best_found for r in rows])),
+            "near_best_rate": float(np.mean([s is not None for s in share])),
+            "near_best_within_share_rate": float(np.mean([s is not None and s <= GRID_SHARE for s in share])),
+        }
+    p = policies["promoter"]
+    pairs = [(_inf(o["promoter"].regret_at_budget), _inf(o["asha"].regret_at_budget)) for o in per_seed]
+    targets = {
+        "near_best_in_90pct_of_seeds_within_20pct_of_grid": p["near_best_within_share_rate"] >= 0.9,
+        "lower_regret_than_asha_at_same_budget": float(np.mean([x for x, _ in pairs]))
+        < float(np.mean([y for _, y in pairs])),
+        "promoter_vs_asha_seeds_won_lost": [sum(x < y - 1e-12 for x, y in pairs), sum(y < x - 1e-12 for x, y in pairs)],
+        "utilisation_at_least_95pct": (p["utilisation"]["median"] or 0.0) >= 0.95,
+    }
+    out: dict[str, Any] = {
+        "config": {
+            "trials": trials,
+            "workers": workers,
+            "seeds": seeds,
+            "first_seed": first_seed,
+            "budget": budget,
+            "rungs": list(rungs),
+            "eta": eta,
+            "min_results": min_results,
+            "tolerance": TOLERANCE,
+        },
+        "policies": policies,
+        "targets": targets,
+        "seconds": time.perf_counter() - started,
+    }
+    if keep_outcomes:
+        out["outcomes"] = [{k: asdict(v) for k, v in o.items()} for o in per_seed]
+    return out
+
+
+def fold_pipeline(
+    trials: int = 240,
+    workers: int = 16,
+    seeds: int = 10,
+    folds: int = 5,
+    rungs: Sequence[int] = (20, 60, 200),
+    eta: int = 3,
+    min_results: int = 9,
+    first_seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """The promoter followed by its finalists' runs on the other ``folds − 1`` folds, the fold runs started after
+    screening (the driver as it runs now) or backfilling idle workers during it. Per variant: utilisation while
+    screening, screening hours, hours and utilisation of the whole pipeline, fold-run GPU-hours and regret."""
+    rows: dict[str, list[dict[str, float | None]]] = {}
+    for seed in range(first_seed, first_seed + seeds):
+        curves = draw_curves(trials, seed, top=int(rungs[-1]))
+        order = [int(i) for i in np.random.default_rng(np.random.SeedSequence([seed, 11])).permutation(trials)]
+        for backfill in (False, True):
+            inner = PromoterPolicy(curves, order, rungs, eta, min_results)
+            policy = FoldRuns(inner, curves, folds - 1, backfill)
+            run = replay(curves, workers, policy, fold_runs=folds - 1)
+            rows.setdefault(policy.name, []).append(
+                {
+                    "screen_utilisation": run.screen_utilisation,
+                    "screen_h": run.screen_h,
+                    "pipeline_h": run.makespan_h,
+                    "pipeline_utilisation": run.utilisation,
+                    "fold_gpu_hours": run.fold_gpu_hours,
+                    "regret": evaluate(run, curves, math.inf).regret,
+                }
+            )
+    return {name: {k: _spread([r[k] for r in rs]) for k in rs[0]} for name, rs in rows.items()}
+
+
+def _fmt(s: dict[str, float | None], fmt: str, scale: float = 1.0) -> str:
+    def one(v: float | None) -> str:
+        return "never" if v is None else format(v * scale, fmt)
+
+    return f"{one(s['median'])} ({one(s['p10'])}–{one(s['p90'])})"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A markdown table: median (10th–90th percentile) over seeds, one row per policy."""
+    c = result["config"]
+    head = (
+        "| policy | GPU-hours | % of grid | makespan h | utilisation % | regret | regret at B | best among "
+        "finalists | GPU-hours to within 0.002 (% of grid) | within 0.002 by 20 % of grid | finalists |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    lines = [head]
+    for name, p in result["policies"].items():
+        lines.append(
+            f"| {name} | {_fmt(p['gpu_hours'], '.0f')} | {_fmt(p['grid_share'], '.1f', 100)} | "
+            f"{_fmt(p['makespan_h'], '.0f')} | {_fmt(p['utilisation'], '.1f', 100)} | {_fmt(p['regret'], '.4f')} | "
+            f"{_fmt(p['regret_at_budget'], '.4f')} | {p['best_found_rate']:.0%} | "
+            f"{_fmt(p['grid_share_to_near_best'], '.1f', 100)} | {p['near_best_within_share_rate']:.0%} | "
+            f"{_fmt(p['finalists'], '.0f')} |"
+        )
+    t = result["targets"]
+    won, lost = t["promoter_vs_asha_seeds_won_lost"]
+    budget = f"{c['budget']:g} GPU-hours" if c["budget"] is not None else "the promoter's GPU-hours on each seed"
+    lines += [
+        "",
+        f"{c['trials']} trials, {c['workers']} workers, {c['seeds']} seeds, rungs {c['rungs']}, η {c['eta']}, "
+        f"min_results {c['min_results']}; B = {budget}; {result['seconds']:.1f} s.",
+        "Targets (promoter): "
+        f"within 0.002 by 20 % of the grid in ≥ 90 % of seeds: "
+        f"{'met' if t['near_best_in_90pct_of_seeds_within_20pct_of_grid'] else 'NOT met'}; "
+        f"lower mean regret at B than ASHA: {'met' if t['lower_regret_than_asha_at_same_budget'] else 'NOT met'} "
+        f"(lower on {won} seeds, higher on {lost}); "
+        f"utilisation ≥ 95 %: {'met' if t['utilisation_at_least_95pct'] else 'NOT met'}.",
+    ]
+    return "\n".join(lines)

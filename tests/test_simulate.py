@@ -1,0 +1,244 @@
+"""The sweep simulator: the event clock, the policies (the real promoter among them), the curve family, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from geopose_ray.cli import main
+from geopose_ray.simulate import (
+    AshaPolicy,
+    Curves,
+    FoldRuns,
+    GridPolicy,
+    PromoterPolicy,
+    RandomPolicy,
+    draw_curves,
+    evaluate,
+    replay,
+    simulate,
+    simulate_seed,
+)
+from geopose_ray.simulate.curves import DECODERS, ENCODERS, SEED_ENCODERS, curve
+from geopose_ray.simulate.measure import POLICIES
+from geopose_ray.sweep.promoter import Promoter
+
+
+def hand_curves(scores: list[list[float]], minutes: list[float], fail: list[int] | None = None) -> Curves:
+    """Curves from explicit per-epoch scores (true final = the last one)."""
+    obs = np.array(scores, dtype=float)
+    n, top = obs.shape
+    fail_epoch = np.array(fail if fail is not None else [top + 1] * n)
+    return Curves([f"t{i}" for i in range(n)], np.array(minutes, dtype=float), obs, fail_epoch, obs[:, -1].copy())
+
+
+def test_grid_gpu_hours_are_the_exact_sum_of_epoch_costs() -> None:
+    curves = draw_curves(240, seed=3)
+    assert (curves.fail_epoch <= curves.top).any()  # some trials error: their cost stops at the failing epoch
+    run = replay(curves, 7, GridPolicy(curves, range(len(curves))))
+    trained = np.minimum(curves.fail_epoch, curves.top)
+    assert np.array_equal(run.epochs, trained)
+    assert run.gpu_hours == pytest.approx(float(np.sum(trained * curves.minutes) / 60.0), rel=1e-12)
+    assert run.gpu_hours <= 7 * run.makespan_h
+    assert len(run.finishes) == int(np.sum(curves.fail_epoch > curves.top))
+
+
+@pytest.mark.parametrize(("order", "makespan"), [([0, 1, 2], 3.0), ([1, 2, 0], 4.0)])
+def test_utilisation_on_a_hand_built_case(order: list[int], makespan: float) -> None:
+    # Two workers; trials of 3 h, 1 h and 1 h (two epochs each). In order 0,1,2: worker A runs 0 (0-3 h), worker B
+    # runs 1 then 2 (0-2 h): makespan 3 h, busy 5 h. In order 1,2,0: 0 starts only at 1 h: makespan 4 h.
+    curves = hand_curves([[0.1, 0.2]] * 3, minutes=[90, 30, 30])
+    run = replay(curves, 2, GridPolicy(curves, order))
+    assert run.makespan_h == pytest.approx(makespan)
+    assert run.gpu_hours == pytest.approx(5.0)
+    assert run.utilisation == pytest.approx(5.0 / (2 * makespan))
+
+
+def test_the_promoter_never_trains_an_epoch_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    curves = draw_curves(240, seed=1)
+    resumed: list[str] = []
+    real_promote = Promoter.promote
+
+    def spy(self: Promoter, trial: str) -> None:
+        resumed.append(trial)
+        real_promote(self, trial)
+
+    monkeypatch.setattr(Promoter, "promote", spy)
+    order = list(np.random.default_rng(0).permutation(len(curves)))
+    policy = PromoterPolicy(curves, order, (20, 60, 200), 3, 9)
+    run = replay(curves, 16, policy)
+    assert len(resumed) >= 5  # paused trials did resume (most promotions happen on arrival)
+    assert np.array_equal(run.epochs, run.reached)  # every epoch trained once: resumed, never restarted
+    assert run.gpu_hours == pytest.approx(float(np.sum(run.epochs * curves.minutes) / 60.0), rel=1e-9)
+    p = policy.promoter
+    assert set(p.paused).isdisjoint(p.finalists)
+    reported = np.minimum(run.reached, curves.fail_epoch - 1)  # the promoter heard of every epoch but a failing one
+    assert p.spent_gpu_hours == pytest.approx(float(np.sum(reported * curves.minutes) / 60.0), rel=1e-9)
+    # Everyone ran to the first rung (or errored before it); the reached epochs are rungs or failures.
+    ok = curves.fail_epoch > 20
+    assert np.all(run.reached[ok] >= 20)
+    assert set(run.reached[curves.fail_epoch > curves.top]) <= {20, 60, 200}
+    assert sorted(policy.names[t] for _, _, t in run.finishes) == sorted(p.finalists)
+
+
+def _late_bloomer() -> Curves:
+    """Trial 1 (L) arrives second below trial 0 at rung 2 and wins at the top; the rest are weaker throughout."""
+    plateaus = [0.70, None, 0.60, 0.30, 0.25, 0.20, 0.15, 0.10, 0.05]
+    scores = []
+    for q in plateaus:
+        if q is None:
+            scores.append([0.50 if e <= 2 else min(0.95, 0.5 + 0.1 * e) for e in range(1, 19)])
+        else:
+            scores.append([q * (1 - math.exp(-e)) for e in range(1, 19)])
+    return hand_curves(scores, minutes=[60] * 9)
+
+
+def test_asha_stops_the_late_bloomer_that_the_promoter_keeps() -> None:
+    curves = _late_bloomer()
+    order = list(range(9))
+    asha = AshaPolicy(curves, order, (2, 6, 18), 3)
+    asha_run = replay(curves, 1, asha)
+    promoter_run = replay(curves, 1, PromoterPolicy(curves, order, (2, 6, 18), 3, 1))
+    assert 1 in asha.stopped and asha_run.reached[1] == 2
+    assert 1 in {t for _, _, t in promoter_run.finishes}
+    assert evaluate(promoter_run, curves, math.inf).regret == pytest.approx(0.0)
+    assert evaluate(asha_run, curves, math.inf).regret == pytest.approx(0.95 - 0.70, abs=1e-3)
+
+
+def test_asha_cutoff_is_rays_percentile_of_earlier_results() -> None:
+    # Rung 1: 0.5 continues (nothing recorded), 0.4 stops (below 0.5), 0.6 continues (above the 66.7th percentile
+    # of [0.5, 0.4] = 0.4667), 0.45 stops (below that of [0.5, 0.4, 0.6] = 0.5333).
+    curves = hand_curves([[v, v] for v in (0.5, 0.4, 0.6, 0.45)], minutes=[60] * 4)
+    asha = AshaPolicy(curves, [0, 1, 2, 3], (1, 2), 3)
+    run = replay(curves, 1, asha)
+    assert asha.stopped == {1, 3}
+    assert list(run.reached) == [2, 1, 2, 1]
+
+
+def test_promoter_in_tune_order_starts_every_new_trial_before_resuming_any() -> None:
+    curves = draw_curves(60, seed=2)
+    policy = PromoterPolicy(curves, list(range(60)), (20, 60, 200), 3, 1, new_first=True)
+    jobs = []
+    real = policy.next_job
+
+    def logged() -> tuple[int, int] | None:
+        job = real()
+        if job is not None:
+            jobs.append(job)
+        return job
+
+    policy.next_job = logged  # type: ignore[method-assign]
+    replay(curves, 1, policy)
+    firsts = [stop for _, stop in jobs[:60]]
+    assert firsts == [20] * 60 and all(stop > 20 for _, stop in jobs[60:])
+
+
+def test_fold_runs_after_screening_or_backfilling_the_idle_workers() -> None:
+    curves = draw_curves(240, seed=2)
+    order = [int(i) for i in np.random.default_rng(2).permutation(240)]
+
+    def promoter() -> PromoterPolicy:
+        return PromoterPolicy(curves, order, (20, 60, 200), 3, 9)
+
+    alone = replay(curves, 16, promoter())
+    after = replay(curves, 16, FoldRuns(promoter(), curves, 4, backfill=False), fold_runs=4)
+    back = replay(curves, 16, FoldRuns(promoter(), curves, 4, backfill=True), fold_runs=4)
+    # After screening (today's driver): screening exactly as alone, then 4 runs of 200 epochs per finalist.
+    assert after.screen_h == pytest.approx(alone.makespan_h) and after.screen_busy_h == pytest.approx(alone.gpu_hours)
+    assert np.array_equal(after.epochs, alone.epochs)
+    for run in (after, back):
+        finalists = [t for _, _, t in run.finishes]
+        assert run.fold_gpu_hours == pytest.approx(sum(4 * curves.hours(t, 200) for t in finalists))
+        assert run.gpu_hours == pytest.approx(run.fold_gpu_hours + float(np.sum(run.epochs * curves.minutes)) / 60)
+    # Backfilled: no worker idles while screening, and the whole pipeline ends sooner.
+    assert back.screen_utilisation > 0.99 > 0.9 > alone.utilisation
+    assert back.makespan_h < after.makespan_h
+
+
+def test_random_search_stays_within_its_budget() -> None:
+    curves = draw_curves(240, seed=4)
+    budget = 2000.0
+    run = replay(curves, 16, RandomPolicy(curves, range(240), budget))
+    assert budget - 3 * curves.hours(int(np.argmax(curves.minutes)), 200) < run.gpu_hours <= budget
+    started = run.reached > 0
+    assert np.array_equal(run.reached[started], np.minimum(200, curves.fail_epoch[started]))  # all to the top
+
+
+def test_the_curve_family_reproduces_the_seed_table() -> None:
+    """The U-Net rows of GEOPOSE.md's screening table, and DeepLabV3/ResNet34 and FPN/ResNeXt50, within 0.0025."""
+    table = {
+        ("resnet34", "Unet"): [(200, 0.8224), (300, 0.8260), (400, 0.8286), (500, 0.8294)],
+        ("efficientnet-b0", "Unet"): [(200, 0.7929), (400, 0.7938)],
+        ("inceptionv4", "Unet"): [(90, 0.8154), (170, 0.8200), (290, 0.8247), (400, 0.8195)],
+        ("se_resnext50_32x4d", "Unet"): [(120, 0.8263), (180, 0.8213), (240, 0.8221)],
+        ("tu-regnetx_064", "Unet"): [(80, 0.8234), (150, 0.8202)],
+        ("resnext50_32x4d", "Unet"): [(100, 0.8273), (170, 0.8306), (230, 0.8333)],
+        ("resnet34", "DeepLabV3"): [(140, 0.8010), (350, 0.8139)],
+        ("resnext50_32x4d", "FPN"): [(140, 0.8090), (330, 0.8089)],
+    }
+    for (enc, dec), points in table.items():
+        e, d = ENCODERS[enc], DECODERS[dec]
+        epochs = np.array([p for p, _ in points])
+        s = curve(np.array([e.plateau + d.plateau]), np.array([e.rise * d.rise]), [e.peak], [e.kappa], epochs)[0]
+        assert np.abs(s - [v for _, v in points]).max() < 0.0025, (enc, dec, s)
+    minutes = {(k, d): ENCODERS[k].minutes * DECODERS[d].cost for k in ENCODERS for d in DECODERS}
+    assert minutes["resnet34", "DeepLabV3"] == pytest.approx(25.0) and minutes["resnext50_32x4d", "FPN"] == 14.0
+    assert minutes["tu-regnetx_064", "Unet"] == 29.0
+
+
+def test_populations_are_the_seed_grid_and_deterministic() -> None:
+    a, b, c = draw_curves(240, 5), draw_curves(240, 5), draw_curves(240, 6)
+    assert np.array_equal(a.observed, b.observed, equal_nan=True) and a.names == b.names
+    assert not np.array_equal(a.true_final, c.true_final, equal_nan=True)
+    assert len(set(a.names)) == 240 and {n.split("/")[1] for n in a.names} == set(SEED_ENCODERS)
+    large = draw_curves(1000, 5)
+    assert len(set(large.names)) == 1000 and len({n.split("/")[1] for n in large.names}) == len(ENCODERS)
+    # Reported scores never beat the noise-free curve by more than a few σ; an errored trial reports nothing after.
+    failed = np.flatnonzero(a.fail_epoch <= a.top)
+    for t in failed:
+        assert np.all(np.isnan(a.observed[t, a.fail_epoch[t] - 1 :])) and np.isnan(a.true_final[t])
+
+
+def test_instability_and_slow_starts_follow_the_learning_rate() -> None:
+    curves = draw_curves(1440, seed=0)
+    lr = np.array([float(n.split("/lr")[1].split("/")[0]) for n in curves.names])
+    errored = curves.fail_epoch <= curves.top  # a non-finite loss; as many again collapse
+    assert errored[lr == 1e-3].mean() > 0.1 > 0.03 > errored[lr == 1e-4].mean() >= errored[lr == 1e-5].mean()
+    assert np.nanmedian(curves.observed[lr == 1e-5, 19]) < np.nanmedian(curves.observed[lr == 1e-4, 19]) - 0.02
+
+
+def test_at_the_seeds_scale_the_promoter_screens_at_a_quarter_of_the_grid_and_finds_the_best() -> None:
+    """What the simulator shows on 6 seeds (see BENCHMARKS.md for the targets and where they are not met)."""
+    result = simulate(trials=240, workers=16, seeds=6)
+    p, grid, rnd = (result["policies"][k] for k in ("promoter", "grid", "random"))
+    assert 0.2 < p["grid_share"]["median"] < 0.35
+    assert p["best_found_rate"] >= 5 / 6 and p["near_best_rate"] >= 5 / 6
+    assert p["regret_at_budget"]["mean"] < rnd["regret_at_budget"]["mean"]
+    assert p["regret_at_budget"]["mean"] < grid["regret_at_budget"]["mean"]  # the grid, stopped at the same GPU-hours
+    assert p["grid_share_to_near_best"]["median"] < grid["grid_share_to_near_best"]["median"]
+    assert 0.6 < p["utilisation"]["median"] < grid["utilisation"]["median"]
+
+
+def test_every_policy_sees_the_same_curves_and_budget() -> None:
+    curves, outcomes = simulate_seed(0, trials=60, workers=4)
+    assert list(outcomes) == list(POLICIES)
+    assert outcomes["random"].gpu_hours <= outcomes["promoter"].gpu_hours + 1e-9
+    assert outcomes["grid"].finalists == int(np.sum(curves.fail_epoch > curves.top))
+
+
+def test_cli_json_has_every_measure_per_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--trials", "60", "--workers", "4", "--seeds", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["policies"]) == set(POLICIES)
+    for p in out["policies"].values():
+        for key in ("gpu_hours", "makespan_h", "utilisation", "regret", "regret_at_budget", "hours_to_near_best"):
+            assert set(p[key]) == {"median", "p10", "p90", "mean"}
+        assert 0 <= p["best_found_rate"] <= 1 and 0 <= p["near_best_within_share_rate"] <= 1
+    assert out["config"]["trials"] == 60 and set(out["targets"]) >= {"utilisation_at_least_95pct"}
+    assert main(["simulate", "--trials", "60", "--workers", "4", "--seeds", "1"]) == 0
+    assert "| promoter |" in capsys.readouterr().out
+    assert main(["simulate", "--rungs", "20,10,200"]) == 2
+    assert "rungs" in capsys.readouterr().err
