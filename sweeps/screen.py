@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = smoke(cfg)
         for note in cfg.validate():
             print(f"note: {note}")
-        print(f"{cfg.name}: {len(cfg.trial_configs())} trials, rungs {cfg.rungs}, eta {cfg.eta}")
+        print(f"{cfg.name}: {cfg.n_trials} trials ({cfg.search}), rungs {cfg.rungs}, eta {cfg.eta}")
         if args.validate_only:
             return 0
         from geopose_ray.sweep.driver import run_sweep

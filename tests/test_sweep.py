@@ -51,6 +51,9 @@ def _cfg(cache_dir: Path, tmp_path: Path, **over: Any) -> SweepConfig:
         ({"cache": "/nonexistent"}, "is not a training cache"),
         ({"cpus_per_trial": 0}, "resources per trial"),
         ({"gridd": {}}, r"unknown key\(s\) \['gridd'\]"),
+        ({"search": "tpe"}, r"`search` is 'tpe', but must be 'grid' or 'optuna'"),
+        ({"search": "optuna", "lr_range": [1e-3, 1e-5]}, r"`lr_range` is \[0.001, 1e-05\], but must be \[low, high\]"),
+        ({"lr_range": [1e-5, 1e-3]}, r"`lr_range` is for `search: optuna`"),
     ],
 )
 def test_bad_sweep_configs_fail_fast(cache: Path, tmp_path: Path, over: dict[str, Any], message: str) -> None:
@@ -196,6 +199,27 @@ def test_a_spent_budget_stops_promotion_and_a_reopened_sweep_goes_on_from_checkp
     assert steps == [1, 2, 3] and run.data.tags["status"] == "finalist"
 
 
+@pytest.mark.slow
+def test_optuna_tpe_draws_trials_from_ranges_under_the_promoter(ray_cluster: None, cache: Path, tmp_path: Path) -> None:
+    """search: optuna draws num_samples trials (a log-uniform learning rate from lr_range), the promoter pauses and
+    promotes them as in a grid sweep, and finalists get their fold runs."""
+    from geopose_ray.sweep.driver import run_sweep
+
+    cfg = _cfg(cache, tmp_path, search="optuna", num_samples=4, lr_range=[1e-4, 1e-2], rungs=[1, 2], eta=2)
+    assert cfg.validate() == [] and cfg.n_trials == 4
+    result = run_sweep(cfg)
+    screen = [r for r in result.rows if r["stage"] == "screen"]
+    assert len(screen) == 4
+    lrs = [r["lr"] for r in screen]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 4  # drawn from the range, not a grid
+    assert all(r["accumulation"] in (1, 2) and r["encoder"] == "tu-test_resnet" for r in screen)
+    assert result.finalists and {r["status"] for r in screen} <= {"finalist", "paused", "stopped"}
+    assert len([r for r in result.rows if r["stage"] == "fold"]) == 3 * len(result.finalists)
+    for r in screen:  # paused trials resumed from checkpoints here too
+        epochs = _epochs(tmp_path / "runs" / "t-screen" / r["trial"])
+        assert epochs == list(range(1, len(epochs) + 1))
+
+
 def test_screen_script_validates_a_config(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sys.path.insert(0, str(ROOT / "sweeps"))
     try:
@@ -208,7 +232,7 @@ def test_screen_script_validates_a_config(cache: Path, tmp_path: Path, capsys: p
         "train: {batch_size: 4}\nrungs: [1, 2]\n"
     )
     assert screen.main(["--config", str(y), "--validate-only"]) == 0
-    assert "s: 4 trials, rungs [1, 2], eta 3" in capsys.readouterr().out
+    assert "s: 4 trials (grid), rungs [1, 2], eta 3" in capsys.readouterr().out
     y.write_text(f"name: s\ncache: {cache}\ngrid: {{encoders: [resnet-34]}}\n")
     assert screen.main(["--config", str(y), "--validate-only"]) == 2
     assert "Wrong encoder name `resnet-34`" in capsys.readouterr().err

@@ -49,6 +49,10 @@ class SweepConfig:
     budget_gpu_hours: float | None = None
     tracking_uri: str | None = None  # MLflow; default sqlite:///<storage_path>/<name>/mlflow.db
     experiment: str | None = None  # MLflow experiment; default the sweep's name
+    search: str = "grid"  # grid: every combination; optuna: TPE draws num_samples trials from the grid's axes
+    num_samples: int = 16  # optuna: how many trials to draw
+    lr_range: list[float] | None = None  # optuna: [low, high] log-uniform learning rate (else grid.lrs as choices)
+    search_seed: int = 0  # optuna: the sampler's seed
 
     @staticmethod
     def from_yaml(path: str | Path) -> SweepConfig:
@@ -80,28 +84,40 @@ class SweepConfig:
     def mlflow_uri(self) -> str:
         return self.tracking_uri or f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
 
-    def trial_configs(self) -> list[dict[str, Any]]:
-        """Every grid point as a plain TrainConfig dict (what a Ray Tune trial receives)."""
-        out = []
+    def trial_config(self, encoder: str, decoder: str, lr: float, accumulation: int) -> dict[str, Any]:
+        """One trial's TrainConfig dict (what a Ray Tune trial trains)."""
         g = self.grid
-        for enc, dec, lr, acc in itertools.product(g.encoders, g.decoders, g.lrs, g.accumulation):
-            model = {**self.train.get("model", {}), "encoder": enc, "decoder": dec}
-            if enc in g.weights:
-                model["weights"] = g.weights[enc]
-            batch = g.batch_size.get(enc, self.train.get("batch_size", TrainConfig.batch_size))
-            cfg = {
-                **self.train,
-                # Trials run in their own working directories, on any node: a relative path would not resolve.
-                "cache": self.cache if "://" in self.cache else str(Path(self.cache).resolve()),
-                "val_fold": self.val_fold,
-                "model": model,
-                "lr": lr,
-                "accumulation": acc,
-                "batch_size": batch,
-                "epochs": self.rungs[-1],
-            }
-            out.append(TrainConfig.from_dict(cfg).to_dict())
-        return out
+        model = {**self.train.get("model", {}), "encoder": encoder, "decoder": decoder}
+        if encoder in g.weights:
+            model["weights"] = g.weights[encoder]
+        batch = g.batch_size.get(encoder, self.train.get("batch_size", TrainConfig.batch_size))
+        cfg = {
+            **self.train,
+            # Trials run in their own working directories, on any node: a relative path would not resolve.
+            "cache": self.cache if "://" in self.cache else str(Path(self.cache).resolve()),
+            "val_fold": self.val_fold,
+            "model": model,
+            "lr": lr,
+            "accumulation": accumulation,
+            "batch_size": batch,
+            "epochs": self.rungs[-1],
+        }
+        return TrainConfig.from_dict(cfg).to_dict()
+
+    def trial_configs(self) -> list[dict[str, Any]]:
+        """Every grid point as a plain TrainConfig dict (the grid search's trials)."""
+        g = self.grid
+        return [
+            self.trial_config(enc, dec, lr, acc)
+            for enc, dec, lr, acc in itertools.product(g.encoders, g.decoders, g.lrs, g.accumulation)
+        ]
+
+    @property
+    def n_trials(self) -> int:
+        g = self.grid
+        if self.search == "optuna":
+            return self.num_samples
+        return len(g.encoders) * len(g.decoders) * len(g.lrs) * len(g.accumulation)
 
     def validate(self) -> list[str]:
         """Check everything that can be checked before Ray starts; returns notes (resolved names)."""
@@ -130,6 +146,18 @@ class SweepConfig:
                 f"resources per trial ({self.cpus_per_trial} CPU, {self.gpus_per_trial} GPU) are impossible: "
                 "cpus_per_trial must be > 0 and gpus_per_trial >= 0"
             )
+        if self.search not in ("grid", "optuna"):
+            raise ConfigError(f"The value of `search` is {self.search!r}, but must be 'grid' or 'optuna'")
+        if self.search == "optuna" and not (isinstance(self.num_samples, int) and self.num_samples >= 1):
+            raise ConfigError(f"The value of `num_samples` is {self.num_samples!r}, but must be `num_samples >= 1`")
+        if self.lr_range is not None:
+            lo_hi = list(self.lr_range)
+            if len(lo_hi) != 2 or not all(isinstance(v, int | float) and v > 0 for v in lo_hi) or lo_hi[0] >= lo_hi[1]:
+                raise ConfigError(
+                    f"The value of `lr_range` is {self.lr_range!r}, but must be [low, high] with 0 < low < high"
+                )
+            if self.search != "optuna":
+                raise ConfigError("`lr_range` is for `search: optuna`; a grid search takes `grid.lrs`")
         if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
             raise ConfigError(f"The value of `budget_gpu_hours` is {self.budget_gpu_hours}, but must be > 0 or null")
         for d in g.decoders:

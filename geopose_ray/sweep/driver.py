@@ -24,7 +24,14 @@ from geopose_ray.errors import ConfigError, GeoposeError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.promoter import Promoter
-from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, SweepTable, train_trial, trial_key
+from geopose_ray.sweep.tune import (
+    MlflowCallback,
+    PromoterScheduler,
+    SweepTable,
+    resolve_config,
+    train_trial,
+    trial_key,
+)
 from geopose_ray.tracking import Tracker, result_row
 
 log = logging.getLogger(__name__)
@@ -65,7 +72,7 @@ def _records(grid: Any, stage: str) -> dict[str, TrialRecord]:
     out = {}
     for i in range(len(grid)):
         result = grid[i]
-        key, cfg = trial_key(Path(result.path).name, (result.config or {}).get("cfg") or {})
+        key, cfg = trial_key(Path(result.path).name, resolve_config(result.config or {}))
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float | str)}
         if "epoch" not in metrics and result.error is None:
             continue  # never ran (a paused trial that was not promoted in a reopened sweep)
@@ -76,8 +83,14 @@ def _records(grid: Any, stage: str) -> dict[str, TrialRecord]:
 
 
 def _tuner(
-    cfg: SweepConfig, name: str, configs: list[dict[str, Any]], scheduler: Any, callbacks: list[Any], resume: bool
+    cfg: SweepConfig,
+    name: str,
+    configs: list[dict[str, Any]] | None,
+    scheduler: Any,
+    callbacks: list[Any],
+    resume: bool,
 ) -> tune.Tuner:
+    """A Tuner over ``configs`` (a grid), or over the sweep's axes drawn by Optuna's TPE (``configs`` None)."""
     trainable = tune.with_resources(train_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     storage = str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path
     path = f"{storage}/{name}"
@@ -85,16 +98,38 @@ def _tuner(
         # Finished trials keep their results; unfinished and errored ones continue from their checkpoints.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     private = {"_threads": max(1, int(cfg.cpus_per_trial)), "_gpus": cfg.gpus_per_trial}
+    search_alg, num_samples = None, 1
+    if configs is None:  # a searcher draws the trials
+        g = cfg.grid
+        space: dict[str, Any] = {
+            "sweep": dataclasses.asdict(cfg),
+            "private": private,
+            "sample": {
+                "encoder": tune.choice(g.encoders),
+                "decoder": tune.choice(g.decoders),
+                "lr": tune.loguniform(*cfg.lr_range) if cfg.lr_range else tune.choice(g.lrs),
+                "accumulation": tune.choice(g.accumulation),
+            },
+        }
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(sampler=TPESampler(seed=cfg.search_seed))
+        num_samples = cfg.num_samples
+    else:
+        space = {"cfg": tune.grid_search([{**c, **private} for c in configs])}
     return tune.Tuner(
         trainable,
-        param_space={"cfg": tune.grid_search([{**c, **private} for c in configs])},
+        param_space=space,
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=num_samples,
             metric=cfg.metric,
             mode=cfg.mode,
             trial_name_creator=lambda t: f"{name}-{t.trial_id}",
             # Named as in the results table and MLflow (a fold run's "/" becomes "-").
-            trial_dirname_creator=lambda t: trial_key(t.trial_id, t.config.get("cfg") or {})[0].replace("/", "-"),
+            trial_dirname_creator=lambda t: trial_key(t.trial_id, resolve_config(t.config or {}))[0].replace("/", "-"),
             reuse_actors=True,  # a resumed or next trial skips the process start and the torch import
         ),
         run_config=tune.RunConfig(
@@ -135,7 +170,7 @@ class _Sweep:
     def _suffix(self) -> str:
         return f"-{self.round}" if self.round else ""
 
-    def screen(self, configs: list[dict[str, Any]], resume: bool, name: str) -> None:
+    def screen(self, configs: list[dict[str, Any]] | None, resume: bool, name: str) -> None:
         """Run screening trials under the promoter; records and promoter state are updated from the result."""
         scheduler = PromoterScheduler(self.promoter, self.cfg.metric, str(self.state_path.resolve()))
         callback = MlflowCallback(self.tracker, self.promoter, "screen", self.table)
@@ -232,7 +267,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         state.unlink(missing_ok=True)
         (cfg.out_dir / TRIALS).unlink(missing_ok=True)
     sweep = _Sweep(cfg, Promoter(cfg.rungs, cfg.eta, cfg.mode, cfg.min_results, cfg.budget_gpu_hours), {}, 0)
-    sweep.screen(cfg.trial_configs(), resume, f"{cfg.name}-screen")
+    sweep.screen(cfg.trial_configs() if cfg.search == "grid" else None, resume, f"{cfg.name}-screen")
     sweep.folds(resume)
     return sweep.finish()
 

@@ -44,9 +44,26 @@ def trial_key(trial_id: str, cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return str(cfg.get("_trial") or trial_id), clean
 
 
+def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's TrainConfig dict (with the driver's private keys), from either shape of param space: a
+    grid point (``cfg``: the whole dict), or a searcher's draw (``sample``: encoder, decoder, lr, accumulation,
+    built into a trial by the sweep config in ``sweep``, as the grid builds its points)."""
+    if "cfg" in config:
+        return dict(config["cfg"])
+    if "sample" not in config:
+        return {}
+    from geopose_ray.sweep.config import SweepConfig
+
+    s = config["sample"]
+    built = SweepConfig.from_dict(config["sweep"]).trial_config(
+        str(s["encoder"]), str(s["decoder"]), float(s["lr"]), int(s["accumulation"])
+    )
+    return {**built, **config.get("private", {})}
+
+
 def _pid(trial: Trial) -> str:
     """The promoter's name for a Tune trial."""
-    return trial_key(trial.trial_id, trial.config.get("cfg") or {})[0]
+    return trial_key(trial.trial_id, resolve_config(trial.config or {}))[0]
 
 
 class PromoterScheduler(FIFOScheduler):
@@ -152,8 +169,8 @@ class PromoterScheduler(FIFOScheduler):
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: train one TrainConfig, reporting every epoch with a checkpoint and
     resuming from Tune's checkpoint when the trial is resumed or restarted."""
-    torch.set_num_threads(max(1, int(config["cfg"].get("_threads", 1))))
-    raw = config["cfg"]
+    raw = resolve_config(config)
+    torch.set_num_threads(max(1, int(raw.get("_threads", 1))))
     gpus = float(raw.get("_gpus", 0.0))  # GPUs the trial holds: what a bill (and the budget) counts
     _, config = trial_key("", raw)
     cfg = TrainConfig.from_dict(config)
@@ -230,7 +247,7 @@ class MlflowCallback(Callback):
         self._last: dict[str, dict[str, Any]] = {}  # trial key -> its last result
 
     def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
-        return trial_key(trial.trial_id, trial.config.get("cfg") or {})
+        return trial_key(trial.trial_id, resolve_config(trial.config or {}))
 
     def _status(self, trial: Trial) -> dict[str, Any]:
         p = self.promoter
