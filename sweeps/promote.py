@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="the new GPU-hour budget (above what is spent)")
     ap.add_argument("--add-rung", type=int, default=None, help="a new top rung, in epochs")
     ap.add_argument("--cache", default=None, help="override the config's cache, as for screen.py")
+    ap.add_argument("--tracking-uri", default=None, help="override the config's MLflow tracking URI")
     ap.add_argument("--storage", default=None, help="override the config's storage_path, as for screen.py")
     args = ap.parse_args(argv)
     try:
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, cache=args.cache)
         if args.storage:
             cfg = dataclasses.replace(cfg, storage_path=args.storage)
+        if args.tracking_uri:
+            cfg = dataclasses.replace(cfg, tracking_uri=args.tracking_uri)
         from geopose_ray.sweep.driver import reopen_sweep
         from geopose_ray.tracking import format_results
 

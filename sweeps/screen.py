@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke-test", action="store_true", help="a tiny version of the sweep")
     ap.add_argument("--validate-only", action="store_true", help="check the config and exit")
     ap.add_argument("--cache", default=None, help="override the config's cache (an absolute path on a cluster)")
+    ap.add_argument("--tracking-uri", default=None, help="override the config's MLflow tracking URI")
     ap.add_argument("--storage", default=None, help="override the config's storage_path")
     ap.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
     args = ap.parse_args(argv)
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, cache=args.cache)
         if args.storage:
             cfg = dataclasses.replace(cfg, storage_path=args.storage)
+        if args.tracking_uri:
+            cfg = dataclasses.replace(cfg, tracking_uri=args.tracking_uri)
         if args.smoke_test:
             cfg = smoke(cfg)
         for note in cfg.validate():

@@ -77,7 +77,11 @@ class SweepConfig:
 
     @property
     def out_dir(self) -> Path:
-        """Where the sweep's own files go (results table, MLflow database on the embedded default)."""
+        """Where the sweep's own files go (results table, promoter state, trial records, the MLflow database on
+        the embedded default): beside Tune's experiments for a local storage path; for cloud storage (s3://,
+        gs://) under ``runs/`` in the driver's working directory, since these files are written locally."""
+        if "://" in self.storage_path:
+            return Path("runs") / self.name
         return Path(self.storage_path) / self.name
 
     @property

@@ -154,7 +154,11 @@ class _Sweep:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        self.tracker = Tracker(cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name, str(cfg.out_dir / "mlartifacts"))
+        # A tracking server keeps artifacts where it was told to (its --artifacts-destination); a local SQLite
+        # store keeps them beside the sweep.
+        local = not cfg.mlflow_uri.startswith(("http://", "https://"))
+        artifacts = str(cfg.out_dir / "mlartifacts") if local else None
+        self.tracker = Tracker(cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name, artifacts)
         try:
             self.tracker.parent(dataclasses.asdict(cfg))
         except Exception as e:
