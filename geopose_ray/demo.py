@@ -89,6 +89,8 @@ def run_demo(
 
     for own in (data, cache_dir, floor_sub, sub, sweeps):  # the demo's own outputs: a rerun starts afresh
         shutil.rmtree(own, ignore_errors=True)
+    for old in root.glob("oof-*.pkl"):
+        old.unlink()
     step(1, f"synthesize {tiles} training tiles of {size}px (seed {seed}) -> {data}")
     synthesize(data, tiles, size, seed=seed, workers=workers)
     step(2, "validate train/ and test/")
@@ -115,7 +117,7 @@ def run_demo(
     if sweep:
         import ray
 
-        from geopose_ray.engine.predict import predict_dir
+        from geopose_ray.ensemble.job import run_ensemble
         from geopose_ray.sweep.driver import run_sweep
         from geopose_ray.tracking import format_results
 
@@ -126,22 +128,23 @@ def run_demo(
             ray.init(include_dashboard=False, log_to_driver=False)
         try:
             swept = run_sweep(cfg)
+            log(format_results(swept.rows))
+            step(7, f"ensemble the {len(swept.finalists)} finalists (all folds), predict the test split -> {sub}")
+            ens = run_ensemble(cfg, data / "test", out_dir=root, truth_dir=data / "test_truth")
         finally:
             if started:
                 ray.shutdown()
-        log(format_results(swept.rows))
-        screen = [r for r in swept.rows if r["stage"] == "screen" and r["status"] == "finalist"]
-        best = max(screen, key=lambda r: r["best_score"] or -1e9)
-        checkpoint = swept.checkpoints[best["trial"]] / "best.pt"
-        step(7, f"predict the test split with the best finalist ({best['trial']}) -> {sub}")
-        predict_dir(checkpoint, data / "test", sub)
-        report = score_dirs(data / "test_truth", sub, workers=workers)
+        for label, value in ens.fit.progression:
+            log(f"       out of fold {value:8.4f}  {label}")
+        report = ens.report if ens.report is not None else floor
         log(format_report(report))
         log(
-            f"floor (training means): score {floor.score:.4f}, mean AGL R² {_mean_agl_r2(floor):.3f}; best model "
-            f"after {best['epoch']} epochs: score {report.score:.4f}, mean AGL R² {_mean_agl_r2(report):.3f} "
-            "(heights come first; the direction needs more tiles and epochs, see BENCHMARKS.md)"
+            f"floor (training means): score {floor.score:.4f}, mean AGL R² {_mean_agl_r2(floor):.3f}; ensemble of "
+            f"{len(ens.fit.active_members)} member(s) after {cfg.rungs[-1]} epochs: score {report.score:.4f}, "
+            f"mean AGL R² {_mean_agl_r2(report):.3f} (heights come first; the direction needs more tiles and "
+            "epochs, see BENCHMARKS.md)"
         )
+        log(f"submission archive: {ens.archive}; ensemble fit: {root / 'fit.json'}")
         log(f"results table: {swept.table_path}; MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow_uri}")
     (root / "score.json").write_text(json.dumps(report.as_dict(), indent=2))
     log(f"done in {time.perf_counter() - t0:.1f}s; submission: {sub if sweep else floor_sub}; "

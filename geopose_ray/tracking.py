@@ -204,6 +204,11 @@ class Tracker:
 
     def trial(self, key: str, cfg: Mapping[str, Any], stage: str) -> str | None:
         """The child run of a trial (``key`` is its id, or ``<id>/fold<k>``), created once, reattached after."""
+        return self.child(key, trial_params(cfg), stage, "trial")
+
+    def child(self, key: str, params: Mapping[str, str], stage: str, kind: str) -> str | None:
+        """A child run of the sweep's parent (a trial, or the ensemble), created once and found again by its tags
+        after a restart; None while the server is down."""
         if key in self._runs:
             return self._runs[key]
         try:
@@ -216,12 +221,12 @@ class Tracker:
                     self._experiment(),
                     run_name=key,
                     tags={"sweep": self.sweep, "trial": key, "stage": stage, "status": "running",
-                          "mlflow.parentRunId": parent, "kind": "trial"},
+                          "mlflow.parentRunId": parent, "kind": kind},
                 )  # fmt: skip
                 found = run.info.run_id
-                self._client.log_batch(found, params=[Param(k, v) for k, v in trial_params(cfg).items()])
+                self._client.log_batch(found, params=[Param(k, str(v)[:500]) for k, v in params.items()])
         except Exception as e:
-            log.warning("MLflow at %s unavailable (%s); trial %s will be logged when it is back", self.uri, e, key)
+            log.warning("MLflow at %s unavailable (%s); %s will be logged when it is back", self.uri, e, key)
             return None
         self._runs[key] = found
         return found

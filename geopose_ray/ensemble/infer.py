@@ -1,0 +1,148 @@
+"""The ensemble's inference, without Ray: out-of-fold predictions on the training cache (the fitting data), and
+test predictions where each tile is decoded once and run through every fold model of every member held in the
+same worker. The Ray job (:mod:`.job`) spreads these functions over the cluster."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from geopose_ray.data.cache import TrainingCache, downsample_rgb
+from geopose_ray.data.layout import CITIES, METADATA_FILE, city_of, lookup_metadata, read_metadata, scan_dir
+from geopose_ray.data.rasters import read_rgb
+from geopose_ray.data.submission import write_prediction
+from geopose_ray.engine.config import TrainConfig
+from geopose_ray.engine.predict import load_model, predict_batch
+from geopose_ray.engine.trainer import resolve_device
+from geopose_ray.ensemble.combine import Prediction, combine
+from geopose_ray.ensemble.members import Member
+from geopose_ray.errors import DataError
+
+Finish = Callable[[list[Prediction], str, float], Prediction]  # member predictions, city, gsd -> the ensemble's
+
+
+def _batches(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def oof_predictions(
+    member: Member, cache_path: str, tta: str = "none", device: str = "auto", batch_size: int = 8
+) -> dict[str, Prediction]:
+    """Each training tile predicted by the fold model that did not train on it (its validation fold).
+
+    Tiles of folds that no fold model of ``member`` validated on are absent.
+    """
+    cache = TrainingCache(cache_path)
+    dev = resolve_device(device)
+    out: dict[str, Prediction] = {}
+    for fold in member.folds:
+        model, _, _ = load_model(fold.checkpoint, dev)
+        stems = [r.stem for r in cache.rows if r.fold == fold.val_fold]
+        for chunk in _batches(stems, batch_size):
+            samples = [cache.load(s) for s in chunk]
+            image = torch.from_numpy(np.stack([np.asarray(s.image).transpose(2, 0, 1) for s in samples])).to(dev)
+            gsd = torch.tensor([s.gsd for s in samples], device=dev)
+            city = torch.tensor([s.city for s in samples], device=dev)
+            agl, scale, angle = predict_batch(model, image, gsd, city, tta)
+            for j, s in enumerate(samples):
+                out[s.stem] = Prediction(agl[j].astype(np.float32), float(scale[j]), float(angle[j]))
+        del model
+    return out
+
+
+@dataclass
+class ShardResult:
+    """What one worker predicted."""
+
+    stems: list[str]
+    seconds: float  # wall time of the shard, models loaded included
+    load_seconds: float  # loading every fold model once
+
+
+def test_inputs(test_dir: Path, stems: Sequence[str]) -> dict[str, tuple[Path, float, int]]:
+    """Per test stem: its RGB file, gsd (NaN without metadata) and city index; a clear error when one is missing."""
+    files = scan_dir(test_dir)
+    meta = read_metadata(test_dir / METADATA_FILE) if (test_dir / METADATA_FILE).exists() else {}
+    out = {}
+    for stem in stems:
+        if stem not in files or not files[stem].rgb:
+            raise DataError(f"{test_dir}: no RGB image for test tile {stem}")
+        row = lookup_metadata(meta, stem)
+        out[stem] = (files[stem].rgb[0], row.gsd if row is not None else math.nan, CITIES.index(city_of(stem)))
+    return out
+
+
+def predict_shard(
+    members: Sequence[Member],
+    test_dir: str,
+    stems: Sequence[str],
+    out_dir: str,
+    downsample: int,
+    finish: Finish,
+    tta: str = "none",
+    device: str = "auto",
+    threads: int | None = None,
+) -> ShardResult:
+    """Predict ``stems`` of ``test_dir`` into the submission at ``out_dir``.
+
+    Every fold model of every member is loaded once; each tile is read and decoded once and run through all of
+    them. A member's prediction is the mean of its fold models (circular for the angle); ``finish`` combines
+    the members' predictions with the fitted weights, factors and scale model.
+    """
+    start = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    models: list[list[tuple[torch.nn.Module, TrainConfig]]] = []
+    for m in members:
+        models.append([load_model(f.checkpoint, dev)[:2] for f in m.folds])
+    loaded = time.perf_counter() - start
+    inputs = test_inputs(Path(test_dir), stems)
+    for stem in stems:
+        path, gsd, city = inputs[stem]
+        rgb = read_rgb(path)
+        if rgb.shape[0] % downsample or rgb.shape[1] % downsample:
+            raise DataError(f"{path}: size {rgb.shape[1]}x{rgb.shape[0]} is not divisible by {downsample}")
+        image = torch.from_numpy(downsample_rgb(rgb, downsample).transpose(2, 0, 1).copy())[None].to(dev)
+        g = torch.tensor([gsd], device=dev)
+        c = torch.tensor([city], device=dev)
+        per_member = []
+        for member_models in models:
+            folds = []
+            for model, cfg in member_models:
+                if cfg.model.metadata and not math.isfinite(gsd):
+                    raise DataError(f"{test_dir}: no gsd for {stem} in {METADATA_FILE}; a member needs it")
+                agl, scale, angle = predict_batch(model, image, g, c, tta)
+                folds.append(Prediction(agl[0].astype(np.float32), float(scale[0]), float(angle[0])))
+            per_member.append(combine(folds))
+        final = finish(per_member, CITIES[city], gsd)
+        write_prediction(Path(out_dir), stem, final.agl, final.scale, final.angle, full_shape=rgb.shape[:2])
+    return ShardResult(list(stems), time.perf_counter() - start, loaded)
+
+
+def save_oof(path: Path, preds: dict[str, Prediction]) -> None:
+    """Out-of-fold predictions as one compressed npz (AGL float32 per stem, scale and angle arrays)."""
+    stems = sorted(preds)
+    arrays: dict[str, NDArray[np.generic]] = {f"agl/{s}": preds[s].agl for s in stems}
+    arrays["stems"] = np.array(stems)
+    arrays["scale"] = np.array([preds[s].scale for s in stems])
+    arrays["angle"] = np.array([preds[s].angle for s in stems])
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
+    tmp.replace(path)
+
+
+def load_oof(path: Path) -> dict[str, Prediction]:
+    with np.load(path) as z:
+        stems = [str(s) for s in z["stems"]]
+        return {
+            s: Prediction(z[f"agl/{s}"].astype(np.float32), float(z["scale"][i]), float(z["angle"][i]))
+            for i, s in enumerate(stems)
+        }

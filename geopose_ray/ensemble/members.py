@@ -1,0 +1,96 @@
+"""An ensemble's members: a sweep's finalists (or a named list), each with one checkpoint per fold, found in the
+sweep's ``trials.json`` and checked before any inference starts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from geopose_ray.engine.checkpoint import load_checkpoint
+from geopose_ray.engine.trainer import BEST, LAST
+from geopose_ray.errors import DataError
+
+
+@dataclass(frozen=True)
+class FoldModel:
+    """One trained model of a member: validated on ``val_fold``, which it never trained on."""
+
+    key: str  # "<trial>" (the screening run) or "<trial>/fold<k>"
+    checkpoint: Path  # best.pt (the best validation epoch), else last.pt
+    val_fold: int
+
+
+@dataclass(frozen=True)
+class Member:
+    """One configuration of the ensemble with its fold models."""
+
+    name: str  # the screening trial id
+    label: str  # encoder / decoder, lr, accumulation: for tables and plots
+    folds: tuple[FoldModel, ...]
+
+
+def _checkpoint(record: dict[str, Any], key: str) -> Path:
+    if record.get("error"):
+        raise DataError(f"fold model {key} failed in the sweep ({record['error']}); rerun the sweep or leave it out")
+    directory = record.get("checkpoint")
+    if not directory:
+        raise DataError(f"fold model {key} has no checkpoint in trials.json; rerun the sweep with --resume")
+    for name in (BEST, LAST):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    raise DataError(f"{directory}: no {BEST} or {LAST} for fold model {key}; was the sweep's storage moved?")
+
+
+def find_members(sweep_dir: str | Path, names: list[str] | None = None) -> list[Member]:
+    """The members of an ensemble from a sweep's ``trials.json``: every finalist by default, or ``names``.
+
+    Raises:
+        DataError: no finished sweep, no finalists, an unknown name, or a fold model without a checkpoint.
+    """
+    path = Path(sweep_dir) / "trials.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no finished sweep here (trials.json missing); run sweeps/screen.py first")
+    saved = json.loads(path.read_text())
+    trials: dict[str, dict[str, Any]] = saved["trials"]
+    chosen = list(names) if names else list(saved.get("finalists", []))
+    if not chosen:
+        raise DataError(
+            f"sweep {saved.get('sweep')!r} has no finalists to ensemble; give members by name (--members), or "
+            "raise its budget or rungs with sweeps/promote.py"
+        )
+    screened = sorted(k for k, r in trials.items() if r["stage"] == "screen")
+    members = []
+    for name in chosen:
+        if name not in trials or trials[name]["stage"] != "screen":
+            raise DataError(f"no screening trial {name!r} in {path}; the trials are {screened}")
+        record = trials[name]
+        cfg = record["cfg"]
+        folds = [FoldModel(name, _checkpoint(record, name), int(cfg["val_fold"]))]
+        for key, r in sorted(trials.items()):
+            if r["stage"] == "fold" and key.startswith(f"{name}/fold"):
+                folds.append(FoldModel(key, _checkpoint(r, key), int(r["cfg"]["val_fold"])))
+        model = cfg["model"]
+        label = f"{model['decoder']}/{model['encoder']} lr {cfg['lr']:.2g} acc {cfg['accumulation']}"
+        members.append(Member(name, label, tuple(sorted(folds, key=lambda f: f.val_fold))))
+    return members
+
+
+def check_members(members: list[Member], downsample: int) -> dict[str, Any]:
+    """Read every checkpoint once: each must load, and all must share the cache's resolution (downsample
+    factor). Returns each fold model's TrainConfig dict by key."""
+    configs = {}
+    for m in members:
+        for f in m.folds:
+            try:
+                state = load_checkpoint(f.checkpoint)
+            except Exception as e:
+                raise DataError(f"{f.checkpoint}: cannot read fold model {f.key} ({e}); rerun its trial") from e
+            if int(state["downsample"]) != downsample:
+                raise DataError(
+                    f"{f.checkpoint}: fold model {f.key} was trained at 1/{state['downsample']} resolution, the "
+                    f"others and the cache at 1/{downsample}; members must share one input resolution"
+                )
+            configs[f.key] = state["config"]
+    return configs
