@@ -1,0 +1,163 @@
+"""The ensemble job's shell: members found in a sweep's trials.json, every bad input refused before inference,
+and the whole job (OOF statistics, fit, test inference over Ray, submission, archive, score, MLflow) on a real
+sweep's finalists."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from geopose_ray.engine import TrainConfig, Trainer
+from geopose_ray.engine.checkpoint import load_checkpoint, save_checkpoint
+from geopose_ray.ensemble.members import find_members
+from geopose_ray.errors import DataError
+from geopose_ray.sweep.config import SweepConfig
+
+
+@pytest.fixture(scope="module")
+def checkpoint(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real checkpoint directory (last.pt, best.pt) of a tiny model trained one epoch on the cache."""
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = TrainConfig.from_dict(
+        {"cache": str(cache), "model": {"encoder": "tu-test_resnet"}, "epochs": 1, "batch_size": 4, "val_fold": 0}
+    )
+    torch.manual_seed(0)
+    Trainer(cfg, out).fit()
+    return out
+
+
+def _sweep(cache: Path, tmp_path: Path, checkpoint: Path, folds: list[int], finalists: list[str]) -> SweepConfig:
+    """A finished sweep's files, written as the driver writes them, with every fold model at ``checkpoint``."""
+    cfg = SweepConfig.from_dict({"name": "s", "cache": str(cache), "storage_path": str(tmp_path / "runs")})
+    model = {"encoder": "tu-test_resnet", "decoder": "Unet"}
+    base = {"model": model, "lr": 1e-3, "accumulation": 1, "batch_size": 4}
+    trials: dict[str, Any] = {}
+    for t in ("a", "b"):
+        trials[t] = {"key": t, "stage": "screen", "cfg": {**base, "val_fold": folds[0]}, "metrics": {"epoch": 2},
+                     "checkpoint": str(checkpoint), "error": None}  # fmt: skip
+        for k in folds[1:]:
+            key = f"{t}/fold{k}"
+            trials[key] = {"key": key, "stage": "fold", "cfg": {**base, "val_fold": k}, "metrics": {"epoch": 2},
+                           "checkpoint": str(checkpoint), "error": None}  # fmt: skip
+    cfg.out_dir.mkdir(parents=True)
+    (cfg.out_dir / "trials.json").write_text(json.dumps({"sweep": "s", "finalists": finalists, "trials": trials}))
+    return cfg
+
+
+def _run(cfg: SweepConfig, test: Path, **kw: Any) -> None:
+    from geopose_ray.ensemble.job import run_ensemble
+
+    run_ensemble(cfg, test, out_dir=cfg.out_dir / "ens", **kw)
+
+
+def test_members_are_the_finalists_with_one_model_per_fold(cache: Path, tmp_path: Path, checkpoint: Path) -> None:
+    cfg = _sweep(cache, tmp_path, checkpoint, [0, 1, 2, 3], ["b"])
+    (member,) = find_members(cfg.out_dir)
+    assert member.name == "b" and [f.val_fold for f in member.folds] == [0, 1, 2, 3]
+    assert [f.key for f in member.folds] == ["b", "b/fold1", "b/fold2", "b/fold3"]
+    assert all(f.checkpoint == checkpoint / "best.pt" for f in member.folds)
+    assert [m.name for m in find_members(cfg.out_dir, ["a", "b"])] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no sweep", r"no finished sweep here \(trials.json missing\); run sweeps/screen.py first"),
+        ("no finalists", r"has no finalists to ensemble; give members by name"),
+        ("unknown member", r"no screening trial 'zz' in .*; the trials are \['a', 'b'\]"),
+        ("missing checkpoint", r"no best.pt or last.pt for fold model a/fold2"),
+        ("missing fold", r"member a has fold models validated on folds \[0, 1, 2\], the cache has folds \[0, 1, 2, 3"),
+        ("other resolution", r"trained at 1/4 resolution, the others and the cache at 1/2"),
+        ("corrupt checkpoint", r"cannot read fold model a"),
+        ("empty test dir", r"no test tiles"),
+    ],
+)
+def test_bad_input_fails_before_any_inference(
+    cache: Path, dataset: Path, tmp_path: Path, checkpoint: Path, case: str, message: str
+) -> None:
+    folds = [0, 1, 2] if case == "missing fold" else [0, 1, 2, 3]
+    cfg = _sweep(cache, tmp_path, checkpoint, folds, [] if case == "no finalists" else ["a"])
+    test = dataset / "test"
+    kw: dict[str, Any] = {}
+    trials_path = cfg.out_dir / "trials.json"
+    saved = json.loads(trials_path.read_text())
+    if case == "no sweep":
+        trials_path.unlink()
+    elif case == "unknown member":
+        kw["names"] = ["zz"]
+    elif case == "missing checkpoint":
+        saved["trials"]["a/fold2"]["checkpoint"] = str(tmp_path / "gone")
+    elif case in ("other resolution", "corrupt checkpoint"):
+        other = tmp_path / "other"
+        shutil.copytree(checkpoint, other)
+        if case == "other resolution":
+            state = load_checkpoint(other / "best.pt")
+            save_checkpoint(other / "best.pt", {**state, "downsample": 4})
+        else:
+            (other / "best.pt").write_bytes(b"not a checkpoint")
+        saved["trials"]["a"]["checkpoint"] = str(other)
+    elif case == "empty test dir":
+        test = tmp_path / "empty"
+        test.mkdir()
+    if case != "no sweep":
+        trials_path.write_text(json.dumps(saved))
+    with pytest.raises(DataError, match=message):
+        _run(cfg, test, **kw)
+    assert not (cfg.out_dir / "ens" / "submission").exists()  # nothing was predicted
+
+
+@pytest.mark.slow
+def test_the_ensemble_job_on_a_real_sweep(
+    cache: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sweeps/screen.py, then sweeps/ensemble.py on its finalists: a complete submission and archive, a fit whose
+    weights are non-negative and sum to 1, a test score, the OOF statistics kept and reused, an MLflow run."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    sweep = {
+        "name": "e", "cache": str(cache), "storage_path": str(tmp_path / "runs"), "rungs": [1, 2], "eta": 2,
+        "grid": {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 3e-3], "accumulation": [1]},
+        "train": {"batch_size": 4},
+    }  # fmt: skip
+    y = tmp_path / "e.yaml"
+    y.write_text(yaml.safe_dump(sweep))
+    done = subprocess.run(
+        [sys.executable, str(root / "sweeps" / "screen.py"), "--config", str(y)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    cmd = [sys.executable, str(root / "sweeps" / "ensemble.py"), "--config", str(y), "--test", str(dataset / "test"),
+           "--truth", str(dataset / "test_truth"), "--tta", "flip"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "runs" / "e" / "ensemble"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tiles"] == 4 and "test score:" in done.stdout
+    assert abs(sum(summary["weights"].values()) - 1) < 1e-9 and min(summary["weights"].values()) >= 0
+    assert summary["progression"][0][0].startswith("best single model")
+    stems = sorted(p.name for p in (out / "submission").iterdir())
+    with tarfile.open(out / "submission.tar.gz") as tar:
+        assert sorted(tar.getnames()) == stems and len(stems) == 8  # AGL and VFLOW per test tile
+    assert len(list(out.glob("oof-*.pkl"))) == 1
+    from geopose_ray.tracking import Tracker
+
+    cfg = SweepConfig.from_yaml(y)
+    tracker = Tracker(cfg.mlflow_uri, "e", "e")
+    runs = tracker._client.search_runs([tracker._experiment()], filter_string="tags.kind = 'ensemble'")
+    assert len(runs) == 1 and runs[0].data.metrics["test_score"] == pytest.approx(summary["test_score"])
+    assert {"progression.csv", "progression.png", "fit.json"} <= {
+        a.path for a in tracker._client.list_artifacts(runs[0].info.run_id)
+    }
+    # A second run reuses the OOF statistics and reattaches the same MLflow run.
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0 and len(list(out.glob("oof-*.pkl"))) == 1
+    assert len(tracker._client.search_runs([tracker._experiment()], filter_string="tags.kind = 'ensemble'")) == 1
