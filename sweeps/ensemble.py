@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default <storage>/<name>/ensemble)")
     ap.add_argument("--members", default=None, help="comma-separated screening trial ids (default every finalist)")
     ap.add_argument("--tta", default="none", choices=["none", "flip", "d4"], help="test-time augmentation")
+    ap.add_argument("--amp", default="auto", choices=["auto", "off"], help="bf16/fp16 inference where supported")
     ap.add_argument("--workers", type=int, default=None, help="inference tasks (default: the cluster's CPUs/GPUs)")
     ap.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per inference task (fractions share)")
     ap.add_argument("--cache", default=None, help="override the config's cache")

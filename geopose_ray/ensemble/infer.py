@@ -18,7 +18,6 @@ from geopose_ray.data.cache import TrainingCache, downsample_rgb
 from geopose_ray.data.layout import CITIES, METADATA_FILE, city_of, lookup_metadata, read_metadata, scan_dir
 from geopose_ray.data.rasters import read_rgb
 from geopose_ray.data.submission import write_prediction
-from geopose_ray.engine.config import TrainConfig
 from geopose_ray.engine.predict import load_model, predict_batch
 from geopose_ray.engine.trainer import resolve_device
 from geopose_ray.ensemble.combine import Prediction, combine
@@ -28,12 +27,43 @@ from geopose_ray.errors import DataError
 Finish = Callable[[list[Prediction], str, float], Prediction]  # member predictions, city, gsd -> the ensemble's
 
 
+def inference_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for inference: bf16 (fp16 on GPUs without it) where the device runs it natively, or
+    None for fp32. ``amp``: auto (use it where supported), off. Outputs are cast back to fp32 before combining."""
+    if amp not in ("auto", "off"):
+        raise DataError(f"The value of `amp` is {amp!r}, but must be 'auto' or 'off'")
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class Runner:
+    """A loaded model run the fast way for inference: channels-last memory and autocast where supported."""
+
+    def __init__(self, checkpoint: Path, device: torch.device, amp: str = "auto") -> None:
+        model, self.cfg, _ = load_model(checkpoint, device)
+        self.model = model.to(memory_format=torch.channels_last)
+        self.device = device
+        self.dtype = inference_dtype(device, amp)
+
+    def __call__(
+        self, image: torch.Tensor, gsd: torch.Tensor, city: torch.Tensor, tta: str = "none"
+    ) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64]]:
+        image = image.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return predict_batch(self.model, image, gsd, city, tta)
+
+
 def _batches(items: Sequence[str], size: int) -> list[Sequence[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def oof_predictions(
-    member: Member, cache_path: str, tta: str = "none", device: str = "auto", batch_size: int = 8
+    member: Member, cache_path: str, tta: str = "none", device: str = "auto", batch_size: int = 8, amp: str = "auto"
 ) -> dict[str, Prediction]:
     """Each training tile predicted by the fold model that did not train on it (its validation fold).
 
@@ -43,14 +73,14 @@ def oof_predictions(
     dev = resolve_device(device)
     out: dict[str, Prediction] = {}
     for fold in member.folds:
-        model, _, _ = load_model(fold.checkpoint, dev)
+        model = Runner(fold.checkpoint, dev, amp)
         stems = [r.stem for r in cache.rows if r.fold == fold.val_fold]
         for chunk in _batches(stems, batch_size):
             samples = [cache.load(s) for s in chunk]
             image = torch.from_numpy(np.stack([np.asarray(s.image).transpose(2, 0, 1) for s in samples])).to(dev)
             gsd = torch.tensor([s.gsd for s in samples], device=dev)
             city = torch.tensor([s.city for s in samples], device=dev)
-            agl, scale, angle = predict_batch(model, image, gsd, city, tta)
+            agl, scale, angle = model(image, gsd, city, tta)
             for j, s in enumerate(samples):
                 out[s.stem] = Prediction(agl[j].astype(np.float32), float(scale[j]), float(angle[j]))
         del model
@@ -89,6 +119,7 @@ def predict_shard(
     tta: str = "none",
     device: str = "auto",
     threads: int | None = None,
+    amp: str = "auto",
 ) -> ShardResult:
     """Predict ``stems`` of ``test_dir`` into the submission at ``out_dir``.
 
@@ -100,9 +131,7 @@ def predict_shard(
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    models: list[list[tuple[torch.nn.Module, TrainConfig]]] = []
-    for m in members:
-        models.append([load_model(f.checkpoint, dev)[:2] for f in m.folds])
+    models = [[Runner(f.checkpoint, dev, amp) for f in m.folds] for m in members]
     loaded = time.perf_counter() - start
     inputs = test_inputs(Path(test_dir), stems)
     for stem in stems:
@@ -116,10 +145,10 @@ def predict_shard(
         per_member = []
         for member_models in models:
             folds = []
-            for model, cfg in member_models:
-                if cfg.model.metadata and not math.isfinite(gsd):
+            for model in member_models:
+                if model.cfg.model.metadata and not math.isfinite(gsd):
                     raise DataError(f"{test_dir}: no gsd for {stem} in {METADATA_FILE}; a member needs it")
-                agl, scale, angle = predict_batch(model, image, g, c, tta)
+                agl, scale, angle = model(image, g, c, tta)
                 folds.append(Prediction(agl[0].astype(np.float32), float(scale[0]), float(angle[0])))
             per_member.append(combine(folds))
         final = finish(per_member, CITIES[city], gsd)

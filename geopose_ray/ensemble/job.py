@@ -28,11 +28,11 @@ import torch
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.data.layout import scan_dir
 from geopose_ray.data.submission import check_submission
-from geopose_ray.engine.predict import load_model, predict_batch, tta_transforms
+from geopose_ray.engine.predict import tta_transforms
 from geopose_ray.engine.trainer import resolve_device
 from geopose_ray.ensemble.combine import Prediction
 from geopose_ray.ensemble.fit import EnsembleFit, OofStats, TileOof, apply_fit, fit_ensemble, tile_oof
-from geopose_ray.ensemble.infer import ShardResult, predict_shard
+from geopose_ray.ensemble.infer import Runner, ShardResult, predict_shard
 from geopose_ray.ensemble.members import Member, check_members, find_members
 from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
@@ -57,7 +57,9 @@ class EnsembleResult:
     report: ScoreReport | None
 
 
-def oof_fold(members: list[Member], cache_path: str, fold: int, tta: str, device: str, threads: int) -> list[TileOof]:
+def oof_fold(
+    members: list[Member], cache_path: str, fold: int, tta: str, device: str, threads: int, amp: str = "auto"
+) -> list[TileOof]:
     """The fitting data of one fold: each member's model validated on ``fold`` predicts that fold's tiles (read
     once from the cache), reduced per tile to sufficient statistics."""
     torch.set_num_threads(threads)
@@ -66,7 +68,7 @@ def oof_fold(members: list[Member], cache_path: str, fold: int, tta: str, device
     models = []
     for m in members:
         (f,) = [f for f in m.folds if f.val_fold == fold]
-        models.append((m.name, load_model(f.checkpoint, dev)[0]))
+        models.append((m.name, Runner(f.checkpoint, dev, amp)))
     out = []
     for row in (r for r in cache.rows if r.fold == fold):
         sample = cache.load(row.stem)
@@ -75,7 +77,7 @@ def oof_fold(members: list[Member], cache_path: str, fold: int, tta: str, device
         city = torch.tensor([sample.city], device=dev)
         preds = {}
         for name, model in models:
-            agl, scale, angle = predict_batch(model, image, gsd, city, tta)
+            agl, scale, angle = model(image, gsd, city, tta)
             preds[name] = Prediction(agl[0].astype(np.float32), float(scale[0]), float(angle[0]))
         out.append(tile_oof(sample, fold, preds))
     return out
@@ -92,9 +94,9 @@ class _Finish:
         return apply_fit(self.fit, dict(zip(self.names, preds, strict=True)), city, gsd)
 
 
-def _fingerprint(members: list[Member], cache: TrainingCache, tta: str) -> str:
+def _fingerprint(members: list[Member], cache: TrainingCache, tta: str, amp: str) -> str:
     """Names the OOF statistics: the same members, checkpoints (by path, size and time) and cache reuse them."""
-    h = hashlib.sha256(json.dumps([str(cache.path.resolve()), len(cache), tta]).encode())
+    h = hashlib.sha256(json.dumps([str(cache.path.resolve()), len(cache), tta, amp]).encode())
     for m in members:
         for f in m.folds:
             st = f.checkpoint.stat()
@@ -116,6 +118,7 @@ def run_ensemble(
     workers: int | None = None,
     gpus_per_worker: float = 0.0,
     device: str = "auto",
+    amp: str = "auto",
 ) -> EnsembleResult:
     """Build the ensemble of a finished sweep and write its submission.
 
@@ -128,6 +131,8 @@ def run_ensemble(
         tta: test-time augmentation for every member (none, flip, d4).
         workers: inference tasks (default: the cluster's CPUs, or its GPUs with ``gpus_per_worker``).
         gpus_per_worker: GPUs per inference task; fractions share a GPU between small members.
+        amp: ``auto`` runs the members in bf16 (fp16 on GPUs without it) with channels-last memory where the
+            device supports it, for the OOF and the test predictions alike; ``off`` keeps fp32.
     """
     tta_transforms(tta)
     test_dir = Path(test_dir)
@@ -154,13 +159,13 @@ def run_ensemble(
 
     # Out-of-fold statistics: one task per fold, each member's model of that fold in the same worker.
     resources = {"num_cpus": 1, "num_gpus": gpus_per_worker}
-    oof_path = out / f"oof-{_fingerprint(members, cache, tta)}.pkl"
+    oof_path = out / f"oof-{_fingerprint(members, cache, tta, amp)}.pkl"
     if oof_path.exists():
         tiles: list[TileOof] = pickle.loads(oof_path.read_bytes())
         log.info("reusing out-of-fold statistics %s", oof_path)
     else:
         oof_task: Any = ray.remote(oof_fold).options(**resources)
-        parts = ray.get([oof_task.remote(members, str(cache.path.resolve()), k, tta, device, 1) for k in folds])
+        parts = ray.get([oof_task.remote(members, str(cache.path.resolve()), k, tta, device, 1, amp) for k in folds])
         tiles = [t for part in parts for t in part]
         tmp = oof_path.with_suffix(".tmp")
         tmp.write_bytes(pickle.dumps(tiles))
@@ -182,7 +187,7 @@ def run_ensemble(
     start = time.perf_counter()
     shards: list[ShardResult] = ray.get(
         [
-            task.remote(active, str(test_dir), shard, str(submission), cache.downsample, finish, tta, device, 1)
+            task.remote(active, str(test_dir), shard, str(submission), cache.downsample, finish, tta, device, 1, amp)
             for shard in _shards(stems, workers)
         ]
     )
