@@ -261,6 +261,11 @@ def test_the_whole_demo_with_its_sweep(ray_cluster: None, tmp_path: Path, monkey
     assert (root / "submission").is_dir() and (root / "submission-means").is_dir()
     assert math.isfinite(report.score)
     assert any(line.startswith("floor (training means): score") for line in lines)
+    # It ends with the ensemble of the finalists: its fit, the archive of the submission, the progression.
+    fit = json.loads((root / "fit.json").read_text())
+    assert abs(sum(fit["weights"].values()) - 1) < 1e-9 and fit["progression"][0][0].startswith("best single model")
+    assert (root / "submission.tar.gz").stat().st_size > 0
+    assert any("out of fold" in line for line in lines) and any("submission archive:" in line for line in lines)
 
 
 @pytest.mark.slow

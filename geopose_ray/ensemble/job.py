@@ -135,8 +135,9 @@ def run_ensemble(
             device supports it, for the OOF and the test predictions alike; ``off`` keeps fp32.
     """
     tta_transforms(tta)
-    test_dir = Path(test_dir)
-    out = Path(out_dir) if out_dir is not None else cfg.out_dir / "ensemble"
+    # Ray's workers run in directories of their own: every path they get must be absolute.
+    test_dir = Path(test_dir).resolve()
+    out = (Path(out_dir) if out_dir is not None else cfg.out_dir / "ensemble").resolve()
     members = find_members(cfg.out_dir, names)
     cache = TrainingCache(cfg.cache)
     folds = sorted({r.fold for r in cache.rows})
