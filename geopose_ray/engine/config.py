@@ -43,6 +43,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0  # data-loader worker processes
+    bad_tiles: str = "skip"  # a tile that cannot be read: skip (counted, warned, replaced) | fail (stop at once)
     seed: int = 0
 
     @property
@@ -69,6 +70,10 @@ class TrainConfig:
                 f"The value of `grad_clip` is {self.grad_clip}, but must be `grad_clip > 0` or null",
             ),
             (self.num_workers >= 0, f"The value of `num_workers` is {self.num_workers}, but must be `>= 0`"),
+            (
+                self.bad_tiles in ("skip", "fail"),
+                f"The value of `bad_tiles` is {self.bad_tiles!r}, but must be 'skip' or 'fail'",
+            ),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

@@ -114,8 +114,10 @@ class Trainer:
         if cfg.val_fold is not None and cfg.val_fold not in folds:
             raise ConfigError(f"The value of `val_fold` is {cfg.val_fold}, but the cache's folds are {folds} (or null)")
         train_folds = [f for f in folds if f != cfg.val_fold]
-        self.train_set = GeoposeDataset(self.cache, train_folds, cfg.augment, cfg.seed)
-        self.val_set = GeoposeDataset(self.cache, [cfg.val_fold]) if cfg.val_fold is not None else None
+        self.train_set = GeoposeDataset(self.cache, train_folds, cfg.augment, cfg.seed, cfg.bad_tiles)
+        self.val_set = (
+            GeoposeDataset(self.cache, [cfg.val_fold], bad_tiles=cfg.bad_tiles) if cfg.val_fold is not None else None
+        )
         if len(self.train_set) == 0:
             raise TrainingError(f"no training tiles: every tile of {cfg.cache} is in validation fold {cfg.val_fold}")
         self.steps_per_epoch = math.ceil(len(batch_sizes(len(self.train_set), cfg.batch_size)) / cfg.accumulation)
@@ -218,11 +220,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         sums: dict[str, float] = {}
-        seen = 0
+        seen = bad = 0
         start = time.perf_counter()
         for i, batch in enumerate(self._loader(self.train_set, shuffle=True)):
             group = i // cfg.accumulation
             group_total = sum(sizes[group * cfg.accumulation : (group + 1) * cfg.accumulation])
+            bad += int(batch["skipped"].sum())
             b = self._to_device(batch)
             n = int(b["image"].shape[0])
             with self._autocast():
@@ -249,6 +252,7 @@ class Trainer:
         train_s = time.perf_counter() - start
         metrics = {f"train/{k}": v / seen for k, v in sums.items()}
         metrics["images_per_s"] = seen / train_s
+        metrics["bad_tiles"] = float(bad)  # unreadable training tiles passed over this epoch
         metrics["train_s"] = train_s
         metrics["lr"] = self._lr()
         stats: list[TileStats] = []
@@ -283,7 +287,14 @@ class Trainer:
         self.model.eval()
         sums: dict[str, float] = {}
         stats: list[TileStats] = []
+        bad = 0
         for batch in self._loader(self.val_set, shuffle=False):
+            keep = batch["skipped"] == 0
+            if not bool(keep.all()):  # a replaced sample is a tile scored on its own already: count it once
+                bad += int((~keep).sum())
+                batch = {k: v[keep] for k, v in batch.items()}
+                if not len(batch["image"]):
+                    continue
             b = self._to_device(batch)
             with self._autocast():
                 pred = self.forward(b["image"], b["gsd"], b["city"])
@@ -293,7 +304,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             stats.extend(self._tile_stats(batch, pred))
         report = score_report(stats)
-        metrics = {f"val/{k}": v / len(self.val_set) for k, v in sums.items()}
+        metrics = {f"val/{k}": v / max(1, len(self.val_set) - bad) for k, v in sums.items()}
+        metrics["val_bad_tiles"] = float(bad)
         metrics["score"] = report.score
         for city, c in report.cities.items():
             metrics[f"score/{city}"] = c.score
