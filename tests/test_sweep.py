@@ -220,6 +220,33 @@ def test_optuna_tpe_draws_trials_from_ranges_under_the_promoter(ray_cluster: Non
         assert epochs == list(range(1, len(epochs) + 1))
 
 
+@pytest.mark.slow
+def test_failing_trials_are_errored_with_their_reason_and_out_of_memory_is_retried_at_half_the_batch(
+    ray_cluster: None, cache: Path, tmp_path: Path
+) -> None:
+    """A trial whose loss turns NaN is marked errored with its reason in MLflow and the sweep goes on; a trial out
+    of memory (simulated: any batch above 2) is retried once at half the batch and twice the accumulation, the
+    same effective batch, and recorded as such."""
+    from geopose_ray.sweep.driver import run_sweep
+    from geopose_ray.tracking import Tracker
+
+    grid = {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 1e8], "accumulation": [1]}
+    cfg = _cfg(cache, tmp_path, grid=grid, rungs=[1, 2], eta=2, faults={"oom_above_batch": 2})
+    result = run_sweep(cfg)
+    rows = {r["lr"]: r for r in result.rows if r["stage"] == "screen"}
+    assert rows[1e8]["status"] == "errored" and rows[1e-3]["status"] == "finalist"
+    tracker = Tracker(cfg.mlflow_uri, "t", "t")
+    runs = {r.data.tags["trial"]: r for r in tracker.runs()}
+    bad = runs[rows[1e8]["trial"]].data.tags
+    assert bad["status"] == "errored" and "non-finite loss" in bad["error"]
+    good = runs[rows[1e-3]["trial"]]
+    assert good.data.tags["oom_retry"] == "out of memory: retried at batch 2 x 2"
+    assert good.data.metrics["batch_size"] == 2 and good.data.metrics["accumulation"] == 2
+    assert good.data.params["batch_size"] == "4" and good.data.params["effective_batch"] == "4"
+    folds = [r for r in result.rows if r["stage"] == "fold"]
+    assert len(folds) == 3 and all(r["status"] == "done" and r["epoch"] == 2 for r in folds)
+
+
 def test_screen_script_validates_a_config(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sys.path.insert(0, str(ROOT / "sweeps"))
     try:

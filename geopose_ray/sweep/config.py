@@ -53,6 +53,7 @@ class SweepConfig:
     num_samples: int = 16  # optuna: how many trials to draw
     lr_range: list[float] | None = None  # optuna: [low, high] log-uniform learning rate (else grid.lrs as choices)
     search_seed: int = 0  # optuna: the sampler's seed
+    faults: dict[str, Any] = field(default_factory=dict)  # fault injection for reliability tests; leave empty
 
     @staticmethod
     def from_yaml(path: str | Path) -> SweepConfig:

@@ -97,7 +97,9 @@ def _tuner(
     if resume and tune.Tuner.can_restore(path):
         # Finished trials keep their results; unfinished and errored ones continue from their checkpoints.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    private = {"_threads": max(1, int(cfg.cpus_per_trial)), "_gpus": cfg.gpus_per_trial}
+    private: dict[str, Any] = {"_threads": max(1, int(cfg.cpus_per_trial)), "_gpus": cfg.gpus_per_trial}
+    if cfg.faults:
+        private["_faults"] = dict(cfg.faults)
     search_alg, num_samples = None, 1
     if configs is None:  # a searcher draws the trials
         g = cfg.grid

@@ -5,6 +5,7 @@ The only module (with the driver) that imports Ray. The promotion rules live in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -182,18 +183,46 @@ def train_trial(config: dict[str, Any]) -> None:
     elif raw.get("_resume_from"):  # continued in a reopened sweep: from its last checkpoint there
         shutil.copy(Path(raw["_resume_from"]) / LAST, work / LAST)
 
+    trainers: list[Trainer] = []  # the one running (a second after an out-of-memory retry)
+
     def report(metrics: dict[str, float], last: Path) -> None:
-        seconds = sum(h.get("train_s", 0.0) + h.get("val_s", 0.0) for h in trainer.history)
+        # Every epoch's hours so far, those before a restart included (the checkpoint keeps the history).
+        seconds = sum(h.get("train_s", 0.0) + h.get("val_s", 0.0) for h in trainers[-1].history)
         out = dict(metrics)
         out["gpu_hours"] = seconds / 3600.0 * gpus
         out["device_hours"] = seconds / 3600.0
         tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(last.parent)))
 
-    trainer = Trainer(cfg, work, on_epoch=report)
+    retried: dict[str, float] = {}
+
+    def report_with_retry(metrics: dict[str, float], last: Path) -> None:
+        report({**metrics, **retried}, last)
+
     try:
-        trainer.fit()
+        try:
+            _fit(cfg, work, report_with_retry, raw, trainers)
+        except torch.OutOfMemoryError:
+            if cfg.batch_size < 2:
+                raise
+            # Out of memory: once more with half the micro-batch and twice the accumulation (the same effective
+            # batch for an even batch size), from the last checkpoint if an epoch was completed.
+            smaller = dataclasses.replace(cfg, batch_size=cfg.batch_size // 2, accumulation=cfg.accumulation * 2)
+            log.warning("trial ran out of memory at batch %d; retrying at %d x %d", cfg.batch_size,
+                        smaller.batch_size, smaller.accumulation)  # fmt: skip
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            retried.update(oom_retry=1.0, batch_size=smaller.batch_size, accumulation=smaller.accumulation)
+            _fit(smaller, work, report_with_retry, raw, trainers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _fit(cfg: TrainConfig, work: Path, on_epoch: Any, raw: dict[str, Any], trainers: list[Trainer]) -> None:
+    trainers.append(Trainer(cfg, work, on_epoch=on_epoch))
+    limit = raw.get("_faults", {}).get("oom_above_batch")
+    if limit is not None and cfg.batch_size > int(limit):  # fault injection (tests): as a too-large batch does
+        raise torch.OutOfMemoryError(f"simulated: batch {cfg.batch_size} > {limit} does not fit")
+    trainers[-1].fit()
 
 
 class SweepTable:
@@ -283,7 +312,10 @@ class MlflowCallback(Callback):
         for metrics, step in waiting:
             self.tracker.metrics(run, metrics, step)
         waiting.clear()
-        self.tracker.tags(run, {**status, "stage": self.stage})
+        tags = {**status, "stage": self.stage}
+        if result.get("oom_retry"):
+            tags["oom_retry"] = f"out of memory: retried at batch {result['batch_size']} x {result['accumulation']}"
+        self.tracker.tags(run, tags)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         key, cfg = self._key(trial)
