@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -99,3 +100,76 @@ def test_a_full_disk_during_a_checkpoint_write_leaves_the_previous_one_loadable(
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below ``pid``."""
+    rows = [line.split(None, 2) for line in subprocess.run(
+        ["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
+    ).stdout.splitlines()]  # fmt: skip
+    children: dict[int, list[tuple[int, str]]] = {}
+    for r in rows:
+        if len(r) == 3:
+            children.setdefault(int(r[1]), []).append((int(r[0]), r[2]))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
+
+
+@pytest.mark.slow
+def test_a_trial_killed_mid_training_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
+    cache: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the worker process running a trial after its first epoch: Ray restarts the trial from its last
+    checkpoint (no completed epoch is lost or repeated) and its final weights' metrics equal an uninterrupted
+    run with the same seed (CPU, deterministic)."""
+    import json
+    import signal
+    import time
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    sweep = {
+        "name": "p", "cache": str(cache), "storage_path": str(tmp_path / "runs"), "rungs": [4], "eta": 2,
+        "grid": {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3], "accumulation": [1]},
+        "train": {"batch_size": 4},
+    }  # fmt: skip
+    y = tmp_path / "p.yaml"
+    y.write_text(yaml.safe_dump(sweep))
+    proc = subprocess.Popen(
+        [sys.executable, str(root / "sweeps" / "screen.py"), "--config", str(y)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    screen = tmp_path / "runs" / "p-screen"
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        done = [d for d in screen.glob("*/result.json") if d.read_text().count("\n") >= 1]
+        if done:
+            workers = [(pid, args) for pid, args in _descendants(proc.pid) if "ImplicitFunc" in args]
+            if workers:
+                killed = workers[0][0]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    assert killed is not None, "the trial finished or never started before it could be killed"
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    (trial_dir,) = [d for d in screen.iterdir() if (d / "result.json").exists()]
+    results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    assert [int(r["epoch"]) for r in results] == [1, 2, 3, 4]  # nothing lost, nothing trained twice
+    assert any("error" in p.name for p in trial_dir.iterdir())  # Ray recorded the worker's death
+    # The same config trained straight through, in this process, single-threaded as the trial is.
+    saved = json.loads((tmp_path / "runs" / "p" / "trials.json").read_text())
+    cfg = TrainConfig.from_dict(saved["trials"][trial_dir.name]["cfg"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = Trainer(cfg, tmp_path / "straight").fit()
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("score", "agl_r2", "flow_r2", "train/total"):
+        assert results[-1][key] == pytest.approx(straight[-1][key], abs=1e-6), key
