@@ -15,6 +15,7 @@ import csv
 import io
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -250,7 +251,16 @@ class Tracker:
         self._call(f"tags of {run_id}", lambda: self._client.log_batch(run_id, tags=batch))
 
     def artifact(self, run_id: str, path: str | Path) -> None:
-        self._call(f"artifact {path}", lambda: self._client.log_artifact(run_id, str(path)))
+        """Log a file as an artifact. Its bytes are read now: a queued artifact (the server is down) must not
+        depend on a temporary file that is gone by the time the server is back."""
+        name, data = Path(path).name, Path(path).read_bytes()
+
+        def send() -> None:
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / name).write_bytes(data)
+                self._client.log_artifact(run_id, str(Path(d) / name))
+
+        self._call(f"artifact {name}", send)
 
     def finish(self, run_id: str, failed: bool = False) -> None:
         status = "FAILED" if failed else "FINISHED"

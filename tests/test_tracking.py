@@ -110,3 +110,52 @@ def test_a_dead_server_loses_nothing_and_duplicates_nothing(server: Server) -> N
     client = Tracker(server.uri, "exp", "sweep-b")._client
     assert sorted(m.step for m in client.get_metric_history(run, "score")) == [1, 2, 3, 4]  # every epoch, once
     assert client.get_run(run).data.tags["status"] == "paused"
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_a_tracking_outage_and_every_epoch_reaches_mlflow_once(
+    server: Server, cache: Path, tmp_path: Path
+) -> None:
+    """Stop the `mlflow server` once the sweep has reported its first epoch and start it again seconds later:
+    training never stops, and afterwards every trial has one run holding every epoch once, with its final
+    status."""
+    import csv
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    sweep = {
+        "name": "o", "cache": str(cache), "storage_path": str(tmp_path / "runs"), "rungs": [1, 2, 3], "eta": 2,
+        "grid": {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 3e-3], "accumulation": [1, 2]},
+        "train": {"batch_size": 4}, "tracking_uri": server.uri,
+    }  # fmt: skip
+    y = tmp_path / "o.yaml"
+    y.write_text(yaml.safe_dump(sweep))
+    proc = subprocess.Popen(
+        [sys.executable, str(root / "sweeps" / "screen.py"), "--config", str(y)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    screen = tmp_path / "runs" / "o-screen"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.read_text().count("\n") >= 1 for p in screen.glob("*/result.json")):
+            break
+        time.sleep(0.05)
+    server.stop()  # the tracking server dies mid-sweep
+    epochs_at_stop = sum(p.read_text().count("\n") for p in screen.glob("*/result.json"))
+    time.sleep(8)
+    epochs_in_outage = sum(p.read_text().count("\n") for p in screen.glob("*/result.json")) - epochs_at_stop
+    server.start()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert epochs_in_outage > 0, "training must go on while the server is down"
+    rows = list(csv.DictReader((tmp_path / "runs" / "o" / "results.csv").open()))
+    t = Tracker(server.uri, "o", "o")
+    runs = t.runs()
+    assert sorted(r.data.tags["trial"] for r in runs) == sorted(r["trial"] for r in rows)  # once each
+    by_key = {r.data.tags["trial"]: r for r in runs}
+    for row in rows:
+        run = by_key[row["trial"]]
+        steps = [m.step for m in t._client.get_metric_history(run.info.run_id, "score")]
+        assert sorted(steps) == list(range(1, int(row["epoch"]) + 1)), (row["trial"], steps)  # every epoch, once
+        assert run.data.tags["status"] == row["status"]

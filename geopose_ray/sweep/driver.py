@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,7 @@ class _Sweep:
         except Exception as e:
             log.warning("MLflow at %s unavailable (%s); the sweep runs and logs when it is back", cfg.mlflow_uri, e)
         self.table = SweepTable(cfg.out_dir / "results.csv", list(cfg.rungs), cfg.name)
+        self.callbacks: list[MlflowCallback] = []
         for row in self.rows():
             self.table.rows[row["trial"]] = row
 
@@ -180,6 +182,7 @@ class _Sweep:
         """Run screening trials under the promoter; records and promoter state are updated from the result."""
         scheduler = PromoterScheduler(self.promoter, self.cfg.metric, str(self.state_path.resolve()))
         callback = MlflowCallback(self.tracker, self.promoter, "screen", self.table)
+        self.callbacks.append(callback)
         grid = _tuner(self.cfg, name, configs, scheduler, [callback], resume).fit()
         if self.state_path.exists():  # a restored Tuner has its own copy of the scheduler: the saved state rules
             self.promoter = Promoter.from_dict(json.loads(self.state_path.read_text())["promoter"])
@@ -211,6 +214,7 @@ class _Sweep:
         if not todo:
             return
         callback = MlflowCallback(self.tracker, None, "fold", self.table)
+        self.callbacks.append(callback)
         grid = _tuner(self.cfg, f"{self.cfg.name}-folds{self._suffix()}", todo, None, [callback], resume).fit()
         self.records.update(_records(grid, "fold"))
 
@@ -254,7 +258,13 @@ class _Sweep:
             )  # fmt: skip
         except Exception as e:
             log.warning("MLflow unavailable at the end of the sweep (%s); results.csv is at %s", e, self.table.path)
-        if not self.tracker.flush(timeout_s=30):
+        deadline = time.monotonic() + 30  # what an outage kept back goes now, if the server is back
+        while any(c.pending for c in self.callbacks) and time.monotonic() < deadline:
+            for c in self.callbacks:
+                c.flush()
+            if any(c.pending for c in self.callbacks):
+                time.sleep(1)
+        if not self.tracker.flush(timeout_s=max(1.0, deadline - time.monotonic())):
             n = self.tracker.pending
             log.warning("%d MLflow calls could not be delivered; results.csv is at %s", n, self.table.path)
         checkpoints = {k: Path(r.checkpoint) for k, r in self.records.items() if r.checkpoint}

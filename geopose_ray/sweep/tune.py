@@ -264,7 +264,8 @@ class MlflowCallback(Callback):
     metrics each epoch in one batch, and tags (stage, rung, status) that follow the promoter's decisions;
     keeps the sweep's :class:`SweepTable` current.
 
-    Results that arrive while the server is down are kept per trial and sent when it is back.
+    What cannot be sent while the server is down (a trial's run not yet created, its epochs, its tags, its end)
+    is kept per trial and sent, in order and once, at the next result of any trial or at :meth:`flush`.
     """
 
     def __init__(self, tracker: Tracker, promoter: Promoter | None, stage: str, table: SweepTable) -> None:
@@ -272,7 +273,10 @@ class MlflowCallback(Callback):
         self.promoter = promoter
         self.stage = stage
         self.table = table
-        self._waiting: dict[str, list[tuple[dict[str, float], int]]] = {}
+        self._waiting: dict[str, list[tuple[dict[str, float], int]]] = {}  # epochs not yet sent, per trial
+        self._tags: dict[str, dict[str, Any]] = {}  # tags not yet sent
+        self._end: dict[str, bool] = {}  # trial -> failed, for runs to end once their data is sent
+        self._cfgs: dict[str, dict[str, Any]] = {}
         self._last: dict[str, dict[str, Any]] = {}  # trial key -> its last result
 
     def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
@@ -291,14 +295,41 @@ class MlflowCallback(Callback):
         if self.promoter is not None:
             self.table.finalists = list(self.promoter.finalists)
 
+    def _deliver(self, key: str) -> bool:
+        """Send what is pending for one trial; False while the server is down."""
+        run = self.tracker.trial(key, self._cfgs[key], self.stage)
+        if run is None:
+            return False
+        waiting = self._waiting.get(key, [])
+        for metrics, step in waiting:
+            self.tracker.metrics(run, metrics, step)
+        waiting.clear()
+        if self._tags.get(key):
+            self.tracker.tags(run, self._tags.pop(key))
+        if key in self._end:
+            self._plot(run, key)
+            self.tracker.finish(run, failed=self._end.pop(key))
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """Something is kept back for a server that was down."""
+        return any(self._waiting.values()) or any(self._tags.values()) or bool(self._end)
+
+    def flush(self) -> None:
+        """Send whatever is pending for every trial (stops at the first trial the server does not take)."""
+        for key in list(self._cfgs):
+            if (self._waiting.get(key) or self._tags.get(key) or key in self._end) and not self._deliver(key):
+                return
+
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
     ) -> None:
         key, cfg = self._key(trial)
+        self._cfgs[key] = cfg
         numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        waiting = self._waiting.setdefault(key, [])
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        waiting.append((numbers, epoch))
+        self._waiting.setdefault(key, []).append((numbers, epoch))
         self._last[key] = numbers
         if isinstance(result.get("score"), int | float):
             self.table.curves.setdefault(key, []).append((epoch, float(result["score"])))
@@ -306,29 +337,24 @@ class MlflowCallback(Callback):
         self._row(key, cfg, status)
         if status["status"] in ("paused", "finalist"):
             self.table.write(self.tracker)
-        run = self.tracker.trial(key, cfg, self.stage)
-        if run is None:
-            return  # the server is down: keep the epoch, send it with the next one
-        for metrics, step in waiting:
-            self.tracker.metrics(run, metrics, step)
-        waiting.clear()
         tags = {**status, "stage": self.stage}
         if result.get("oom_retry"):
             tags["oom_retry"] = f"out of memory: retried at batch {result['batch_size']} x {result['accumulation']}"
-        self.tracker.tags(run, tags)
+        self._tags[key] = {**self._tags.get(key, {}), **tags}
+        if self._deliver(key):
+            self.flush()  # the server answers: anything kept from an outage goes now
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         key, cfg = self._key(trial)
+        self._cfgs[key] = cfg
         status = self._status(trial)
         if status["status"] == "running":
             status["status"] = "done" if self.stage == "fold" else "stopped"
         self._row(key, cfg, status)
         self.table.write(self.tracker)
-        run = self.tracker.trial(key, cfg, self.stage)
-        if run is not None:
-            self.tracker.tags(run, status)
-            self._plot(run, key)
-            self.tracker.finish(run)
+        self._tags[key] = {**self._tags.get(key, {}), **status}
+        self._end[key] = False
+        self._deliver(key)
 
     def _plot(self, run: str, key: str) -> None:
         rungs = self.promoter.rungs if self.promoter is not None else ()
@@ -338,13 +364,12 @@ class MlflowCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         key, cfg = self._key(trial)
-        reason = _error_reason(trial)
+        self._cfgs[key] = cfg
         self._row(key, cfg, {"status": "errored"})
         self.table.write(self.tracker)
-        run = self.tracker.trial(key, cfg, self.stage)
-        if run is not None:
-            self.tracker.tags(run, {"status": "errored", "error": reason})
-            self.tracker.finish(run, failed=True)
+        self._tags[key] = {**self._tags.get(key, {}), "status": "errored", "error": _error_reason(trial)}
+        self._end[key] = True
+        self._deliver(key)
 
 
 def log_curves_plot(
