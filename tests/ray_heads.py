@@ -47,6 +47,17 @@ class Head:
         return self.tmp / "ray" / "session_latest" / "logs"
 
 
+def submit(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`ray job submit ...`, retried while the head's job agent is still starting (the job API answers before
+    the agent has registered, and says "please try again later")."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+        if done.returncode == 0 or "No available agent" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
+
+
 def fake_t4_cluster(gcs_address: str, max_workers: int = 2, idle_minutes: float = 0.1) -> dict[str, Any]:
     """A cluster config for Ray's fake multi-node provider: a head with no CPU for trials and a "t4" worker
     type carrying a GPU resource, min 0 workers. Fake nodes are raylets on this machine."""

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray_heads import BIN, ray_head
+from ray_heads import BIN, ray_head, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +25,7 @@ def test_ray_job_submit_runs_the_screen(head: tuple[str, dict[str, str]], cache:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
            "python", "sweeps/screen.py", "--config", "sweeps/configs/demo.yaml", "--smoke-test",
            "--cache", str(cache), "--storage", str(storage)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    done = submit(cmd, env, ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "finalists: [" in done.stdout
     assert (storage / "demo-smoke" / "results.csv").exists()
