@@ -3,6 +3,7 @@ workers (min 0), and the workers go away once idle."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 import subprocess
@@ -57,3 +58,74 @@ def test_pending_gpu_trials_scale_t4_workers_up_and_idle_ones_down(cache: Path, 
     folds = [r for r in rows if r["stage"] == "fold"]
     assert len(screen) == 2 and all(int(r["epoch"]) >= 1 for r in screen)
     assert len(folds) == 3 and all(r["status"] == "done" and int(r["epoch"]) == 2 for r in folds)
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process."""
+    out = {}
+    for line in subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
+    ).stdout.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3:
+            out[int(parts[0])] = (int(parts[1]), parts[2])
+    return out
+
+
+def _below(pid: int, procs: dict[int, tuple[int, str]]) -> list[int]:
+    kids = [p for p, (ppid, _) in procs.items() if ppid == pid]
+    return kids + [q for k in kids for q in _below(k, procs)]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_a_lost_worker_node_costs_its_trial_at_most_an_epoch_and_it_resumes_elsewhere(
+    cache: Path, tmp_path: Path
+) -> None:
+    """Kill a fake t4 node (its raylet and everything under it) while it trains a trial: the trial resumes from
+    its last checkpoint on another node, no completed epoch is trained twice, and the sweep ends normally."""
+    import json
+    import os
+    import signal
+
+    config = {
+        "name": "nodeloss",
+        "cache": str(cache),
+        "grid": {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 3e-3], "accumulation": [1]},
+        "train": {"batch_size": 4},
+        "rungs": [6],
+        "eta": 2,
+        "cpus_per_trial": 1,
+        "gpus_per_trial": 1,
+        "storage_path": str(tmp_path / "sweeps"),
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    screen = tmp_path / "sweeps" / "nodeloss-screen"
+    with ray_head(num_cpus=0, autoscaling=fake_t4_cluster("", max_workers=2, idle_minutes=0.1)) as head:
+        env = {**head.env, "RAY_ADDRESS": head.gcs_address}
+        cmd = [str(BIN / "python"), "sweeps/screen.py", "--config", str(tmp_path / "sweep.yaml")]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        killed: list[int] = []
+        deadline = time.monotonic() + 300
+        while not killed and time.monotonic() < deadline and proc.poll() is None:
+            if any(p.read_text().count("\n") >= 1 for p in screen.glob("*/result.json")):
+                procs = _processes()
+                for pid, (_, args) in procs.items():
+                    # a fake node's raylet (not the head's) with a trial running under it
+                    if "raylet/raylet" in args and "--head" not in args and str(head.tmp) in args:
+                        below = _below(pid, procs)
+                        if any("ImplicitFunc" in procs[b][1] for b in below if b in procs):
+                            killed = [pid, *below]
+                            break
+                for pid in killed:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        assert killed, "no worker node was running a trial to kill"
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    for result in screen.glob("*/result.json"):
+        epochs = [int(json.loads(line)["epoch"]) for line in result.read_text().splitlines()]
+        assert epochs == list(range(1, 7)), (result.parent.name, epochs)  # all 6, none twice
+    errored = [d for d in screen.iterdir() if d.is_dir() and any("error" in p.name for p in d.iterdir())]
+    assert errored, "the killed node's trial must have failed once and been restarted"

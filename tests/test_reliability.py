@@ -105,7 +105,7 @@ def test_a_full_disk_during_a_checkpoint_write_leaves_the_previous_one_loadable(
 def _descendants(pid: int) -> list[tuple[int, str]]:
     """(pid, command line) of every process below ``pid``."""
     rows = [line.split(None, 2) for line in subprocess.run(
-        ["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
+        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
     ).stdout.splitlines()]  # fmt: skip
     children: dict[int, list[tuple[int, str]]] = {}
     for r in rows:
