@@ -125,6 +125,7 @@ class Tracker:
     _runs: dict[str, str] = field(default_factory=dict)  # trial key -> run id
     _queue: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)  # (what, call) not yet sent
     _down_since: float | None = None
+    latencies: list[float] = field(default_factory=list)  # seconds per delivered call (metrics, tags, ...)
 
     def __post_init__(self) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast, we queue and retry ourselves
@@ -144,6 +145,7 @@ class Tracker:
         """Send queued calls in order; stop at the first failure and keep it (and what follows) for later."""
         while self._queue:
             name, fn = self._queue[0]
+            start = time.perf_counter()
             try:
                 fn()
             except Exception as e:  # the server may be down, slow, or restarting: training goes on
@@ -152,6 +154,7 @@ class Tracker:
                     log.warning("MLflow at %s unavailable (%s: %s); queueing %s", self.uri, type(e).__name__, e, name)
                 return False
             self._queue.pop(0)
+            self.latencies.append(time.perf_counter() - start)
             if self._down_since is not None:
                 log.warning("MLflow at %s back after %.0fs", self.uri, time.monotonic() - self._down_since)
                 self._down_since = None

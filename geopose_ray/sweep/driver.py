@@ -256,6 +256,14 @@ class _Sweep:
                 {"finalists": ",".join(self.promoter.finalists), "trials": len(self.records),
                  "gpu_hours": f"{spent:.3f}", "budget_gpu_hours": self.promoter.budget_gpu_hours, "round": self.round},
             )  # fmt: skip
+            lat = sorted(self.tracker.latencies)
+            if lat:  # the cost of tracking, as this driver saw it
+                self.tracker.metrics(
+                    parent,
+                    {"mlflow_calls": len(lat), "mlflow_latency_median_ms": 1000 * lat[len(lat) // 2],
+                     "mlflow_latency_p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))]},
+                    self.round,
+                )  # fmt: skip
         except Exception as e:
             log.warning("MLflow unavailable at the end of the sweep (%s); results.csv is at %s", e, self.table.path)
         deadline = time.monotonic() + 30  # what an outage kept back goes now, if the server is back
