@@ -7,11 +7,13 @@ epoch) against the trial's wall time (``time_total_s``, which includes process s
 validation, checkpointing, reporting and resuming). MLflow's cost is timed separately: one epoch's metrics and
 tags for a trial run on the SQLite store, 200 times, median.
 
-    .venv/bin/python bench/bench_sweep.py
+    .venv/bin/python bench/bench_sweep.py                                        # the demo's own cache
+    .venv/bin/python bench/bench_sweep.py --tiles 48 --size 256 --downsample 1  # longer epochs, same sweep
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import tempfile
@@ -28,10 +30,15 @@ from geopose_ray.tracking import Tracker
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", type=int, default=48)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--downsample", type=int, default=2)
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        synthesize(root / "data", 48, 128, seed=0, workers=2)
-        prepare_cache(root / "data" / "train", root / "cache", 2, workers=2)
+        synthesize(root / "data", args.tiles, args.size, seed=0, workers=2)
+        prepare_cache(root / "data" / "train", root / "cache", args.downsample, workers=2)
         cfg = demo_sweep("bench", root / "cache", root / "sweeps")
         ray.init(include_dashboard=False, log_to_driver=False)
         start = time.time()
@@ -65,6 +72,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "cache": f"{args.tiles} tiles, {args.size // args.downsample} px",
                 "trials": len(result.rows),
                 "epochs_reported": epochs,
                 "sweep_wall_s": round(wall, 1),

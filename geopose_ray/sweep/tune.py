@@ -62,17 +62,22 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**built, **config.get("private", {})}
 
 
+_PIDS: dict[str, str] = {}  # Tune trial id -> promoter name (a drawn config is rebuilt to find it: keep it)
+
+
 def _pid(trial: Trial) -> str:
     """The promoter's name for a Tune trial."""
-    return trial_key(trial.trial_id, resolve_config(trial.config or {}))[0]
+    if trial.trial_id not in _PIDS:
+        _PIDS[trial.trial_id] = trial_key(trial.trial_id, resolve_config(trial.config or {}))[0]
+    return _PIDS[trial.trial_id]
 
 
 class PromoterScheduler(FIFOScheduler):
     """A Ray Tune scheduler that asks a :class:`Promoter`: CONTINUE, PAUSE (checkpointed) or STOP (a finalist).
 
-    New trials run first; then paused trials the promoter names, which Tune resumes from their last
-    checkpoint. When nothing runs or waits, the rungs are closed and whatever can never be promoted is
-    stopped, so the sweep ends.
+    Paused trials the promoter promotes go first, resumed by Tune from their last checkpoints; then new trials.
+    When nothing runs or waits, the rungs are closed and whatever can never be promoted is stopped, so the
+    sweep ends.
     """
 
     def __init__(self, promoter: Promoter, metric: str = "score", state_path: str | None = None) -> None:
