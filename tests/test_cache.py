@@ -125,7 +125,8 @@ def test_torch_dataset_samples(cache: Path) -> None:
     ds = GeoposeDataset(cache)
     assert len(ds) == 16
     s = ds[0]
-    assert set(s) == {"image", "agl", "valid", "angle", "scale", "gsd", "city", "index"}
+    assert set(s) == {"image", "agl", "valid", "angle", "scale", "gsd", "city", "index", "skipped"}
+    assert s["skipped"].item() == 0  # every tile of this cache is readable
     assert s["image"].shape == (3, 32, 32) and s["image"].dtype == torch.uint8
     assert s["agl"].shape == (1, 32, 32) and s["agl"].dtype == torch.float32
     assert s["valid"].dtype == torch.bool
