@@ -82,7 +82,8 @@ class Trainer:
 
     Args:
         cfg: the run's configuration (validated here).
-        out_dir: where checkpoints go (``last.pt`` after every epoch, ``best.pt`` at the best validation score).
+        out_dir: where checkpoints go (``last.pt`` after every epoch, to resume from; ``best.pt``, the weights of
+            the best validation score, to predict with).
         model: a model to train instead of building ``cfg.model`` (tests use tiny ones).
         on_epoch: called after every epoch with the flat metrics and the path of the checkpoint just written.
     """
@@ -175,8 +176,9 @@ class Trainer:
             metrics["best_score"] = self.best_score
             state = self.state()
             save_checkpoint(self.out_dir / LAST, state)
-            if improved:
-                save_checkpoint(self.out_dir / BEST, state)
+            if improved:  # for prediction only: the weights, not the optimizer (a third of the size)
+                keep = ("config", "downsample", "model", "epoch", "step", "best_score")
+                save_checkpoint(self.out_dir / BEST, {k: state[k] for k in keep})
             if self.on_epoch is not None:
                 self.on_epoch(metrics, self.out_dir / LAST)
         return self.history

@@ -139,7 +139,8 @@ def _tuner(
             name=name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=2),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # One checkpoint per trial: Tune removes the previous one only once the new one is registered.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
             verbose=0,
         ),
