@@ -8,17 +8,16 @@ python sweeps/ensemble.py --config sweeps/configs/demo.yaml --test runs/demo/dat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
 from geopose_ray.errors import GeoposeError
-from geopose_ray.sweep.config import SweepConfig
+from geopose_ray.sweep.config import add_config_args, config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="the sweep's YAML, as it was run")
+    add_config_args(ap, "the sweep's YAML, as it was run")
     ap.add_argument("--test", required=True, help="the test tiles (challenge layout)")
     ap.add_argument("--truth", default=None, help="the test truth, if known: the submission is scored")
     ap.add_argument("--out", default=None, help="output directory (default <storage>/<name>/ensemble)")
@@ -27,22 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amp", default="auto", choices=["auto", "off"], help="bf16/fp16 inference where supported")
     ap.add_argument("--workers", type=int, default=None, help="inference tasks (default: the cluster's CPUs/GPUs)")
     ap.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per inference task (fractions share)")
-    ap.add_argument("--cache", default=None, help="override the config's cache")
-    ap.add_argument("--storage", default=None, help="override the config's storage_path")
-    ap.add_argument("--tracking-uri", default=None, help="override the config's MLflow tracking URI")
     args = ap.parse_args(argv)
     try:
-        cfg = SweepConfig.from_yaml(args.config)
-        if args.cache:
-            cfg = dataclasses.replace(cfg, cache=args.cache)
-        if args.storage:
-            cfg = dataclasses.replace(cfg, storage_path=args.storage)
-        if args.tracking_uri:
-            cfg = dataclasses.replace(cfg, tracking_uri=args.tracking_uri)
+        cfg = config_from_args(args)
         from geopose_ray.ensemble.job import result_summary, run_ensemble
 
         names = [n.strip() for n in args.members.split(",") if n.strip()] if args.members else None
-        result = run_ensemble(cfg, args.test, args.out, args.truth, names, args.tta, args.workers, args.gpus_per_worker)
+        result = run_ensemble(
+            cfg, args.test, args.out, args.truth, names, args.tta, args.workers, args.gpus_per_worker, amp=args.amp
+        )
     except GeoposeError as e:
         print(f"ensemble: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 
 from geopose_ray.errors import GeoposeError
-from geopose_ray.sweep.config import GridConfig, SweepConfig
+from geopose_ray.sweep.config import GridConfig, SweepConfig, add_config_args, config_from_args
 
 
 def smoke(cfg: SweepConfig) -> SweepConfig:
@@ -25,22 +25,13 @@ def smoke(cfg: SweepConfig) -> SweepConfig:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="a sweep YAML (sweeps/configs/)")
+    add_config_args(ap)
     ap.add_argument("--smoke-test", action="store_true", help="a tiny version of the sweep")
     ap.add_argument("--validate-only", action="store_true", help="check the config and exit")
-    ap.add_argument("--cache", default=None, help="override the config's cache (an absolute path on a cluster)")
-    ap.add_argument("--tracking-uri", default=None, help="override the config's MLflow tracking URI")
-    ap.add_argument("--storage", default=None, help="override the config's storage_path")
     ap.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
     args = ap.parse_args(argv)
     try:
-        cfg = SweepConfig.from_yaml(args.config)
-        if args.cache:
-            cfg = dataclasses.replace(cfg, cache=args.cache)
-        if args.storage:
-            cfg = dataclasses.replace(cfg, storage_path=args.storage)
-        if args.tracking_uri:
-            cfg = dataclasses.replace(cfg, tracking_uri=args.tracking_uri)
+        cfg = config_from_args(args)
         if args.smoke_test:
             cfg = smoke(cfg)
         for note in cfg.validate():
@@ -49,14 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.validate_only:
             return 0
         from geopose_ray.sweep.driver import run_sweep
-        from geopose_ray.tracking import format_results
 
         result = run_sweep(cfg, resume=args.resume)
     except GeoposeError as e:
         print(f"screen: error: {e}", file=sys.stderr)
         return 2
-    print(format_results(result.rows))
-    print(f"finalists: {result.finalists}\nresults table: {result.table_path}")
+    print(result.report())
     return 0
 
 

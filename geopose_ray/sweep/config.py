@@ -3,6 +3,7 @@ Ray starts, so a typo fails in seconds with the valid choices instead of after t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import math
@@ -180,3 +181,18 @@ class SweepConfig:
                 seen.add(combo)
                 validate_model_config(t.model, size, t.batch_size)
         return sorted(set(notes))
+
+
+def add_config_args(ap: argparse.ArgumentParser, config_help: str = "a sweep YAML (sweeps/configs/)") -> None:
+    """The arguments every entry script takes: the sweep's YAML and the overrides a cluster needs."""
+    ap.add_argument("--config", required=True, help=config_help)
+    ap.add_argument("--cache", default=None, help="override the config's cache (an absolute path on a cluster)")
+    ap.add_argument("--storage", default=None, help="override the config's storage_path")
+    ap.add_argument("--tracking-uri", default=None, help="override the config's MLflow tracking URI")
+
+
+def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    """The sweep config :func:`add_config_args` names, with its overrides applied."""
+    cfg = SweepConfig.from_yaml(args.config)
+    overrides = {"cache": args.cache, "storage_path": args.storage, "tracking_uri": args.tracking_uri}
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v})

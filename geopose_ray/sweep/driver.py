@@ -33,7 +33,7 @@ from geopose_ray.sweep.tune import (
     train_trial,
     trial_key,
 )
-from geopose_ray.tracking import Tracker, result_row
+from geopose_ray.tracking import Tracker, format_results, result_row
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class SweepResult:
     checkpoints: dict[str, Path]  # trial (or "<trial>/fold<k>") -> its last checkpoint directory
     finalists: list[str]  # screening trial ids that reached the top rung
     table_path: Path
+
+    def report(self) -> str:
+        """The results table and where it is, as the entry scripts print it."""
+        return f"{format_results(self.rows)}\nfinalists: {self.finalists}\nresults table: {self.table_path}"
 
 
 def _last_line(error: Exception | None) -> str:
