@@ -51,7 +51,8 @@ def _cfg(cache_dir: Path, tmp_path: Path, **over: Any) -> SweepConfig:
         ({"cache": "/nonexistent"}, "is not a training cache"),
         ({"cpus_per_trial": 0}, "resources per trial"),
         ({"gridd": {}}, r"unknown key\(s\) \['gridd'\]"),
-        ({"search": "tpe"}, r"`search` is 'tpe', but must be 'grid' or 'optuna'"),
+        ({"search": "tpe"}, r"`search` is 'tpe', but must be 'grid', 'guided' or 'optuna'"),
+        ({"search": "guided", "pending_trials": 0}, r"`pending_trials` is 0, but must be an integer >= 1"),
         ({"search": "optuna", "lr_range": [1e-3, 1e-5]}, r"`lr_range` is \[0.001, 1e-05\], but must be \[low, high\]"),
         ({"lr_range": [1e-5, 1e-3]}, r"`lr_range` is for `search: optuna`"),
     ],
@@ -218,6 +219,33 @@ def test_optuna_tpe_draws_trials_from_ranges_under_the_promoter(ray_cluster: Non
     for r in screen:  # paused trials resumed from checkpoints here too
         epochs = _epochs(tmp_path / "runs" / "t-screen" / r["trial"])
         assert epochs == list(range(1, len(epochs) + 1))
+
+
+@pytest.mark.slow
+def test_guided_search_starts_every_grid_point_once_and_learns_from_the_first_rung(
+    ray_cluster: None, cache: Path, tmp_path: Path
+) -> None:
+    """search: guided runs the whole grid, each point once, under the promoter; its searcher (saved with the
+    experiment by Tune) holds each trial's first-rung score, the same the promoter ranked it by."""
+    import pickle
+
+    from geopose_ray.sweep.driver import run_sweep
+    from geopose_ray.sweep.promoter import Promoter
+
+    cfg = _cfg(cache, tmp_path, search="guided", rungs=[1, 2], eta=2, pending_trials=2)
+    result = run_sweep(cfg)
+    screen = [r for r in result.rows if r["stage"] == "screen"]
+    assert sorted((r["lr"], r["accumulation"]) for r in screen) == sorted(
+        (lr, k) for lr in (1e-3, 3e-3, 1e-2) for k in (1, 2)
+    )
+    assert result.finalists and {r["status"] for r in screen} <= {"finalist", "paused", "stopped"}
+    assert len([r for r in result.rows if r["stage"] == "fold"]) == 3 * len(result.finalists)
+    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # set for the screening Tuner only
+    [saved] = (tmp_path / "runs" / "t-screen").glob("searcher-state-*.pkl")
+    searcher = pickle.loads(saved.read_bytes())
+    promoter = Promoter.from_dict(json.loads((tmp_path / "runs" / "t" / "promoter.json").read_text())["promoter"])
+    first = {trial: searcher["order"].scores[i] for trial, i in searcher["index"].items()}
+    assert len(first) == 6 and first == pytest.approx(promoter.results[0])
 
 
 @pytest.mark.slow

@@ -50,10 +50,13 @@ class SweepConfig:
     budget_gpu_hours: float | None = None
     tracking_uri: str | None = None  # MLflow; default sqlite:///<storage_path>/<name>/mlflow.db
     experiment: str | None = None  # MLflow experiment; default the sweep's name
-    search: str = "grid"  # grid: every combination; optuna: TPE draws num_samples trials from the grid's axes
+    # grid: every combination, in the listed order; guided: every combination, in an order learnt from the first
+    # rung's scores (sweep/order.py); optuna: TPE draws num_samples trials from the grid's axes
+    search: str = "grid"
     num_samples: int = 16  # optuna: how many trials to draw
     lr_range: list[float] | None = None  # optuna: [low, high] log-uniform learning rate (else grid.lrs as choices)
-    search_seed: int = 0  # optuna: the sampler's seed
+    search_seed: int = 0  # guided, optuna: the searcher's seed
+    pending_trials: int = 16  # guided, optuna: trials suggested ahead of free workers (what the autoscaler sees)
     faults: dict[str, Any] = field(default_factory=dict)  # fault injection for reliability tests; leave empty
 
     @staticmethod
@@ -152,8 +155,10 @@ class SweepConfig:
                 f"resources per trial ({self.cpus_per_trial} CPU, {self.gpus_per_trial} GPU) are impossible: "
                 "cpus_per_trial must be > 0 and gpus_per_trial >= 0"
             )
-        if self.search not in ("grid", "optuna"):
-            raise ConfigError(f"The value of `search` is {self.search!r}, but must be 'grid' or 'optuna'")
+        if self.search not in ("grid", "guided", "optuna"):
+            raise ConfigError(f"The value of `search` is {self.search!r}, but must be 'grid', 'guided' or 'optuna'")
+        if not (isinstance(self.pending_trials, int) and self.pending_trials >= 1):
+            raise ConfigError(f"The value of `pending_trials` is {self.pending_trials!r}, but must be an integer >= 1")
         if self.search == "optuna" and not (isinstance(self.num_samples, int) and self.num_samples >= 1):
             raise ConfigError(f"The value of `num_samples` is {self.num_samples!r}, but must be `num_samples >= 1`")
         if self.lr_range is not None:

@@ -26,9 +26,11 @@ from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.promoter import Promoter
 from geopose_ray.sweep.tune import (
+    GuidedSearch,
     MlflowCallback,
     PromoterScheduler,
     SweepTable,
+    pending_trials,
     resolve_config,
     train_trial,
     trial_key,
@@ -94,8 +96,10 @@ def _tuner(
     scheduler: Any,
     callbacks: list[Any],
     resume: bool,
+    guided: bool = False,
 ) -> tune.Tuner:
-    """A Tuner over ``configs`` (a grid), or over the sweep's axes drawn by Optuna's TPE (``configs`` None)."""
+    """A Tuner over ``configs`` (a grid; in a guided order with ``search: guided``), or over the sweep's axes drawn
+    by Optuna's TPE (``configs`` None)."""
     trainable = tune.with_resources(train_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     storage = str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path
     path = f"{storage}/{name}"
@@ -105,7 +109,8 @@ def _tuner(
     private: dict[str, Any] = {"_threads": max(1, int(cfg.cpus_per_trial)), "_gpus": cfg.gpus_per_trial}
     if cfg.faults:
         private["_faults"] = dict(cfg.faults)
-    search_alg, num_samples = None, 1
+    search_alg: Any = None
+    num_samples = 1
     if configs is None:  # a searcher draws the trials
         g = cfg.grid
         space: dict[str, Any] = {
@@ -123,6 +128,10 @@ def _tuner(
 
         search_alg = OptunaSearch(sampler=TPESampler(seed=cfg.search_seed))
         num_samples = cfg.num_samples
+    elif guided:
+        points = [{**c, **private} for c in configs]
+        search_alg = GuidedSearch(points, cfg.rungs[0], cfg.search_seed, cfg.metric, cfg.mode)
+        space, num_samples = {}, len(points)
     else:
         space = {"cfg": tune.grid_search([{**c, **private} for c in configs])}
     return tune.Tuner(
@@ -183,12 +192,14 @@ class _Sweep:
     def _suffix(self) -> str:
         return f"-{self.round}" if self.round else ""
 
-    def screen(self, configs: list[dict[str, Any]] | None, resume: bool, name: str) -> None:
-        """Run screening trials under the promoter; records and promoter state are updated from the result."""
+    def screen(self, configs: list[dict[str, Any]] | None, resume: bool, name: str, guided: bool = False) -> None:
+        """Run screening trials under the promoter (``configs`` in a guided order if ``guided``; None: Optuna draws
+        them); records and promoter state are updated from the result."""
         scheduler = PromoterScheduler(self.promoter, self.cfg.metric, str(self.state_path.resolve()))
         callback = MlflowCallback(self.tracker, self.promoter, "screen", self.table)
         self.callbacks.append(callback)
-        grid = _tuner(self.cfg, name, configs, scheduler, [callback], resume).fit()
+        with pending_trials(self.cfg.pending_trials if guided or configs is None else None):
+            grid = _tuner(self.cfg, name, configs, scheduler, [callback], resume, guided).fit()
         if self.state_path.exists():  # a restored Tuner has its own copy of the scheduler: the saved state rules
             self.promoter = Promoter.from_dict(json.loads(self.state_path.read_text())["promoter"])
         found = _records(grid, "screen")
@@ -296,7 +307,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         state.unlink(missing_ok=True)
         (cfg.out_dir / TRIALS).unlink(missing_ok=True)
     sweep = _Sweep(cfg, Promoter(cfg.rungs, cfg.eta, cfg.mode, cfg.min_results, cfg.budget_gpu_hours), {}, 0)
-    sweep.screen(cfg.trial_configs() if cfg.search == "grid" else None, resume, f"{cfg.name}-screen")
+    configs = cfg.trial_configs() if cfg.search != "optuna" else None
+    sweep.screen(configs, resume, f"{cfg.name}-screen", guided=cfg.search == "guided")
     sweep.folds(resume)
     return sweep.finish()
 

@@ -9,9 +9,13 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import pickle
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +24,12 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 
 from geopose_ray.engine import TrainConfig, Trainer
 from geopose_ray.engine.trainer import LAST
 from geopose_ray.fsutil import atomic_write_text
+from geopose_ray.sweep.order import GuidedOrder
 from geopose_ray.sweep.plots import curves_plot
 from geopose_ray.sweep.promoter import Decision, Promoter
 from geopose_ray.tracking import Tracker, result_row, rows_csv
@@ -60,6 +66,72 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
         str(s["encoder"]), str(s["decoder"]), float(s["lr"]), int(s["accumulation"])
     )
     return {**built, **config.get("private", {})}
+
+
+GUIDED_AXES = ("encoder", "decoder", "lr", "accumulation")
+
+
+class GuidedSearch(Searcher):
+    """Every point of a grid exactly once, in a :class:`GuidedOrder` that learns from the first-rung scores.
+
+    Ray Tune asks for a trial whenever it has room for one more pending trial (the driver sets how many, its
+    ``pending_trials``); each answer is the grid point the order picks with what the first rung has shown by
+    then. Its state is pickled with the experiment, so a restarted driver goes on where it stopped.
+    """
+
+    def __init__(self, points: list[dict[str, Any]], first_rung: int, seed: int, metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        axes = [{**p["model"], "lr": p["lr"], "accumulation": p["accumulation"]} for p in points]
+        self.order = GuidedOrder(axes, axes=GUIDED_AXES, seed=seed)
+        self.points = points
+        self.first_rung = first_rung
+        self.index: dict[str, int] = {}  # Tune trial id -> grid point
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        i = self.order.next()
+        if i is None:
+            return Searcher.FINISHED  # type: ignore[return-value]  # Tune's documented "no more trials"
+        self.index[trial_id] = i
+        return {"cfg": self.points[i]}
+
+    def _observe(self, trial_id: str, value: Any) -> None:
+        i = self.index.get(trial_id)
+        if i is None or i in self.order.scores:
+            return
+        score = float(value) if isinstance(value, int | float) else math.nan
+        self.order.observe(i, score if self.mode == "max" else -score)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if int(result.get("epoch", 0)) == self.first_rung:
+            self._observe(trial_id, result.get(self.metric))
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        # A trial that ends before the first rung errored (or the top rung is below it): the lowest rank.
+        self._observe(trial_id, None if error or not result else result.get(self.metric))
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+@contextmanager
+def pending_trials(n: int | None) -> Iterator[None]:
+    """Let Ray Tune keep ``n`` suggested trials pending while a searcher runs (Tune's default for a searcher is
+    one, which would show the autoscaler one wanted worker at a time). An explicit TUNE_MAX_PENDING_TRIALS_PG in
+    the environment wins; None changes nothing."""
+    key = "TUNE_MAX_PENDING_TRIALS_PG"
+    if n is None or key in os.environ:
+        yield
+        return
+    os.environ[key] = str(n)
+    try:
+        yield
+    finally:
+        del os.environ[key]
 
 
 _PIDS: dict[str, str] = {}  # Tune trial id -> promoter name (a drawn config is rebuilt to find it: keep it)
