@@ -56,7 +56,8 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> None:
 
     xs = np.logspace(-2, 0, 4001)
     fig, axes = plt.subplots(2, len(results), figsize=(6.2 * len(results), 7.5), sharex=True, squeeze=False)
-    colours = dict(zip(POLICIES, ["#555555", "#d62728", "#ff9896", "#1f77b4", "#2ca02c"], strict=True))
+    palette = ["#555555", "#d62728", "#9467bd", "#ff9896", "#1f77b4", "#17becf", "#2ca02c"]
+    colours = dict(zip(POLICIES, palette, strict=True))
     for col, (title, result) in enumerate(results.items()):
         top, bottom = axes[0, col], axes[1, col]
         for name in POLICIES:

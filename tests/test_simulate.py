@@ -220,6 +220,13 @@ def test_at_the_seeds_scale_the_promoter_screens_at_a_quarter_of_the_grid_and_fi
     assert p["regret_at_budget"]["mean"] < grid["regret_at_budget"]["mean"]  # the grid, stopped at the same GPU-hours
     assert p["grid_share_to_near_best"]["median"] < grid["grid_share_to_near_best"]["median"]
     assert 0.6 < p["utilisation"]["median"] < grid["utilisation"]["median"]
+    # An autoscaling pool releases idle workers: it pays for little more than the busy time.
+    assert p["utilisation"]["median"] < 0.99 < p["autoscaled_utilisation"]["median"] < 1.0
+    # The guided order starts the promising configurations first: a good pick comes sooner, for the same spend.
+    g = result["policies"]["promoter, guided order"]
+    assert g["near_best_within_share_rate"] > p["near_best_within_share_rate"]
+    assert g["grid_share_to_near_best"]["median"] < p["grid_share_to_near_best"]["median"]
+    assert abs(g["grid_share"]["median"] - p["grid_share"]["median"]) < 0.03
 
 
 def test_every_policy_sees_the_same_curves_and_budget() -> None:
@@ -237,7 +244,8 @@ def test_cli_json_has_every_measure_per_policy(capsys: pytest.CaptureFixture[str
         for key in ("gpu_hours", "makespan_h", "utilisation", "regret", "regret_at_budget", "hours_to_near_best"):
             assert set(p[key]) == {"median", "p10", "p90", "mean"}
         assert 0 <= p["best_found_rate"] <= 1 and 0 <= p["near_best_within_share_rate"] <= 1
-    assert out["config"]["trials"] == 60 and set(out["targets"]) >= {"utilisation_at_least_95pct"}
+    assert out["config"]["trials"] == 60 and set(out["targets"]) == {"promoter", "promoter, guided order"}
+    assert set(out["targets"]["promoter"]) >= {"utilisation_at_least_95pct", "mean_regret_at_budget"}
     assert main(["simulate", "--trials", "60", "--workers", "4", "--seeds", "1"]) == 0
     assert "| promoter |" in capsys.readouterr().out
     assert main(["simulate", "--rungs", "20,10,200"]) == 2

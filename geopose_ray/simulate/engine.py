@@ -20,6 +20,7 @@ import numpy as np
 
 from geopose_ray.errors import ConfigError
 from geopose_ray.simulate.curves import Curves
+from geopose_ray.sweep.order import GuidedOrder
 from geopose_ray.sweep.promoter import Decision, Promoter
 
 
@@ -57,18 +58,35 @@ class Run:
     screen_h: float = 0.0  # hour of the last screening stop (= makespan_h without fold runs)
     screen_busy_h: float = 0.0  # busy worker-hours up to screen_h, fold runs included
     fold_gpu_hours: float = 0.0  # GPU-hours of fold runs
+    held_idle_h: float = 0.0  # idle worker-hours an autoscaling pool pays for (see :func:`replay`)
 
     @property
     def utilisation(self) -> float:
+        """Of a fixed pool: busy worker-time / (workers × makespan)."""
         return self.gpu_hours / (self.workers * self.makespan_h) if self.makespan_h > 0 else 0.0
+
+    @property
+    def autoscaled_utilisation(self) -> float:
+        """Of an autoscaling pool: busy worker-time / the worker-time it holds (busy, idle until released, starts)."""
+        held = self.gpu_hours + self.held_idle_h
+        return self.gpu_hours / held if held > 0 else 0.0
 
     @property
     def screen_utilisation(self) -> float:
         return self.screen_busy_h / (self.workers * self.screen_h) if self.screen_h > 0 else 0.0
 
 
+IDLE_TIMEOUT_H = 5 / 60  # launch/*-t4.yaml's idle_timeout_minutes: an idle worker is released after this
+START_H = 5 / 60  # assumed: a released worker's replacement takes this long to start (held, not busy)
+
+
 def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> Run:
     """Replay ``policy`` on ``workers`` workers until it has nothing left to do.
+
+    Besides the fixed pool's busy time, it counts what an autoscaling pool of at most ``workers`` holds idle:
+    a worker freed at t and given work again at t' (the most recently freed first) costs min(t' − t,
+    :data:`IDLE_TIMEOUT_H`), plus :data:`START_H` for a new worker if it had been released; one never used
+    again costs min(end − t, IDLE_TIMEOUT_H).
 
     With ``fold_runs`` = K − 1, job ids n + t·(K − 1) + k (k < K − 1) are trial t's runs on its other folds: the
     top rung's epochs at the trial's cost, never erroring, not counted as screening (see :class:`FoldRuns`).
@@ -86,11 +104,16 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
     now = spent = screen_h = screen_busy = 0.0
     free = workers
     finishes: list[tuple[float, float, int]] = []
+    freed: list[float] = []  # when each free worker of the autoscaling pool was freed (none yet at the start)
+    held_idle = 0.0
 
     def launch(job: int, stop: int) -> None:
-        nonlocal seq
+        nonlocal seq, held_idle
         if not (0 <= job < size and at[job] < stop <= top):
             raise ConfigError(f"{policy.name} asked job {job} to run from epoch {at[job]} to {stop}")
+        if freed:
+            gap = now - freed.pop()
+            held_idle += min(gap, IDLE_TIMEOUT_H) + (START_H if gap > IDLE_TIMEOUT_H else 0.0)
         end = min(stop, int(fail[job]))
         heapq.heappush(heap, (now + curves.hours(int(base[job]), end - at[job]), seq, job, end))
         seq += 1
@@ -116,16 +139,60 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
         if epoch >= fail[trial]:
             policy.on_error(trial, epoch)
             free += 1
+            freed.append(now)
             continue
         if epoch == top and trial < n:
             finishes.append((now, spent, trial))
         nxt = policy.on_stop(trial, epoch)
         if nxt is None:
             free += 1
+            freed.append(now)
         else:
             launch(trial, nxt)
+    held_idle += sum(min(now - t, IDLE_TIMEOUT_H) for t in freed)
     fold_hours = float(np.sum(epochs[n:] * curves.minutes[base[n:]]) / 60.0)
-    return Run(policy.name, workers, epochs[:n], at[:n].copy(), spent, now, finishes, screen_h, screen_busy, fold_hours)
+    run = Run(policy.name, workers, epochs[:n], at[:n].copy(), spent, now, finishes, screen_h, screen_busy, fold_hours)
+    run.held_idle_h = held_idle
+    return run
+
+
+class Arrivals:
+    """The new trials a policy starts: in the given order, or (``guided``) in a :class:`GuidedOrder` over the
+    trials' decoder, encoder, learning rate and accumulation that learns from the first-rung scores the policy
+    passes to :meth:`observe`.
+
+    A guided order decides ``lag`` trials ahead, as Ray Tune does: it keeps that many suggested trials pending
+    (the driver's ``pending_trials``), so a trial's configuration is chosen before the results of the ones
+    started just before it are in.
+    """
+
+    def __init__(self, curves: Curves, order: Sequence[int], guided: bool = False, lag: int = 0, seed: int = 0) -> None:
+        self.fixed: deque[int] = deque(order)
+        self.guided: GuidedOrder | None = None
+        self.lag = lag
+        if guided:
+            keys = ("decoder", "encoder", "lr", "accumulation")
+            self.guided = GuidedOrder([dict(zip(keys, n.split("/"), strict=True)) for n in curves.names], seed=seed)
+            self.fixed.clear()
+
+    def _suggest(self) -> None:
+        assert self.guided is not None
+        while len(self.fixed) <= self.lag and (trial := self.guided.next()) is not None:
+            self.fixed.append(trial)
+
+    def __bool__(self) -> bool:
+        if self.guided is not None:
+            self._suggest()
+        return bool(self.fixed)
+
+    def popleft(self) -> int:
+        if self.guided is not None:
+            self._suggest()
+        return self.fixed.popleft()
+
+    def observe(self, trial: int, score: float | None) -> None:
+        if self.guided is not None:
+            self.guided.observe(trial, score)
 
 
 class GridPolicy:
@@ -187,11 +254,12 @@ class AshaPolicy:
     scores recorded there before it; otherwise it continues. Its score is then recorded. The first arrival at a
     rung always continues. New trials start in arrival order; the top rung ends a trial."""
 
-    name = "asha"
-
-    def __init__(self, curves: Curves, order: Sequence[int], rungs: Sequence[int], eta: int) -> None:
+    def __init__(
+        self, curves: Curves, order: Sequence[int], rungs: Sequence[int], eta: int, guided: bool = False, lag: int = 0
+    ) -> None:
+        self.name = "asha, guided order" if guided else "asha"
         self.curves = curves
-        self.pending = deque(order)
+        self.pending = Arrivals(curves, order, guided, lag, seed=order[0] if order else 0)
         self.rungs = list(rungs)
         self.eta = eta
         self.recorded: list[list[float]] = [[] for _ in self.rungs[:-1]]
@@ -202,6 +270,8 @@ class AshaPolicy:
 
     def on_stop(self, trial: int, epoch: int) -> int | None:
         i = self.rungs.index(epoch)
+        if i == 0:
+            self.pending.observe(trial, float(self.curves.observed[trial, epoch - 1]))
         if i == len(self.rungs) - 1:
             return None
         value = float(self.curves.observed[trial, epoch - 1])
@@ -214,7 +284,8 @@ class AshaPolicy:
         return self.rungs[i + 1]
 
     def on_error(self, trial: int, epoch: int) -> None:
-        pass
+        if epoch <= self.rungs[0]:
+            self.pending.observe(trial, None)
 
     def on_idle(self) -> bool:
         return False
@@ -241,14 +312,18 @@ class PromoterPolicy:
         min_results: int,
         budget_gpu_hours: float | None = None,
         new_first: bool = False,
+        guided: bool = False,
+        lag: int = 0,
     ) -> None:
         self.name = "promoter (new trials first)" if new_first else "promoter"
+        if guided:
+            self.name += ", guided order"
         self.curves = curves
         self.promoter = Promoter(rungs, eta, "max", min_results, budget_gpu_hours)
         self.rungs = list(self.promoter.rungs)
         if self.rungs[-1] != curves.top:
             raise ConfigError(f"The top rung {self.rungs[-1]} must be the curves' last epoch {curves.top}")
-        self.pending = deque(order)
+        self.pending = Arrivals(curves, order, guided, lag, seed=order[0] if order else 0)
         self.resume: deque[int] = deque()
         self.new_first = new_first
         self.every_epoch = budget_gpu_hours is not None
@@ -278,6 +353,8 @@ class PromoterPolicy:
         for e in range(int(self.reported[trial]) + 1, upto + 1):
             value = float(self.curves.observed[trial, e - 1])
             decision = self.promoter.on_result(self.names[trial], e, value, self.curves.hours(trial, e))
+            if e == self.rungs[0]:
+                self.pending.observe(trial, value)
         self.reported[trial] = upto
         return decision
 
@@ -287,6 +364,8 @@ class PromoterPolicy:
 
     def on_error(self, trial: int, epoch: int) -> None:
         self._report(trial, epoch - 1)  # the epochs before the failing one were reported; Tune drops the trial
+        if epoch <= self.rungs[0]:
+            self.pending.observe(trial, None)
 
     def on_idle(self) -> bool:
         if self.pending:

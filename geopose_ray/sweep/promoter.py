@@ -69,6 +69,8 @@ class Promoter:
         for i in range(len(self.rungs)):
             self.results.setdefault(i, {})
             self.promoted.setdefault(i, set())
+        self._writes = 0  # results recorded through on_result: the ranking cache's version
+        self._top: dict[int, tuple[tuple[int, int, int], set[str]]] = {}  # rung -> (version, its top)
 
     # -- queries ----------------------------------------------------------------------------------------
 
@@ -108,9 +110,13 @@ class Promoter:
         recorded = self.results[rung]
         if len(recorded) < self.min_results:
             return set()
-        k = len(recorded) // self.eta
-        ranked = sorted(recorded, key=lambda t: (self._key(recorded[t]), t))
-        return set(ranked[:k])
+        version = (id(recorded), len(recorded), self._writes)
+        cached = self._top.get(rung)
+        if cached is None or cached[0] != version:
+            k = len(recorded) // self.eta
+            ranked = sorted(recorded, key=lambda t: (self._key(recorded[t]), t))
+            cached = self._top[rung] = version, set(ranked[:k])
+        return set(cached[1])
 
     # -- events -----------------------------------------------------------------------------------------
 
@@ -122,6 +128,7 @@ class Promoter:
         if rung is None:
             return Decision.CONTINUE
         self.results[rung][trial] = float(value)
+        self._writes += 1
         if rung == len(self.rungs) - 1:
             if trial not in self.finalists:
                 self.finalists.append(trial)
