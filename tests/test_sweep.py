@@ -226,26 +226,43 @@ def test_guided_search_starts_every_grid_point_once_and_learns_from_the_first_ru
     ray_cluster: None, cache: Path, tmp_path: Path
 ) -> None:
     """search: guided runs the whole grid, each point once, under the promoter; its searcher (saved with the
-    experiment by Tune) holds each trial's first-rung score, the same the promoter ranked it by."""
+    experiment by Tune) holds each trial's first-rung score, the same the promoter ranked it by. The finalists'
+    fold runs are backfilled: trials of the screening experiment itself, with no fold stage after it."""
     import pickle
 
     from geopose_ray.sweep.driver import run_sweep
     from geopose_ray.sweep.promoter import Promoter
 
-    cfg = _cfg(cache, tmp_path, search="guided", rungs=[1, 2], eta=2, pending_trials=2)
+    # One screening trial's epochs take 6 s more: the other worker finishes the rest of the grid meanwhile, and
+    # then has nothing but fold runs to do.
+    slow = {"slow": {"lr": 1e-2, "accumulation": 1, "seconds": 6}}
+    cfg = _cfg(cache, tmp_path, search="guided", rungs=[1, 2], eta=2, pending_trials=2, faults=slow)
     result = run_sweep(cfg)
     screen = [r for r in result.rows if r["stage"] == "screen"]
     assert sorted((r["lr"], r["accumulation"]) for r in screen) == sorted(
         (lr, k) for lr in (1e-3, 3e-3, 1e-2) for k in (1, 2)
     )
     assert result.finalists and {r["status"] for r in screen} <= {"finalist", "paused", "stopped"}
-    assert len([r for r in result.rows if r["stage"] == "fold"]) == 3 * len(result.finalists)
+    folds = [r for r in result.rows if r["stage"] == "fold"]
+    assert sorted(r["trial"] for r in folds) == sorted(f"{t}/fold{k}" for t in result.finalists for k in (1, 2, 3))
+    assert all(r["status"] == "done" and r["epoch"] == 2 for r in folds)
+    assert not (tmp_path / "runs" / "t-folds").exists()
+    assert all((tmp_path / "runs" / "t-screen" / r["trial"].replace("/", "-")).is_dir() for r in folds)
+    # Backfilled: the first fold run started before screening's last epoch ended (Tune's own result times).
+    times = {
+        d.name: [json.loads(line)["timestamp"] for line in (d / "result.json").read_text().splitlines()]
+        for d in (tmp_path / "runs" / "t-screen").iterdir()
+        if (d / "result.json").is_file()
+    }
+    first_fold = min(t[0] for name, t in times.items() if "-fold" in name)
+    assert first_fold < max(t[-1] for name, t in times.items() if "-fold" not in name)
     assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # set for the screening Tuner only
     [saved] = (tmp_path / "runs" / "t-screen").glob("searcher-state-*.pkl")
     searcher = pickle.loads(saved.read_bytes())
     promoter = Promoter.from_dict(json.loads((tmp_path / "runs" / "t" / "promoter.json").read_text())["promoter"])
     first = {trial: searcher["order"].scores[i] for trial, i in searcher["index"].items()}
     assert len(first) == 6 and first == pytest.approx(promoter.results[0])
+    assert searcher["queue"] == [] and searcher["ended"] == set(first)
 
 
 @pytest.mark.slow

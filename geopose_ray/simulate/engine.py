@@ -378,10 +378,10 @@ class PromoterPolicy:
 class FoldRuns:
     """A screening policy followed by every finalist's runs on its K − 1 other folds (the design's next stage).
 
-    ``backfill=False`` is the driver as it runs now: the fold runs start once screening is over (a second Tuner).
-    ``backfill=True`` gives a worker that screening leaves idle to a finalist's fold run instead; screening
-    still goes first whenever it has a job, and the inner policy's idle rule (the promoter's ``close``) runs
-    as soon as no screening trial runs, fold runs or not.
+    ``backfill=False`` is the driver with ``search: grid``: the fold runs start once screening is over (a second
+    Tuner). ``backfill=True`` is ``search: guided``: a worker that screening leaves idle takes a finalist's fold
+    run instead; screening still goes first whenever it has a job, and the inner policy's idle rule (the
+    promoter's ``close``) runs as soon as no screening trial runs, fold runs or not.
     """
 
     def __init__(self, inner: Policy, curves: Curves, fold_runs: int, backfill: bool) -> None:

@@ -247,14 +247,15 @@ def fold_pipeline(
     first_seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """The promoter followed by its finalists' runs on the other ``folds − 1`` folds, the fold runs started after
-    screening (the driver as it runs now) or backfilling idle workers during it. Per variant: utilisation while
+    screening (``search: grid``: a second Tuner) or backfilling idle workers during it (``search: guided``, also
+    measured with the listed order). Per variant: utilisation while
     screening, screening hours, hours and utilisation of the whole pipeline, fold-run GPU-hours and regret."""
     rows: dict[str, list[dict[str, float | None]]] = {}
     for seed in range(first_seed, first_seed + seeds):
         curves = draw_curves(trials, seed, top=int(rungs[-1]))
         order = [int(i) for i in np.random.default_rng(np.random.SeedSequence([seed, 11])).permutation(trials)]
-        for backfill in (False, True):
-            inner = PromoterPolicy(curves, order, rungs, eta, min_results)
+        for guided, backfill in ((False, False), (False, True), (True, True)):
+            inner = PromoterPolicy(curves, order, rungs, eta, min_results, guided=guided, lag=PENDING)
             policy = FoldRuns(inner, curves, folds - 1, backfill)
             run = replay(curves, workers, policy, fold_runs=folds - 1)
             rows.setdefault(policy.name, []).append(

@@ -75,7 +75,8 @@ def _last_line(error: Exception | None) -> str:
 
 
 def _records(grid: Any, stage: str) -> dict[str, TrialRecord]:
-    """A record per trial of a ResultGrid that reported at least once or failed."""
+    """A record per trial of a ResultGrid that reported at least once or failed (a fold run backfilled during
+    screening is recorded as a fold run)."""
     out = {}
     for i in range(len(grid)):
         result = grid[i]
@@ -85,7 +86,7 @@ def _records(grid: Any, stage: str) -> dict[str, TrialRecord]:
             continue  # never ran (a paused trial that was not promoted in a reopened sweep)
         ckpt = str(Path(result.checkpoint.path).resolve()) if result.checkpoint is not None else None
         error = _last_line(result.error) if result.error is not None else None
-        out[key] = TrialRecord(key, stage, cfg, metrics, ckpt, error)
+        out[key] = TrialRecord(key, "fold" if "/fold" in key else stage, cfg, metrics, ckpt, error)
     return out
 
 
@@ -130,8 +131,9 @@ def _tuner(
         num_samples = cfg.num_samples
     elif guided:
         points = [{**c, **private} for c in configs]
-        search_alg = GuidedSearch(points, cfg.rungs[0], cfg.search_seed, cfg.metric, cfg.mode)
-        space, num_samples = {}, len(points)
+        folds = sorted({r.fold for r in TrainingCache(cfg.cache).rows} - {cfg.val_fold})
+        search_alg = GuidedSearch(points, cfg.rungs[0], cfg.search_seed, cfg.metric, cfg.mode, folds, cfg.rungs[-1])
+        space, num_samples = {}, -1  # the searcher says when it is done (grid points, then fold runs)
     else:
         space = {"cfg": tune.grid_search([{**c, **private} for c in configs])}
     return tune.Tuner(

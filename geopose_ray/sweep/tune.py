@@ -72,27 +72,50 @@ GUIDED_AXES = ("encoder", "decoder", "lr", "accumulation")
 
 
 class GuidedSearch(Searcher):
-    """Every point of a grid exactly once, in a :class:`GuidedOrder` that learns from the first-rung scores.
+    """Every point of a grid exactly once, in a :class:`GuidedOrder` that learns from the first-rung scores, then
+    each finalist's runs on the other folds as soon as it is a finalist.
 
     Ray Tune asks for a trial whenever it has room for one more pending trial (the driver sets how many, its
     ``pending_trials``); each answer is the grid point the order picks with what the first rung has shown by
-    then. Its state is pickled with the experiment, so a restarted driver goes on where it stopped.
+    then. Once every grid point has started, the answers are fold runs (``folds``: the other validation folds;
+    trained to ``top`` epochs) of the trials that have finished the top rung. The scheduler starts them only on
+    workers that no promotion or new trial wants, so screening is never delayed and no worker idles while a
+    fold run could use it. None means "nothing yet" (a finalist may still come); FINISHED once screening is over
+    and every fold run has been handed out. Its state is pickled with the experiment, so a restarted driver
+    goes on where it stopped.
     """
 
-    def __init__(self, points: list[dict[str, Any]], first_rung: int, seed: int, metric: str, mode: str) -> None:
+    def __init__(
+        self,
+        points: list[dict[str, Any]],
+        first_rung: int,
+        seed: int,
+        metric: str,
+        mode: str,
+        folds: list[int] | None = None,
+        top: int | None = None,
+    ) -> None:
         super().__init__(metric=metric, mode=mode)
         axes = [{**p["model"], "lr": p["lr"], "accumulation": p["accumulation"]} for p in points]
         self.order = GuidedOrder(axes, axes=GUIDED_AXES, seed=seed)
         self.points = points
         self.first_rung = first_rung
+        self.folds = list(folds or [])
+        self.top = top
         self.index: dict[str, int] = {}  # Tune trial id -> grid point
+        self.ended: set[str] = set()  # screening trials Tune has completed (finalist, stopped or errored)
+        self.queue: list[dict[str, Any]] = []  # fold runs of finalists, not yet handed out
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         i = self.order.next()
-        if i is None:
-            return Searcher.FINISHED  # type: ignore[return-value]  # Tune's documented "no more trials"
-        self.index[trial_id] = i
-        return {"cfg": self.points[i]}
+        if i is not None:
+            self.index[trial_id] = i
+            return {"cfg": self.points[i]}
+        if self.queue:
+            return {"cfg": self.queue.pop(0)}
+        if len(self.ended) < len(self.index):
+            return None  # screening still runs: a finalist may come
+        return Searcher.FINISHED  # type: ignore[return-value]  # Tune's documented "no more trials"
 
     def _observe(self, trial_id: str, value: Any) -> None:
         i = self.index.get(trial_id)
@@ -106,8 +129,14 @@ class GuidedSearch(Searcher):
             self._observe(trial_id, result.get(self.metric))
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id not in self.index or trial_id in self.ended:
+            return  # a fold run, or told twice
         # A trial that ends before the first rung errored (or the top rung is below it): the lowest rank.
         self._observe(trial_id, None if error or not result else result.get(self.metric))
+        self.ended.add(trial_id)
+        if not error and result and self.top is not None and int(result.get("epoch", 0)) >= self.top:
+            point = self.points[self.index[trial_id]]
+            self.queue += [{**point, "val_fold": k, "epochs": self.top, "_finalist": trial_id} for k in self.folds]
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -135,6 +164,11 @@ def pending_trials(n: int | None) -> Iterator[None]:
 
 
 _PIDS: dict[str, str] = {}  # Tune trial id -> promoter name (a drawn config is rebuilt to find it: keep it)
+
+
+def _is_fold(pid: str) -> bool:
+    """A finalist's run on another fold ("<trial>/fold<k>"), not a screening trial."""
+    return "/fold" in pid
 
 
 def _pid(trial: Trial) -> str:
@@ -179,11 +213,15 @@ class PromoterScheduler(FIFOScheduler):
         # enter as PAUSED, so that only a promotion (choose_trial_to_run) starts it. Tune files the trial under
         # its status right after this call. (Trial.set_status and init_local_path are Trial's own methods.)
         pid = _pid(trial)
+        if _is_fold(pid):
+            return
         if trial.status == Trial.PENDING and pid in self.promoter.paused and pid not in self._resume:
             trial.init_local_path()  # a trial that never runs still needs its directory for Tune's results
             trial.set_status(Trial.PAUSED)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        if _is_fold(_pid(trial)):
+            return TrialScheduler.CONTINUE  # a finalist's fold run trains to the top rung; the promoter never sees it
         value = result.get(self._score_key, math.nan)
         decision = self.promoter.on_result(
             _pid(trial), int(result["epoch"]), float(value), float(result.get("gpu_hours", 0.0))
@@ -197,7 +235,8 @@ class PromoterScheduler(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
-        by_pid = {_pid(t): t for t in trials}
+        by_pid = {_pid(t): t for t in trials if not _is_fold(_pid(t))}
+        folds = [t for t in trials if _is_fold(_pid(t)) and t.status == Trial.PENDING]
         # After a driver restart Tune may bring a paused trial back as PENDING: it still waits for promotion.
         waiting = {
             pid: t
@@ -224,9 +263,10 @@ class PromoterScheduler(FIFOScheduler):
         new = [t for pid, t in by_pid.items() if t.status == Trial.PENDING and pid not in waiting]
         if new:
             return new[0]
-        if any(t.status == Trial.RUNNING for t in trials):
-            return None
-        # Nothing runs and nothing new is left: close the rungs, then end whatever can never be promoted.
+        if any(t.status == Trial.RUNNING for t in by_pid.values()):
+            # Screening goes on; a worker it leaves free takes a finalist's fold run, if one waits.
+            return folds[0] if folds else None
+        # No screening trial runs and none is new: close the rungs, then end whatever can never be promoted.
         chosen = [pid for pid in self.promoter.close() if pid in waiting]
         self._resume += chosen[1:]
         self._save()
@@ -234,7 +274,7 @@ class PromoterScheduler(FIFOScheduler):
             return waiting[chosen[0]]
         for trial in waiting.values():
             tune_controller.stop_trial(trial)
-        return None
+        return folds[0] if folds else None
 
     def debug_string(self) -> str:
         p = self.promoter
@@ -262,7 +302,18 @@ def train_trial(config: dict[str, Any]) -> None:
 
     trainers: list[Trainer] = []  # the one running (a second after an out-of-memory retry)
 
+    slow = raw.get("_faults", {}).get("slow")  # fault injection (tests): one screening trial's epochs take longer
+    if (
+        slow
+        and (math.isclose(cfg.lr, slow["lr"]) and cfg.accumulation == slow["accumulation"])
+        and not raw.get("_finalist")
+    ):
+        cfg_sleep = float(slow["seconds"])
+    else:
+        cfg_sleep = 0.0
+
     def report(metrics: dict[str, float], last: Path) -> None:
+        time.sleep(cfg_sleep)
         # Every epoch's hours so far, those before a restart included (the checkpoint keeps the history).
         seconds = sum(h.get("train_s", 0.0) + h.get("val_s", 0.0) for h in trainers[-1].history)
         out = dict(metrics)
@@ -359,22 +410,26 @@ class MlflowCallback(Callback):
     def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
         return trial_key(trial.trial_id, resolve_config(trial.config or {}))
 
+    def _stage(self, key: str) -> str:
+        """The callback's stage, except for a finalist's fold run started during screening (backfilled)."""
+        return "fold" if _is_fold(key) else self.stage
+
     def _status(self, trial: Trial) -> dict[str, Any]:
         p = self.promoter
-        if p is None:
+        if p is None or _is_fold(_pid(trial)):
             return {"status": "running"}
         return {"status": p.status(_pid(trial)), "rung": p.reached(_pid(trial))}
 
     def _row(self, key: str, cfg: dict[str, Any], status: dict[str, Any]) -> None:
         self.table.rows[key] = result_row(
-            key, self.stage, status["status"], status.get("rung", ""), cfg, self._last.get(key, {})
+            key, self._stage(key), status["status"], status.get("rung", ""), cfg, self._last.get(key, {})
         )
         if self.promoter is not None:
             self.table.finalists = list(self.promoter.finalists)
 
     def _deliver(self, key: str) -> bool:
         """Send what is pending for one trial; False while the server is down."""
-        run = self.tracker.trial(key, self._cfgs[key], self.stage)
+        run = self.tracker.trial(key, self._cfgs[key], self._stage(key))
         if run is None:
             return False
         waiting = self._waiting.get(key, [])
@@ -414,7 +469,7 @@ class MlflowCallback(Callback):
         self._row(key, cfg, status)
         if status["status"] in ("paused", "finalist"):
             self.table.write(self.tracker)
-        tags = {**status, "stage": self.stage}
+        tags = {**status, "stage": self._stage(key)}
         if result.get("oom_retry"):
             tags["oom_retry"] = f"out of memory: retried at batch {result['batch_size']} x {result['accumulation']}"
         self._tags[key] = {**self._tags.get(key, {}), **tags}
@@ -426,7 +481,7 @@ class MlflowCallback(Callback):
         self._cfgs[key] = cfg
         status = self._status(trial)
         if status["status"] == "running":
-            status["status"] = "done" if self.stage == "fold" else "stopped"
+            status["status"] = "done" if self._stage(key) == "fold" else "stopped"
         self._row(key, cfg, status)
         self.table.write(self.tracker)
         self._tags[key] = {**self._tags.get(key, {}), **status}
