@@ -341,15 +341,17 @@ def test_the_whole_demo_with_its_sweep(ray_cluster: None, tmp_path: Path, monkey
 
 
 @pytest.mark.slow
-def test_a_killed_driver_resumes_without_retraining_or_duplicate_runs(cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("search", ["grid", "guided"])
+def test_a_killed_driver_resumes_without_retraining_or_duplicate_runs(cache: Path, tmp_path: Path, search: str) -> None:
     """SIGKILL `sweeps/screen.py` mid-sweep, rerun it with --resume: the sweep finishes, every trial's epochs
-    are 1, 2, ... with none trained twice, the promoter's state is kept, and MLflow has one run per trial."""
+    are 1, 2, ... with none trained twice, the promoter's state is kept, and MLflow has one run per trial. With
+    the guided order, the restored searcher starts no grid point twice and the finalists get their fold runs."""
     import signal
     import subprocess
 
     import yaml
 
-    cfg = _cfg(cache, tmp_path)
+    cfg = _cfg(cache, tmp_path, search=search)
     y = tmp_path / "sweep.yaml"
     y.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     cmd = [sys.executable, str(ROOT / "sweeps" / "screen.py"), "--config", str(y)]
@@ -377,6 +379,10 @@ def test_a_killed_driver_resumes_without_retraining_or_duplicate_runs(cache: Pat
     rows = list(__import__("csv").DictReader((tmp_path / "runs" / "t" / "results.csv").open()))
     screen = [r for r in rows if r["stage"] == "screen"]
     assert len(screen) == 6 and any(r["status"] == "finalist" for r in screen)
+    assert len({(r["lr"], r["accumulation"]) for r in screen}) == 6
+    finalists = [r["trial"] for r in screen if r["status"] == "finalist"]
+    folds = sorted(r["trial"] for r in rows if r["stage"] == "fold" and r["status"] == "done")
+    assert folds == sorted(f"{t}/fold{k}" for t in finalists for k in (1, 2, 3))
     for r in screen:
         epochs = _epochs(screen_dir / r["trial"])
         assert epochs == list(range(1, len(epochs) + 1)), (r["trial"], epochs)
