@@ -225,6 +225,8 @@ def test_at_the_seeds_scale_the_promoter_screens_at_a_quarter_of_the_grid_and_fi
     # An autoscaling pool releases idle workers: it pays for little more than the busy time.
     assert p["utilisation"]["median"] < 0.99 < p["autoscaled_utilisation"]["median"] < 1.0
     # The guided order starts the promising configurations first: a good pick comes sooner, for the same spend.
+    for q in result["policies"].values():  # a finalist comes near the best no later than the pick does
+        assert q["near_finalist_within_share_rate"] >= q["near_best_within_share_rate"]
     g = result["policies"]["promoter, guided order"]
     assert g["near_best_within_share_rate"] > p["near_best_within_share_rate"]
     assert g["grid_share_to_near_best"]["median"] < p["grid_share_to_near_best"]["median"]
