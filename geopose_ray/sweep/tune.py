@@ -78,11 +78,11 @@ class GuidedSearch(Searcher):
     Ray Tune asks for a trial whenever it has room for one more pending trial (the driver sets how many, its
     ``pending_trials``); each answer is the grid point the order picks with what the first rung has shown by
     then. Once every grid point has started, the answers are fold runs (``folds``: the other validation folds;
-    trained to ``top`` epochs) of the trials that have finished the top rung. The scheduler starts them only on
-    workers that no promotion or new trial wants, so screening is never delayed and no worker idles while a
-    fold run could use it. None means "nothing yet" (a finalist may still come); FINISHED once screening is over
-    and every fold run has been handed out. Its state is pickled with the experiment, so a restarted driver
-    goes on where it stopped.
+    trained to ``top`` epochs) of the trials that have finished the top rung. The scheduler ranks them after every
+    promotion and new trial, so they fill the workers screening leaves idle (Tune starts pending trials as
+    resources free up: the ranking is a priority, and a running fold run is never pre-empted). None means
+    "nothing yet" (a finalist may still come); FINISHED once screening is over and every fold run has been
+    handed out. Its state is pickled with the experiment, so a restarted driver goes on where it stopped.
     """
 
     def __init__(
@@ -302,18 +302,10 @@ def train_trial(config: dict[str, Any]) -> None:
 
     trainers: list[Trainer] = []  # the one running (a second after an out-of-memory retry)
 
-    slow = raw.get("_faults", {}).get("slow")  # fault injection (tests): one screening trial's epochs take longer
-    if (
-        slow
-        and (math.isclose(cfg.lr, slow["lr"]) and cfg.accumulation == slow["accumulation"])
-        and not raw.get("_finalist")
-    ):
-        cfg_sleep = float(slow["seconds"])
-    else:
-        cfg_sleep = 0.0
+    delay = _injected_delay(raw, cfg)
 
     def report(metrics: dict[str, float], last: Path) -> None:
-        time.sleep(cfg_sleep)
+        time.sleep(delay)
         # Every epoch's hours so far, those before a restart included (the checkpoint keeps the history).
         seconds = sum(h.get("train_s", 0.0) + h.get("val_s", 0.0) for h in trainers[-1].history)
         out = dict(metrics)
@@ -343,6 +335,16 @@ def train_trial(config: dict[str, Any]) -> None:
             _fit(smaller, work, report_with_retry, raw, trainers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _injected_delay(raw: dict[str, Any], cfg: TrainConfig) -> float:
+    """Fault injection (tests): ``faults: {slow: {lr, accumulation, seconds}}`` makes that screening trial's every
+    epoch take ``seconds`` longer (its fold runs are not slowed)."""
+    slow = raw.get("_faults", {}).get("slow")
+    if not slow or raw.get("_finalist"):
+        return 0.0
+    matches = math.isclose(cfg.lr, float(slow["lr"])) and cfg.accumulation == int(slow["accumulation"])
+    return float(slow["seconds"]) if matches else 0.0
 
 
 def _fit(cfg: TrainConfig, work: Path, on_epoch: Any, raw: dict[str, Any], trainers: list[Trainer]) -> None:
