@@ -120,27 +120,6 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
 
 
 @pytest.mark.slow
-def test_a_checkpoint_persisted_but_not_registered_by_tune_is_resumed_from(tmp_path: Path) -> None:
-    """A node lost after its trial reported epoch 2 but before Tune registered that checkpoint: Tune restores
-    epoch 1's; the trial finds epoch 2's beside it (complete) and resumes from that. A newer directory whose
-    last.pt is torn, or none newer, leaves Tune's choice."""
-    from ray import tune
-
-    from geopose_ray.sweep.tune import _newest_persisted
-
-    trial = tmp_path / "trial"
-    for index, epoch in ((0, 1), (1, 2)):
-        (trial / f"checkpoint_{index:06d}").mkdir(parents=True)
-        save_checkpoint(trial / f"checkpoint_{index:06d}" / "last.pt", {"epoch": epoch})
-    registered = tune.Checkpoint.from_directory(str(trial / "checkpoint_000000"))
-    assert _newest_persisted(registered) == trial / "checkpoint_000001"
-    assert _newest_persisted(tune.Checkpoint.from_directory(str(trial / "checkpoint_000001"))) is None
-    torn = (trial / "checkpoint_000001" / "last.pt").read_bytes()
-    (trial / "checkpoint_000001" / "last.pt").write_bytes(torn[: len(torn) // 2])
-    (trial / "checkpoint_000002").mkdir()  # a directory Tune created, nothing written yet
-    assert _newest_persisted(registered) is None
-
-
 def test_a_trial_killed_mid_training_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
     cache: Path, tmp_path: Path
 ) -> None:

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import pickle
-import re
 import shutil
 import tempfile
 import time
@@ -20,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 import torch
 from ray import tune
 from ray.tune import Callback
@@ -29,9 +27,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from geopose_ray.engine import TrainConfig, Trainer
-from geopose_ray.engine.checkpoint import load_checkpoint
 from geopose_ray.engine.trainer import LAST
-from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.order import GuidedOrder
 from geopose_ray.sweep.plots import curves_plot
@@ -299,12 +295,8 @@ def train_trial(config: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix="geopose-trial-"))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        newer = _newest_persisted(checkpoint)
-        if newer is not None:
-            shutil.copy(newer / LAST, work / LAST)
-        else:
-            with checkpoint.as_directory() as d:
-                shutil.copy(Path(d) / LAST, work / LAST)
+        with checkpoint.as_directory() as d:
+            shutil.copy(Path(d) / LAST, work / LAST)
     elif raw.get("_resume_from"):  # continued in a reopened sweep: from its last checkpoint there
         shutil.copy(Path(raw["_resume_from"]) / LAST, work / LAST)
 
@@ -343,40 +335,6 @@ def train_trial(config: dict[str, Any]) -> None:
             _fit(smaller, work, report_with_retry, raw, trainers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-CHECKPOINT_DIR = re.compile(r"checkpoint_\d+")
-
-
-def _last_epoch(directory: Path) -> int:
-    """The epoch of a checkpoint directory's last.pt; -1 when it is missing or unreadable."""
-    try:
-        return int(load_checkpoint(directory / LAST)["epoch"])
-    except (DataError, KeyError, TypeError, ValueError):
-        return -1
-
-
-def _newest_persisted(checkpoint: tune.Checkpoint) -> Path | None:
-    """A newer checkpoint of the same trial than the one Tune restores, if one is complete on local storage.
-
-    Tune registers a reported checkpoint in a second step, after the result: a node lost between the two leaves
-    the newer checkpoint persisted (the worker writes it to storage before reporting) but unregistered, and Tune
-    restores the one before, which would train a completed epoch again. On a local filesystem the trial's other
-    checkpoint directories are beside the registered one; the newest whose last.pt loads is taken. None: the
-    registered one is the newest, or the storage is remote.
-    """
-    if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return None
-    registered = Path(checkpoint.path)
-    if not registered.parent.is_dir():
-        return None
-    epochs = {d: _last_epoch(d) for d in registered.parent.iterdir() if d.is_dir() and CHECKPOINT_DIR.fullmatch(d.name)}
-    base = epochs.get(registered, _last_epoch(registered))
-    newest = max(epochs, key=lambda d: epochs[d], default=registered)
-    if base < 0 or epochs.get(newest, -1) <= base:
-        return None
-    log.warning("resuming from %s (epoch %d), newer than Tune's %s", newest, epochs[newest], registered)
-    return newest
 
 
 def _injected_delay(raw: dict[str, Any], cfg: TrainConfig) -> float:
