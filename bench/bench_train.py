@@ -7,13 +7,14 @@ Each variant trains ``--epochs`` epochs after one warm-up epoch; images/s per ep
 
 CPU (this machine):   .venv/bin/python bench/bench_train.py
 GPU (a lent device):  python bench/bench_train.py --device cuda --encoder resnet34 --size 1024 --tiles 64 \
-                          --batch 4 --variants ref,fp32,fp32-cl,fp16,fp16-cl,bf16,bf16-cl
+                          --batch 4 --workers 4 --variants ref,fp32,fp32-cl,fp16,fp16-cl,bf16,bf16-cl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -38,12 +39,16 @@ VARIANTS = {  # name -> (amp, channels_last)
 }
 
 
-def reference_loop(cache: Path, model_cfg: ModelConfig, batch: int, epochs: int, device: str) -> list[float]:
+def reference_loop(
+    cache: Path, model_cfg: ModelConfig, batch: int, epochs: int, device: str, workers: int
+) -> list[float]:
     torch.manual_seed(0)
     model = GeoposeModel(model_cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     data = GeoposeDataset(str(cache))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=device == "cuda"
+    )
     rates = []
     for _ in range(epochs + 1):
         start, seen = time.perf_counter(), 0
@@ -62,12 +67,12 @@ def reference_loop(cache: Path, model_cfg: ModelConfig, batch: int, epochs: int,
 
 
 def engine(
-    cache: Path, out: Path, model_cfg: ModelConfig, batch: int, epochs: int, device: str, variant: str
+    cache: Path, out: Path, model_cfg: ModelConfig, batch: int, epochs: int, device: str, workers: int, variant: str
 ) -> tuple[list[float], float]:
     amp, cl = VARIANTS[variant]
     cfg = TrainConfig(
         cache=str(cache), val_fold=None, model=model_cfg, augment=None, epochs=epochs + 1, batch_size=batch,
-        lr=1e-4, amp=amp, channels_last=cl, device=device,
+        lr=1e-4, amp=amp, channels_last=cl, device=device, num_workers=workers,
     )  # fmt: skip
     rates: list[float] = []
     peaks: list[float] = []
@@ -84,6 +89,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--variants", default="ref,fp32,fp32-cl,bf16,bf16-cl")
+    ap.add_argument("--workers", type=int, default=0, help="data-loader worker processes, for both loops")
+    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(2)
@@ -91,16 +98,23 @@ def main() -> None:
     results: dict[str, object] = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "encoder": args.encoder, "size": args.size, "batch": args.batch, "epochs_timed": args.epochs,
+        "workers": args.workers, "torch": torch.__version__,
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        synthesize(root / "data", args.tiles, args.size, seed=0, workers=2)
-        prepare_cache(root / "data" / "train", root / "cache", 1, workers=2)
+        prep = max(2, min(os.cpu_count() or 2, 16))
+        synthesize(root / "data", args.tiles, args.size, seed=0, workers=prep)
+        prepare_cache(root / "data" / "train", root / "cache", 1, workers=prep)
         for v in args.variants.split(","):
             if v == "ref":
-                rates, peak = reference_loop(root / "cache", model_cfg, args.batch, args.epochs, args.device), None
+                rates, peak = (
+                    reference_loop(root / "cache", model_cfg, args.batch, args.epochs, args.device, args.workers),
+                    None,
+                )
             else:
-                rates, peak = engine(root / "cache", root / v, model_cfg, args.batch, args.epochs, args.device, v)
+                rates, peak = engine(
+                    root / "cache", root / v, model_cfg, args.batch, args.epochs, args.device, args.workers, v
+                )
             results[v] = {"images_per_s": statistics.median(rates), "peak_mem_mb": peak}
             print(v, results[v], flush=True)
     ref = results.get("ref")
@@ -109,6 +123,8 @@ def main() -> None:
             if v != "ref":
                 results[v]["speedup_vs_ref"] = results[v]["images_per_s"] / ref["images_per_s"]  # type: ignore[index]
     print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
