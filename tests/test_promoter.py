@@ -212,3 +212,17 @@ def test_a_reopened_sweep_with_another_rung_sends_the_best_finalists_on_without_
     assert p.finalists == ready
     with pytest.raises(ConfigError, match="above the top rung 4"):
         p.add_rung(3)
+
+
+def test_a_result_reported_again_gets_the_same_decision() -> None:
+    """A restored trial reports an epoch it had reported (train_trial's replay): the promoter decides as before,
+    and a trial it let continue past a rung is not paused there the second time."""
+    p = Promoter([1, 3], eta=2, mode="max", min_results=2)
+    assert p.on_result("a", 1, 0.5) is Decision.PAUSE  # too few results at the rung yet
+    assert p.on_result("b", 1, 0.9) is Decision.CONTINUE  # the best of two: promoted on arrival
+    assert p.on_result("b", 1, 0.9) is Decision.CONTINUE
+    assert p.on_result("a", 1, 0.5) is Decision.PAUSE
+    assert p.paused == {"a": 0} and p.promoted[0] == {"b"} and p.promotable() == []
+    assert p.on_result("b", 3, 0.95) is Decision.FINALIST
+    assert p.on_result("b", 3, 0.95) is Decision.FINALIST
+    assert p.finalists == ["b"]

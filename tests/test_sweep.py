@@ -265,6 +265,42 @@ def test_guided_search_starts_every_grid_point_once_and_learns_from_the_first_ru
     assert searcher["queue"] == [] and searcher["ended"] == set(first)
 
 
+def test_a_worker_lost_before_tune_registers_its_checkpoint_costs_no_retrained_epoch(
+    ray_cluster: None, cache: Path, tmp_path: Path
+) -> None:
+    """The worker dies right after the driver has processed its epoch-2 result and before Tune registers epoch 2's
+    checkpoint (faults: kill_after_result, the window a pre-empted node can fall in). Tune restores epoch 1's
+    checkpoint; the trial takes up epoch 2's from storage, reports it again unchanged (marked replayed, logged
+    to MLflow once) and trains epoch 3 from it: no epoch is trained twice."""
+    from mlflow.tracking import MlflowClient
+
+    from geopose_ray.sweep.driver import run_sweep
+    from geopose_ray.tracking import Tracker
+
+    grid = {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3], "accumulation": [1]}
+    cfg = _cfg(cache, tmp_path, grid=grid, rungs=[3], eta=2, faults={"kill_after_result": 2})
+    result = run_sweep(cfg)
+    [trial] = result.finalists
+    trial_dir = tmp_path / "runs" / "t-screen" / trial
+    assert any("error" in p.name for p in trial_dir.iterdir())  # Tune saw the worker die
+    results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    assert sorted({int(r["epoch"]) for r in results}) == [1, 2, 3]
+    trained = [int(r["epoch"]) for r in results if not r.get("replayed")]
+    assert len(trained) == len(set(trained))
+    # The restarted worker's first result is epoch 2 taken up from storage, not trained again.
+    restarted = [r for r in results if r["pid"] != results[0]["pid"]]
+    assert int(restarted[0]["epoch"]) == 2 and restarted[0]["replayed"] == 1.0
+    # MLflow got epoch 2 from the lost worker, before the kill; the replay carries the same metrics and is not
+    # logged again (a retrained epoch 2 would add a second, different train_s at step 2).
+    [run] = [r for r in Tracker(cfg.mlflow_uri, "t", "t").runs() if r.data.tags["trial"] == trial]
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    for key in ("score", "train_s", "gpu_hours"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3], key
+        assert {m.step: m.value for m in history}[2] == pytest.approx(restarted[0][key], rel=1e-12), key
+    assert [r["epoch"] for r in result.rows if r["stage"] == "fold"] == [3, 3, 3]
+
+
 @pytest.mark.slow
 def test_failing_trials_are_errored_with_their_reason_and_out_of_memory_is_retried_at_half_the_batch(
     ray_cluster: None, cache: Path, tmp_path: Path

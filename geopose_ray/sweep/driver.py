@@ -27,9 +27,11 @@ from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.promoter import Promoter
 from geopose_ray.sweep.tune import (
     GuidedSearch,
+    KillAfterResult,
     MlflowCallback,
     PromoterScheduler,
     SweepTable,
+    is_fold_run,
     pending_trials,
     resolve_config,
     train_trial,
@@ -86,7 +88,7 @@ def _records(grid: Any, stage: str) -> dict[str, TrialRecord]:
             continue  # never ran (a paused trial that was not promoted in a reopened sweep)
         ckpt = str(Path(result.checkpoint.path).resolve()) if result.checkpoint is not None else None
         error = _last_line(result.error) if result.error is not None else None
-        out[key] = TrialRecord(key, "fold" if "/fold" in key else stage, cfg, metrics, ckpt, error)
+        out[key] = TrialRecord(key, "fold" if is_fold_run(key) else stage, cfg, metrics, ckpt, error)
     return out
 
 
@@ -200,8 +202,11 @@ class _Sweep:
         scheduler = PromoterScheduler(self.promoter, self.cfg.metric, str(self.state_path.resolve()))
         callback = MlflowCallback(self.tracker, self.promoter, "screen", self.table)
         self.callbacks.append(callback)
+        callbacks: list[Any] = [callback]
+        if "kill_after_result" in self.cfg.faults:
+            callbacks.append(KillAfterResult(int(self.cfg.faults["kill_after_result"])))
         with pending_trials(self.cfg.pending_trials if guided or configs is None else None):
-            grid = _tuner(self.cfg, name, configs, scheduler, [callback], resume, guided).fit()
+            grid = _tuner(self.cfg, name, configs, scheduler, callbacks, resume, guided).fit()
         if self.state_path.exists():  # a restored Tuner has its own copy of the scheduler: the saved state rules
             self.promoter = Promoter.from_dict(json.loads(self.state_path.read_text())["promoter"])
         found = _records(grid, "screen")

@@ -133,7 +133,9 @@ class Promoter:
             if trial not in self.finalists:
                 self.finalists.append(trial)
             return Decision.FINALIST
-        if self.budget_left and trial in self.top(rung) and trial not in self.promoted[rung]:
+        if trial in self.promoted[rung]:  # a result it had (a restored trial reports its epoch again)
+            return Decision.CONTINUE
+        if self.budget_left and trial in self.top(rung):
             self.promoted[rung].add(trial)
             return Decision.CONTINUE
         self.paused[trial] = rung

@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -166,7 +168,7 @@ def pending_trials(n: int | None) -> Iterator[None]:
 _PIDS: dict[str, str] = {}  # Tune trial id -> promoter name (a drawn config is rebuilt to find it: keep it)
 
 
-def _is_fold(pid: str) -> bool:
+def is_fold_run(pid: str) -> bool:
     """A finalist's run on another fold ("<trial>/fold<k>"), not a screening trial."""
     return "/fold" in pid
 
@@ -213,14 +215,14 @@ class PromoterScheduler(FIFOScheduler):
         # enter as PAUSED, so that only a promotion (choose_trial_to_run) starts it. Tune files the trial under
         # its status right after this call. (Trial.set_status and init_local_path are Trial's own methods.)
         pid = _pid(trial)
-        if _is_fold(pid):
+        if is_fold_run(pid):
             return
         if trial.status == Trial.PENDING and pid in self.promoter.paused and pid not in self._resume:
             trial.init_local_path()  # a trial that never runs still needs its directory for Tune's results
             trial.set_status(Trial.PAUSED)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
-        if _is_fold(_pid(trial)):
+        if is_fold_run(_pid(trial)):
             return TrialScheduler.CONTINUE  # a finalist's fold run trains to the top rung; the promoter never sees it
         value = result.get(self._score_key, math.nan)
         decision = self.promoter.on_result(
@@ -235,8 +237,8 @@ class PromoterScheduler(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
-        by_pid = {_pid(t): t for t in trials if not _is_fold(_pid(t))}
-        folds = [t for t in trials if _is_fold(_pid(t)) and t.status == Trial.PENDING]
+        by_pid = {_pid(t): t for t in trials if not is_fold_run(_pid(t))}
+        folds = [t for t in trials if is_fold_run(_pid(t)) and t.status == Trial.PENDING]
         # After a driver restart Tune may bring a paused trial back as PENDING: it still waits for promotion.
         waiting = {
             pid: t
@@ -294,9 +296,11 @@ def train_trial(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config)
     work = Path(tempfile.mkdtemp(prefix="geopose-trial-"))
     checkpoint = tune.get_checkpoint()
+    unregistered: list[Path] = []
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             shutil.copy(Path(d) / LAST, work / LAST)
+        unregistered = _unregistered(checkpoint)
     elif raw.get("_resume_from"):  # continued in a reopened sweep: from its last checkpoint there
         shutil.copy(Path(raw["_resume_from"]) / LAST, work / LAST)
 
@@ -311,6 +315,8 @@ def train_trial(config: dict[str, Any]) -> None:
         out = dict(metrics)
         out["gpu_hours"] = seconds / 3600.0 * gpus
         out["device_hours"] = seconds / 3600.0
+        # Kept with the checkpoint, so that a restore from an older one can report this epoch again (_replay).
+        atomic_write_text(last.parent / REPORTED, json.dumps(out))
         tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(last.parent)))
 
     retried: dict[str, float] = {}
@@ -319,6 +325,7 @@ def train_trial(config: dict[str, Any]) -> None:
         report({**metrics, **retried}, last)
 
     try:
+        _replay(unregistered, work)
         try:
             _fit(cfg, work, report_with_retry, raw, trainers)
         except torch.OutOfMemoryError:
@@ -335,6 +342,88 @@ def train_trial(config: dict[str, Any]) -> None:
             _fit(smaller, work, report_with_retry, raw, trainers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+REPORTED = "reported.json"  # beside last.pt in every trial checkpoint: the metrics reported with it
+CHECKPOINT_DIR = re.compile(r"checkpoint_\d+")
+
+
+def _reported(directory: Path) -> dict[str, Any] | None:
+    """The metrics a checkpoint directory was reported with; None if it has none or is incomplete."""
+    try:
+        metrics = json.loads((directory / REPORTED).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or "epoch" not in metrics or not (directory / LAST).is_file():
+        return None
+    return metrics
+
+
+def _unregistered(checkpoint: tune.Checkpoint) -> list[Path]:
+    """The trial's checkpoints of the epochs right after the one Tune restores, complete on storage but never
+    registered by Tune, oldest first.
+
+    Tune handles a reported checkpoint in two steps: it processes the result (scheduler, searcher, callbacks,
+    result.json) and then asks the trial to save, which registers the checkpoint the worker had already
+    persisted. A worker lost between the two (a pre-empted node), or a driver killed before its experiment
+    snapshot caught up, makes Tune restore the checkpoint before; training from it would train completed epochs
+    again. These are the epochs to take up instead (see :func:`_replay`). Only on a local or shared filesystem,
+    where the trial's checkpoint directories are siblings; on remote storage the epochs are retrained.
+    """
+    if getattr(checkpoint.filesystem, "type_name", "") != "local":  # pyarrow's LocalFileSystem
+        return []
+    registered = Path(checkpoint.path)
+    base = _reported(registered)
+    if base is None or not registered.parent.is_dir():
+        return []
+    by_epoch: dict[int, Path] = {}
+    for d in registered.parent.iterdir():
+        if d != registered and d.is_dir() and CHECKPOINT_DIR.fullmatch(d.name):
+            metrics = _reported(d)
+            if metrics is not None:
+                by_epoch[int(metrics["epoch"])] = d
+    chain = []
+    epoch = int(base["epoch"]) + 1
+    while epoch in by_epoch:  # contiguous only: an epoch missing from storage is trained again, as is all after it
+        chain.append(by_epoch[epoch])
+        epoch += 1
+    return chain
+
+
+def _replay(checkpoints: list[Path], work: Path) -> None:
+    """Take up unregistered checkpoints (:func:`_unregistered`): report each epoch again, with its own metrics
+    (marked ``replayed``) and its checkpoint, without training it. The scheduler, searcher and callbacks see
+    every epoch in order, as if the trial had never been interrupted: a result they already had changes
+    nothing (the promoter and the guided order are idempotent per epoch), one they missed (a killed driver) is
+    acted on, and the trial goes on from the last one only if the scheduler lets it continue."""
+    for d in checkpoints:
+        metrics = _reported(d)
+        if metrics is None:  # removed meanwhile: train from the last one taken up
+            return
+        log.warning("taking up epoch %d from %s, which Tune had not registered", int(metrics["epoch"]), d)
+        shutil.copy(d / LAST, work / LAST)
+        atomic_write_text(work / REPORTED, json.dumps(metrics))
+        tune.report({**metrics, "replayed": 1.0}, checkpoint=tune.Checkpoint.from_directory(str(work)))
+
+
+class KillAfterResult(Callback):
+    """Fault injection (tests): ``faults: {kill_after_result: E}`` SIGKILLs a screening trial's worker process as
+    soon as the driver has processed its epoch-E result, before Tune registers that epoch's checkpoint: the
+    moment at which losing a pre-empted node costs the most. Once per trial; a single-machine cluster only (the
+    result's pid is a local process)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.done: set[str] = set()
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
+    ) -> None:
+        if int(result.get("epoch", 0)) != self.epoch or result.get("replayed") or is_fold_run(_pid(trial)):
+            return
+        if trial.trial_id not in self.done:
+            self.done.add(trial.trial_id)
+            os.kill(int(result["pid"]), signal.SIGKILL)
 
 
 def _injected_delay(raw: dict[str, Any], cfg: TrainConfig) -> float:
@@ -414,11 +503,11 @@ class MlflowCallback(Callback):
 
     def _stage(self, key: str) -> str:
         """The callback's stage, except for a finalist's fold run started during screening (backfilled)."""
-        return "fold" if _is_fold(key) else self.stage
+        return "fold" if is_fold_run(key) else self.stage
 
     def _status(self, trial: Trial) -> dict[str, Any]:
         p = self.promoter
-        if p is None or _is_fold(_pid(trial)):
+        if p is None or is_fold_run(_pid(trial)):
             return {"status": "running"}
         return {"status": p.status(_pid(trial)), "rung": p.reached(_pid(trial))}
 
@@ -462,11 +551,14 @@ class MlflowCallback(Callback):
         key, cfg = self._key(trial)
         self._cfgs[key] = cfg
         numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        numbers.pop("replayed", None)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        self._waiting.setdefault(key, []).append((numbers, epoch))
+        # An epoch reported again after a restore (train_trial's _replay) is logged once: it was not trained again.
+        if not (result.get("replayed") and any(e == epoch for e, _ in self.table.curves.get(key, []))):
+            self._waiting.setdefault(key, []).append((numbers, epoch))
+            if isinstance(result.get("score"), int | float):
+                self.table.curves.setdefault(key, []).append((epoch, float(result["score"])))
         self._last[key] = numbers
-        if isinstance(result.get("score"), int | float):
-            self.table.curves.setdefault(key, []).append((epoch, float(result["score"])))
         status = self._status(trial)
         self._row(key, cfg, status)
         if status["status"] in ("paused", "finalist"):
