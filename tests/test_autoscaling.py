@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_heads import BIN, Head, fake_t4_cluster, ray_head
+from trial_files import epochs_once
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,6 @@ def test_a_lost_worker_node_costs_its_trial_at_most_an_epoch_and_it_resumes_else
 ) -> None:
     """Kill a fake t4 node (its raylet and everything under it) while it trains a trial: the trial resumes from
     its last checkpoint on another node, no completed epoch is trained twice, and the sweep ends normally."""
-    import json
     import os
     import signal
 
@@ -125,7 +125,6 @@ def test_a_lost_worker_node_costs_its_trial_at_most_an_epoch_and_it_resumes_else
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
     for result in screen.glob("*/result.json"):
-        epochs = [int(json.loads(line)["epoch"]) for line in result.read_text().splitlines()]
-        assert epochs == list(range(1, 7)), (result.parent.name, epochs)  # all 6, none twice
+        assert epochs_once(result.parent) == list(range(1, 7)), result.parent.name  # all 6, none trained twice
     errored = [d for d in screen.iterdir() if d.is_dir() and any("error" in p.name for p in d.iterdir())]
     assert errored, "the killed node's trial must have failed once and been restarted"

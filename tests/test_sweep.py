@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trial_files import epochs_once
 
 from geopose_ray.errors import ConfigError
 from geopose_ray.models.config import ModelConfig, resolve_decoder, resolve_model
@@ -420,7 +421,7 @@ def test_a_killed_driver_resumes_without_retraining_or_duplicate_runs(cache: Pat
     folds = sorted(r["trial"] for r in rows if r["stage"] == "fold" and r["status"] == "done")
     assert folds == sorted(f"{t}/fold{k}" for t in finalists for k in (1, 2, 3))
     for r in screen:
-        epochs = _epochs(screen_dir / r["trial"])
+        epochs = epochs_once(screen_dir / r["trial"])
         assert epochs == list(range(1, len(epochs) + 1)), (r["trial"], epochs)
     from geopose_ray.tracking import Tracker
 
