@@ -254,3 +254,42 @@ def test_cli_json_has_every_measure_per_policy(capsys: pytest.CaptureFixture[str
     assert "| promoter |" in capsys.readouterr().out
     assert main(["simulate", "--rungs", "20,10,200"]) == 2
     assert "rungs" in capsys.readouterr().err
+
+
+def test_rates_come_with_wilson_intervals() -> None:
+    """95 % Wilson score intervals, as tabulated for small samples (0 of 10: 0–0.278; 5 of 10: 0.237–0.763)."""
+    from geopose_ray.simulate.measure import wilson
+
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    lo, hi = wilson(45, 50)
+    assert lo < 0.9 < hi and hi - lo < 0.2
+
+
+def test_the_pick_after_the_fold_stage_is_the_best_mean_over_all_folds() -> None:
+    """Three finalists, two folds each (the screening fold and one fold run). Trial 0 is lucky on its screening
+    fold (0.85 against a true 0.80) but not on the other; the 2-fold means (0.820, 0.830, 0.8205) pick trial 1,
+    the true best, once its fold run ends, at 30 GPU-hours."""
+    from geopose_ray.simulate.engine import Run
+    from geopose_ray.simulate.measure import fold_pick, grid_gpu_hours
+
+    curves = hand_curves([[0.5, 0.85], [0.5, 0.82], [0.5, 0.821]], minutes=[60, 60, 60])
+    curves.true_final[:] = [0.80, 0.83, 0.82]
+    scores = np.array([[0.79], [0.84], [0.82]])
+    # Fold runs are job ids n + trial × (K − 1) + k: here 3, 4, 5 for trials 0, 1, 2.
+    run = Run("x", 1, np.full(3, 2), np.full(3, 2), 9.0, 9.0, fold_finishes=[(1, 10, 3), (2, 20, 5), (3, 30, 4)])
+    assert fold_pick(run, curves, 2, scores) == (30, pytest.approx(0.0))
+    run.fold_finishes = run.fold_finishes[:2]  # trial 1's never ends: trial 2 (0.8205 > 0.820) is the last pick
+    assert fold_pick(run, curves, 2, scores) == (None, pytest.approx(0.01))
+    assert grid_gpu_hours(curves) == pytest.approx(6.0)
+
+
+def test_fold_scores_scatter_about_the_true_score_by_each_trials_noise() -> None:
+    from geopose_ray.simulate.measure import fold_scores
+
+    curves = draw_curves(240, seed=4)
+    ok = ~np.isnan(curves.true_final)
+    scores = fold_scores(curves, 4, seed=4)
+    z = (scores[ok] - curves.true_final[ok, None]) / np.asarray(curves.noise)[ok, None]
+    assert scores.shape == (240, 4) and abs(float(z.mean())) < 0.1 and float(z.std()) == pytest.approx(1.0, abs=0.1)
+    assert np.asarray(curves.noise).max() > 2 * np.asarray(curves.noise).min()  # higher at high learning rates

@@ -138,9 +138,12 @@ class Curves:
     observed: np.ndarray  # (n, top) the validation score reported after epochs 1..top; NaN: never reported
     fail_epoch: np.ndarray  # (n,) int: the epoch in which the trial errors (a non-finite loss); top + 1: never
     true_final: np.ndarray  # (n,) noise-free score at the top rung; NaN for a trial that errors before it
+    noise: np.ndarray | None = None  # (n,) sd of one fold's score about the true one; None: NOISE for every trial
 
     def __post_init__(self) -> None:
         n = self.observed.shape[0]
+        if self.noise is None:
+            self.noise = np.full(n, NOISE)
         if not (len(self.names) == len(self.minutes) == len(self.fail_epoch) == len(self.true_final) == n):
             raise ConfigError(f"Curves of {n} trials need {n} names, minutes, fail epochs and true finals")
         if np.any(self.minutes <= 0):
@@ -229,4 +232,4 @@ def draw_curves(n: int, seed: int, top: int = 200) -> Curves:
     true_final = np.where(fail <= top, np.nan, base[:, -1])
     names = [f"{c[1]}/{c[0]}/lr{c[2]:.0e}/acc{c[3]}" for c in configs]
     minutes = np.array([encs[i].minutes * decs[j].cost for i, j in zip(ei, di, strict=True)])
-    return Curves(names, minutes, observed, fail, true_final)
+    return Curves(names, minutes, observed, fail, true_final, sigma)

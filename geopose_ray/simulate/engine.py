@@ -59,6 +59,7 @@ class Run:
     screen_busy_h: float = 0.0  # busy worker-hours up to screen_h, fold runs included
     fold_gpu_hours: float = 0.0  # GPU-hours of fold runs
     held_idle_h: float = 0.0  # idle worker-hours an autoscaling pool pays for (see :func:`replay`)
+    fold_finishes: list[tuple[float, float, int]] = field(default_factory=list)  # (hour, GPU-hours, job) of fold runs
 
     @property
     def utilisation(self) -> float:
@@ -104,6 +105,7 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
     now = spent = screen_h = screen_busy = 0.0
     free = workers
     finishes: list[tuple[float, float, int]] = []
+    fold_finishes: list[tuple[float, float, int]] = []
     freed: list[float] = []  # when each free worker of the autoscaling pool was freed (none yet at the start)
     held_idle = 0.0
 
@@ -141,8 +143,8 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
             free += 1
             freed.append(now)
             continue
-        if epoch == top and trial < n:
-            finishes.append((now, spent, trial))
+        if epoch == top:
+            (finishes if trial < n else fold_finishes).append((now, spent, trial))
         nxt = policy.on_stop(trial, epoch)
         if nxt is None:
             free += 1
@@ -151,9 +153,10 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
             launch(trial, nxt)
     held_idle += sum(min(now - t, IDLE_TIMEOUT_H) for t in freed)
     fold_hours = float(np.sum(epochs[n:] * curves.minutes[base[n:]]) / 60.0)
-    run = Run(policy.name, workers, epochs[:n], at[:n].copy(), spent, now, finishes, screen_h, screen_busy, fold_hours)
-    run.held_idle_h = held_idle
-    return run
+    return Run(
+        policy.name, workers, epochs[:n], at[:n].copy(), spent, now, finishes, screen_h, screen_busy, fold_hours,
+        held_idle_h=held_idle, fold_finishes=fold_finishes,
+    )  # fmt: skip
 
 
 class Arrivals:
@@ -270,11 +273,11 @@ class AshaPolicy:
 
     def on_stop(self, trial: int, epoch: int) -> int | None:
         i = self.rungs.index(epoch)
+        value = float(self.curves.observed[trial, epoch - 1])
         if i == 0:
-            self.pending.observe(trial, float(self.curves.observed[trial, epoch - 1]))
+            self.pending.observe(trial, value)
         if i == len(self.rungs) - 1:
             return None
-        value = float(self.curves.observed[trial, epoch - 1])
         recorded = self.recorded[i]
         stop = bool(recorded) and value < float(np.nanpercentile(recorded, (1 - 1 / self.eta) * 100))
         recorded.append(value)

@@ -17,6 +17,7 @@ trials :meth:`Promoter.promotable` names. The state round-trips through :meth:`t
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -69,7 +70,7 @@ class Promoter:
         for i in range(len(self.rungs)):
             self.results.setdefault(i, {})
             self.promoted.setdefault(i, set())
-        self._writes = 0  # results recorded through on_result: the ranking cache's version
+        self._writes: Counter[int] = Counter()  # per rung, results recorded: the ranking cache's version
         self._top: dict[int, tuple[tuple[int, int, int], set[str]]] = {}  # rung -> (version, its top)
 
     # -- queries ----------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class Promoter:
         recorded = self.results[rung]
         if len(recorded) < self.min_results:
             return set()
-        version = (id(recorded), len(recorded), self._writes)
+        version = (id(recorded), len(recorded), self._writes[rung])
         cached = self._top.get(rung)
         if cached is None or cached[0] != version:
             k = len(recorded) // self.eta
@@ -128,7 +129,7 @@ class Promoter:
         if rung is None:
             return Decision.CONTINUE
         self.results[rung][trial] = float(value)
-        self._writes += 1
+        self._writes[rung] += 1
         if rung == len(self.rungs) - 1:
             if trial not in self.finalists:
                 self.finalists.append(trial)
