@@ -29,13 +29,14 @@ from geopose_ray.engine import TrainConfig, Trainer
 from geopose_ray.losses import geopose_loss
 from geopose_ray.models import GeoposeModel, ModelConfig
 
-VARIANTS = {  # name -> (amp, channels_last)
-    "fp32": ("off", False),
-    "fp32-cl": ("off", True),
-    "fp16": ("fp16", False),
-    "fp16-cl": ("fp16", True),
-    "bf16": ("bf16", False),
-    "bf16-cl": ("bf16", True),
+VARIANTS = {  # name -> (amp, channels_last, torch.compile)
+    "fp32": ("off", False, False),
+    "fp32-cl": ("off", True, False),
+    "fp16": ("fp16", False, False),
+    "fp16-cl": ("fp16", True, False),
+    "fp16-cl-compile": ("fp16", True, True),
+    "bf16": ("bf16", False, False),
+    "bf16-cl": ("bf16", True, False),
 }
 
 
@@ -69,10 +70,10 @@ def reference_loop(
 def engine(
     cache: Path, out: Path, model_cfg: ModelConfig, batch: int, epochs: int, device: str, workers: int, variant: str
 ) -> tuple[list[float], float]:
-    amp, cl = VARIANTS[variant]
+    amp, cl, compiled = VARIANTS[variant]
     cfg = TrainConfig(
         cache=str(cache), val_fold=None, model=model_cfg, augment=None, epochs=epochs + 1, batch_size=batch,
-        lr=1e-4, amp=amp, channels_last=cl, device=device, num_workers=workers,
+        lr=1e-4, amp=amp, channels_last=cl, compile=compiled, device=device, num_workers=workers,
     )  # fmt: skip
     rates: list[float] = []
     peaks: list[float] = []

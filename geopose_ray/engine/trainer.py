@@ -127,7 +127,9 @@ class Trainer:
         self.best_score = -math.inf
         self.history: list[dict[str, float]] = []
         if (self.out_dir / LAST).exists():
-            self._restore(load_checkpoint(self.out_dir / LAST, self.device))
+            # Loaded to the CPU: load_state_dict copies weights and optimizer state to where the model is, and the
+            # random states must be CPU byte tensors (mapped to CUDA, torch.set_rng_state refuses them).
+            self._restore(load_checkpoint(self.out_dir / LAST, "cpu"))
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -155,9 +157,9 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best_score = float(state["best_score"])
         self.history = list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
 
     # -- the loop ----------------------------------------------------------------------------------------
 
