@@ -4,7 +4,10 @@ Each scale runs every policy on ``--seeds`` populations (``geopose_ray.simulate`
 ``geopose-ray simulate`` prints. The plot shows, per policy, the mean regret of the pick and the share of seeds
 within 0.002 of the best, as GPU-hours are spent (as % of the full grid's GPU-hours on the same seed).
 
-    .venv/bin/python bench/bench_simulate.py [--seeds 200] [--fold-seeds 50] [--plot PNG] [--json out.json]
+    .venv/bin/python bench/bench_simulate.py [--seeds 200] [--fold-seeds 50] [--rungs 20,40,100,200] [--plot PNG]
+        [--json out.json]
+
+Rungs, η and min_results are screen-t4.yaml's unless --rungs says otherwise.
 
 200 seeds put a rate's 95 % interval within about ±5 points (50 seeds: ±10), which is what telling 82 % from
 90 % needs; the fold-pipeline table, slower to replay, uses 50.
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from geopose_ray.simulate import format_table, simulate
 from geopose_ray.simulate.measure import POLICIES, TOLERANCE, fold_pipeline
@@ -37,6 +41,7 @@ FOLDS_COLS = [
     ("fold_gpu_hours", 1, ".0f"),
     ("fold_pick_share_to_near", 100, ".1f"),
 ]
+SCREEN_T4 = yaml.safe_load((Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "screen-t4.yaml").read_text())
 SCALES = {"seed's scale: 240 trials, 16 workers": (240, 16), "1,000 trials, 64 workers": (1000, 64)}
 
 
@@ -82,7 +87,7 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> None:
             ax.set_xscale("log")
             ax.set_xlim(2, 100)
             ax.grid(alpha=0.3)
-        top.set_title(f"{title} ({result['config']['seeds']} seeds)")
+        top.set_title(f"{title} ({result['config']['seeds']} seeds, rungs {result['config']['rungs']})")
         top.set_ylim(bottom=0)
         bottom.set_xlabel("GPU-hours spent, % of the full grid's (log)")
         bottom.set_ylim(0, 102)
@@ -99,16 +104,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=200)
     ap.add_argument("--fold-seeds", type=int, default=50, help="seeds for the fold-pipeline table")
+    ap.add_argument(
+        "--rungs", default=",".join(map(str, SCREEN_T4["rungs"])), help="epochs (default: screen-t4.yaml's rungs)"
+    )
     ap.add_argument("--plot", type=Path, default=Path("bench/simulate.png"))
     ap.add_argument("--json", type=Path, default=None, help="also write every measure here")
     args = ap.parse_args()
+    rungs = tuple(int(r) for r in args.rungs.split(","))
+    eta, min_results = int(SCREEN_T4["eta"]), int(SCREEN_T4["min_results"])
     results = {}
     for title, (trials, workers) in SCALES.items():
         t = time.perf_counter()
-        results[title] = simulate(trials, workers, args.seeds, keep_outcomes=True)
+        results[title] = simulate(
+            trials, workers, args.seeds, rungs=rungs, eta=eta, min_results=min_results, keep_outcomes=True
+        )
         print(f"### {title}: {time.perf_counter() - t:.1f} s for {args.seeds} seeds\n")
         print(format_table(results[title]) + "\n")
-        folds = fold_pipeline(trials, workers, args.fold_seeds)
+        folds = fold_pipeline(trials, workers, args.fold_seeds, rungs=rungs, eta=eta, min_results=min_results)
         print(FOLDS_HEAD)
         for name, f in folds.items():
             cells = [_cell(f[k], s, fmt) for k, s, fmt in FOLDS_COLS]
