@@ -396,10 +396,12 @@ def _replay(checkpoints: list[Path], work: Path) -> None:
     every epoch in order, as if the trial had never been interrupted: a result they already had changes
     nothing (the promoter and the guided order are idempotent per epoch), one they missed (a killed driver) is
     acted on, and the trial goes on from the last one only if the scheduler lets it continue."""
+    expected = None
     for d in checkpoints:
         metrics = _reported(d)
-        if metrics is None:  # removed meanwhile: train from the last one taken up
-            return
+        if metrics is None or (expected is not None and int(metrics["epoch"]) != expected):
+            return  # removed or rewritten meanwhile: train on from the last one taken up
+        expected = int(metrics["epoch"]) + 1
         log.warning("taking up epoch %d from %s, which Tune had not registered", int(metrics["epoch"]), d)
         shutil.copy(d / LAST, work / LAST)
         atomic_write_text(work / REPORTED, json.dumps(metrics))
