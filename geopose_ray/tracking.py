@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 import tempfile
 import time
@@ -85,16 +86,21 @@ def result_row(
 
 
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Screening trials first, best first; a trial without a score last."""
+    """Screening trials first; the furthest trained first, and among trials at the same epoch the best score there
+    first; a trial without a score last at its epoch.
 
-    def best(r: dict[str, Any]) -> float:
+    Trials are compared by their score at the epoch they reached, as the promoter compares them at a rung, not by
+    ``best_score``: a maximum over every epoch so far favours the noisiest curves (BENCHMARKS.md, sweep policies:
+    the simulated regret of picking by it)."""
+
+    def key(r: dict[str, Any]) -> tuple[bool, int, float, str]:
         try:
-            v = float(r["best_score"])
+            v = float(r["score"])
         except (TypeError, ValueError):
-            return 1e9
-        return -v if v == v else 1e9
+            v = float("nan")
+        return r["stage"] != "screen", -int(r.get("epoch") or 0), -v if v == v else math.inf, str(r["trial"])
 
-    return sorted(rows, key=lambda r: (r["stage"] != "screen", best(r), str(r["trial"])))
+    return sorted(rows, key=key)
 
 
 def rows_csv(rows: list[dict[str, Any]]) -> str:

@@ -293,3 +293,28 @@ def test_fold_scores_scatter_about_the_true_score_by_each_trials_noise() -> None
     z = (scores[ok] - curves.true_final[ok, None]) / np.asarray(curves.noise)[ok, None]
     assert scores.shape == (240, 4) and abs(float(z.mean())) < 0.1 and float(z.std()) == pytest.approx(1.0, abs=0.1)
     assert np.asarray(curves.noise).max() > 2 * np.asarray(curves.noise).min()  # higher at high learning rates
+
+
+def test_ranking_finalists_by_their_best_epoch_picks_the_lucky_spike() -> None:
+    """Trial 0 spikes once (0.90 at epoch 2) and ends at 0.80; trial 1 ends best (0.85). Picked by the top rung's
+    score the grid's regret is 0; picked by the best epoch's score (the trainer's best_score) it is 0.05."""
+    curves = hand_curves([[0.5, 0.90, 0.79, 0.80], [0.5, 0.7, 0.84, 0.85]], minutes=[60, 60])
+    outcome = evaluate(replay(curves, 1, GridPolicy(curves, [0, 1])), curves, math.inf)
+    assert outcome.regret == pytest.approx(0.0)
+    assert outcome.regret_by_best_score == pytest.approx(0.05)
+
+
+def test_the_results_table_ranks_by_the_score_at_the_epoch_reached() -> None:
+    from geopose_ray.tracking import sort_rows
+
+    def row(trial: str, epoch: int, score: float, best: float, stage: str = "screen") -> dict[str, object]:
+        return {"trial": trial, "stage": stage, "epoch": epoch, "score": score, "best_score": best}
+
+    rows = [
+        row("spike", 200, 0.80, 0.90),  # its best epoch was a lucky one
+        row("steady", 200, 0.85, 0.85),
+        row("early", 40, 0.95, 0.95),  # paused at a lower rung: below every finalist
+        row("fold", 200, 0.99, 0.99, stage="fold"),
+        row("nan", 200, float("nan"), float("nan")),
+    ]
+    assert [r["trial"] for r in sort_rows(rows)] == ["steady", "spike", "nan", "early", "fold"]

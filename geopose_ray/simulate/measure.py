@@ -7,6 +7,8 @@ Per policy and seed:
   would pick (the best *observed* score at the top rung). ``best_found``: the true best reached the top rung.
 - ``hours_to_near_best``: GPU-hours spent when the pick (the incumbent, as finalists arrive) first came within
   :data:`TOLERANCE` of the best; None if never.
+- ``regret_by_best_score``: the regret had the pick been the finalist with the best score at any epoch (the
+  trainer's ``best_score``, a maximum over noisy epochs), not at the top rung.
 - ``regret_at_budget``: the regret of the pick when the policy had spent the matched budget B (or at its end if
   it spent less). B is ``--budget`` when given, else the promoter's own GPU-hours on that seed; random search
   is given B as its budget. This is the "same budget" comparison: every policy stopped at the same GPU-hours.
@@ -57,6 +59,7 @@ class Outcome:
     best_found: bool
     hours_to_near_best: float | None
     hours_to_near_finalist: float | None  # GPU-hours when some finalist (not the pick) first was within TOLERANCE
+    regret_by_best_score: float | None  # the final pick's regret were finalists ranked by their best epoch's score
     regret_at_budget: float | None
     finalists: int
     anytime: list[tuple[float, float]] = field(default_factory=list)  # (GPU-hours, regret) at each new pick
@@ -84,6 +87,7 @@ def evaluate(run: Run, curves: Curves, budget: float) -> Outcome:
         if spent <= budget * (1 + 1e-9) and pick >= 0:
             at_budget = best - float(curves.true_final[pick])
     finalists = {t for _, _, t in run.finishes}
+    by_max = max(finalists, key=lambda t: float(np.nanmax(curves.observed[t])), default=None)
     return Outcome(
         policy=run.policy,
         gpu_hours=run.gpu_hours,
@@ -94,6 +98,7 @@ def evaluate(run: Run, curves: Curves, budget: float) -> Outcome:
         best_found=best_trial in finalists,
         hours_to_near_best=near,
         hours_to_near_finalist=near_finalist,
+        regret_by_best_score=None if by_max is None else best - float(curves.true_final[by_max]),
         regret_at_budget=at_budget,
         finalists=len(finalists),
         anytime=anytime,
@@ -229,6 +234,7 @@ def simulate(
             "autoscaled_utilisation": _spread([r.autoscaled_utilisation for r in rows]),
             "regret": _spread([r.regret for r in rows]),
             "regret_at_budget": _spread([r.regret_at_budget for r in rows]),
+            "regret_by_best_score": _spread([r.regret_by_best_score for r in rows]),
             "hours_to_near_best": _spread([r.hours_to_near_best for r in rows]),
             "grid_share_to_near_best": _spread(share),
             "finalists": _spread([r.finalists for r in rows]),
