@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from geopose_ray.simulate import format_table, simulate
-from geopose_ray.simulate.measure import POLICIES, TOLERANCE, fold_pipeline
+from geopose_ray.simulate.measure import POLICIES, TOLERANCE, fold_pipeline, format_spread
 
 FOLDS_HEAD = (
     "| then 5 folds per finalist | utilisation while screening % | screening h | whole pipeline h | pipeline "
@@ -43,12 +43,6 @@ FOLDS_COLS = [
 ]
 SCREEN_T4 = yaml.safe_load((Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "screen-t4.yaml").read_text())
 SCALES = {"seed's scale: 240 trials, 16 workers": (240, 16), "1,000 trials, 64 workers": (1000, 64)}
-
-
-def _cell(s: dict[str, float | None], scale: float, fmt: str) -> str:
-    """median (p10–p90), "never" for a value never reached."""
-    one = ["never" if v is None else format(v * scale, fmt) for v in (s["median"], s["p10"], s["p90"])]
-    return f"{one[0]} ({one[1]}–{one[2]})"
 
 
 def anytime(outcomes: list[dict[str, Any]], policy: str, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +117,7 @@ def main() -> None:
         folds = fold_pipeline(trials, workers, args.fold_seeds, rungs=rungs, eta=eta, min_results=min_results)
         print(FOLDS_HEAD)
         for name, f in folds.items():
-            cells = [_cell(f[k], s, fmt) for k, s, fmt in FOLDS_COLS]
+            cells = [format_spread(f[k], fmt, s) for k, s, fmt in FOLDS_COLS]
             cells += [f"{f['regret']['mean']:.4f}", f"{f['fold_pick_regret']['mean']:.4f}"]
             print(f"| {name} | " + " | ".join(cells) + " |")
         print()

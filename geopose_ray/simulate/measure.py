@@ -359,7 +359,9 @@ def fold_pipeline(
     return out
 
 
-def _fmt(s: dict[str, float | None], fmt: str, scale: float = 1.0) -> str:
+def format_spread(s: dict[str, float | None], fmt: str, scale: float = 1.0) -> str:
+    """A :func:`_spread` as "median (p10–p90)", each value times ``scale``; "never" for a value never reached."""
+
     def one(v: float | None) -> str:
         return "never" if v is None else format(v * scale, fmt)
 
@@ -379,13 +381,13 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [head]
     for name, p in result["policies"].items():
         lines.append(
-            f"| {name} | {_fmt(p['gpu_hours'], '.0f')} | {_fmt(p['grid_share'], '.1f', 100)} | "
-            f"{_fmt(p['makespan_h'], '.0f')} | {_fmt(p['utilisation'], '.1f', 100)} | "
-            f"{_fmt(p['autoscaled_utilisation'], '.1f', 100)} | {_fmt(p['regret'], '.4f')} | "
-            f"{_fmt(p['regret_at_budget'], '.4f')} | {p['best_found_rate']:.0%} | "
-            f"{_fmt(p['grid_share_to_near_best'], '.1f', 100)} | {p['near_best_within_share_rate']:.0%} | "
+            f"| {name} | {format_spread(p['gpu_hours'], '.0f')} | {format_spread(p['grid_share'], '.1f', 100)} | "
+            f"{format_spread(p['makespan_h'], '.0f')} | {format_spread(p['utilisation'], '.1f', 100)} | "
+            f"{format_spread(p['autoscaled_utilisation'], '.1f', 100)} | {format_spread(p['regret'], '.4f')} | "
+            f"{format_spread(p['regret_at_budget'], '.4f')} | {p['best_found_rate']:.0%} | "
+            f"{format_spread(p['grid_share_to_near_best'], '.1f', 100)} | {p['near_best_within_share_rate']:.0%} | "
             f"{p['near_finalist_within_share_rate']:.0%} | "
-            f"{_fmt(p['finalists'], '.0f')} |"
+            f"{format_spread(p['finalists'], '.0f')} |"
         )
     budget = (
         f"{c['budget']:g} GPU-hours"
