@@ -174,3 +174,25 @@ def test_a_trial_killed_mid_training_resumes_from_its_checkpoint_and_ends_as_if_
         torch.set_num_threads(threads)
     for key in ("score", "agl_r2", "flow_r2", "train/total"):
         assert results[-1][key] == pytest.approx(straight[-1][key], abs=1e-6), key
+
+
+def test_unregistered_checkpoints_are_the_complete_contiguous_epochs_after_the_restored_one(tmp_path: Path) -> None:
+    """Tune restores epoch 1's checkpoint; epochs 2 and 3 are complete beside it, epoch 5's too but epoch 4 is
+    missing, and a directory Tune created holds nothing yet: epochs 2 and 3 are taken up, in order. A torn epoch 2
+    (no reported.json) leaves Tune's choice."""
+    from ray import tune
+
+    from geopose_ray.sweep.tune import REPORTED, _unregistered
+
+    trial = tmp_path / "trial"
+    for index, epoch in ((0, 1), (1, 2), (2, 3), (4, 5)):
+        d = trial / f"checkpoint_{index:06d}"
+        d.mkdir(parents=True)
+        save_checkpoint(d / "last.pt", {"epoch": epoch})
+        (d / REPORTED).write_text(f'{{"epoch": {epoch}.0, "score": 0.5}}')
+    (trial / "checkpoint_000005").mkdir()
+    registered = tune.Checkpoint.from_directory(str(trial / "checkpoint_000000"))
+    assert _unregistered(registered) == [trial / "checkpoint_000001", trial / "checkpoint_000002"]
+    assert _unregistered(tune.Checkpoint.from_directory(str(trial / "checkpoint_000002"))) == []
+    (trial / "checkpoint_000001" / REPORTED).unlink()
+    assert _unregistered(registered) == []
