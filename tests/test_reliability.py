@@ -177,12 +177,13 @@ def test_a_trial_killed_mid_training_resumes_from_its_checkpoint_and_ends_as_if_
 
 
 def test_unregistered_checkpoints_are_the_complete_contiguous_epochs_after_the_restored_one(tmp_path: Path) -> None:
-    """Tune restores epoch 1's checkpoint; epochs 2 and 3 are complete beside it, epoch 5's too but epoch 4 is
-    missing, and a directory Tune created holds nothing yet: epochs 2 and 3 are taken up, in order. A torn epoch 2
-    (no reported.json) leaves Tune's choice."""
+    """Tune restores epoch 1's checkpoint; epochs 2 and 3 are beside it, epoch 5's too but epoch 4 is missing, and
+    a directory Tune created holds nothing yet: epochs 2 and 3 are the candidates, in order. Without its
+    reported.json epoch 2 is none. A last.pt torn by a node lost while the worker persisted it (seen in CI) is not
+    taken up, and the work directory keeps the checkpoint it had."""
     from ray import tune
 
-    from geopose_ray.sweep.tune import REPORTED, _unregistered
+    from geopose_ray.sweep.tune import REPORTED, _take_up, _unregistered
 
     trial = tmp_path / "trial"
     for index, epoch in ((0, 1), (1, 2), (2, 3), (4, 5)):
@@ -192,7 +193,21 @@ def test_unregistered_checkpoints_are_the_complete_contiguous_epochs_after_the_r
         (d / REPORTED).write_text(f'{{"epoch": {epoch}.0, "score": 0.5}}')
     (trial / "checkpoint_000005").mkdir()
     registered = tune.Checkpoint.from_directory(str(trial / "checkpoint_000000"))
-    assert _unregistered(registered) == [trial / "checkpoint_000001", trial / "checkpoint_000002"]
-    assert _unregistered(tune.Checkpoint.from_directory(str(trial / "checkpoint_000002"))) == []
-    (trial / "checkpoint_000001" / REPORTED).unlink()
+    two, three = trial / "checkpoint_000001", trial / "checkpoint_000002"
+    assert _unregistered(registered) == [(two, 2), (three, 3)]
+    assert _unregistered(tune.Checkpoint.from_directory(str(three))) == []
+
+    work = tmp_path / "work"
+    work.mkdir()
+    save_checkpoint(work / "last.pt", {"epoch": 1})
+    assert _take_up(two, work, 2) == {"epoch": 2.0, "score": 0.5}
+    assert load_checkpoint(work / "last.pt")["epoch"] == 2
+    assert _take_up(two, work, 3) is None  # not the epoch expected next
+    torn = (three / "last.pt").read_bytes()
+    (three / "last.pt").write_bytes(torn[: len(torn) // 2])
+    assert _take_up(three, work, 3) is None
+    assert load_checkpoint(work / "last.pt")["epoch"] == 2 and sorted(p.name for p in work.iterdir()) == [
+        "last.pt", REPORTED
+    ]  # fmt: skip
+    (two / REPORTED).unlink()
     assert _unregistered(registered) == []

@@ -29,7 +29,9 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from geopose_ray.engine import TrainConfig, Trainer
+from geopose_ray.engine.checkpoint import load_checkpoint
 from geopose_ray.engine.trainer import LAST
+from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.order import GuidedOrder
 from geopose_ray.sweep.plots import curves_plot
@@ -296,7 +298,7 @@ def train_trial(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config)
     work = Path(tempfile.mkdtemp(prefix="geopose-trial-"))
     checkpoint = tune.get_checkpoint()
-    unregistered: list[Path] = []
+    unregistered: list[tuple[Path, int]] = []
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             shutil.copy(Path(d) / LAST, work / LAST)
@@ -359,9 +361,9 @@ def _reported(directory: Path) -> dict[str, Any] | None:
     return metrics
 
 
-def _unregistered(checkpoint: tune.Checkpoint) -> list[Path]:
+def _unregistered(checkpoint: tune.Checkpoint) -> list[tuple[Path, int]]:
     """The trial's checkpoints of the epochs right after the one Tune restores, complete on storage but never
-    registered by Tune, oldest first.
+    registered by Tune, oldest first, with their epochs (by their reported.json; :func:`_take_up` checks last.pt).
 
     Tune handles a reported checkpoint in two steps: it processes the result (scheduler, searcher, callbacks,
     result.json) and then asks the trial to save, which registers the checkpoint the worker had already
@@ -385,26 +387,45 @@ def _unregistered(checkpoint: tune.Checkpoint) -> list[Path]:
     chain = []
     epoch = int(base["epoch"]) + 1
     while epoch in by_epoch:  # contiguous only: an epoch missing from storage is trained again, as is all after it
-        chain.append(by_epoch[epoch])
+        chain.append((by_epoch[epoch], epoch))
         epoch += 1
     return chain
 
 
-def _replay(checkpoints: list[Path], work: Path) -> None:
+def _take_up(directory: Path, work: Path, epoch: int) -> dict[str, Any] | None:
+    """Copy an unregistered checkpoint's last.pt into ``work`` if it is complete: it loads and holds ``epoch``
+    (a node lost while the worker persisted it leaves a torn copy). Returns the metrics it was reported with;
+    None, with ``work`` as it was, if it is incomplete, torn or of another epoch."""
+    metrics = _reported(directory)
+    if metrics is None or int(metrics["epoch"]) != epoch:
+        return None
+    candidate = work / f".{LAST}.candidate"
+    try:
+        shutil.copy(directory / LAST, candidate)
+        complete = int(load_checkpoint(candidate)["epoch"]) == epoch
+    except (OSError, DataError, KeyError, TypeError, ValueError):
+        complete = False
+    if not complete:
+        candidate.unlink(missing_ok=True)
+        return None
+    os.replace(candidate, work / LAST)
+    atomic_write_text(work / REPORTED, json.dumps(metrics))
+    return metrics
+
+
+def _replay(checkpoints: list[tuple[Path, int]], work: Path) -> None:
     """Take up unregistered checkpoints (:func:`_unregistered`): report each epoch again, with its own metrics
     (marked ``replayed``) and its checkpoint, without training it. The scheduler, searcher and callbacks see
     every epoch in order, as if the trial had never been interrupted: a result they already had changes
     nothing (the promoter and the guided order are idempotent per epoch), one they missed (a killed driver) is
-    acted on, and the trial goes on from the last one only if the scheduler lets it continue."""
-    expected = None
-    for d in checkpoints:
-        metrics = _reported(d)
-        if metrics is None or (expected is not None and int(metrics["epoch"]) != expected):
-            return  # removed or rewritten meanwhile: train on from the last one taken up
-        expected = int(metrics["epoch"]) + 1
-        log.warning("taking up epoch %d from %s, which Tune had not registered", int(metrics["epoch"]), d)
-        shutil.copy(d / LAST, work / LAST)
-        atomic_write_text(work / REPORTED, json.dumps(metrics))
+    acted on, and the trial goes on from the last one only if the scheduler lets it continue. The first that is
+    torn or rewritten meanwhile ends the replay: training goes on from the last one taken up."""
+    for d, epoch in checkpoints:
+        metrics = _take_up(d, work, epoch)
+        if metrics is None:
+            log.warning("not taking up %s: incomplete, torn or not epoch %d", d, epoch)
+            return
+        log.warning("taking up epoch %d from %s, which Tune had not registered", epoch, d)
         tune.report({**metrics, "replayed": 1.0}, checkpoint=tune.Checkpoint.from_directory(str(work)))
 
 
