@@ -4,8 +4,11 @@ Each scale runs every policy on ``--seeds`` populations (``geopose_ray.simulate`
 ``geopose-ray simulate`` prints. The plot shows, per policy, the mean regret of the pick and the share of seeds
 within 0.002 of the best, as GPU-hours are spent (as % of the full grid's GPU-hours on the same seed).
 
-    .venv/bin/python bench/bench_simulate.py [--seeds 200] [--fold-seeds 50] [--rungs 20,40,100,200] [--plot PNG]
-        [--json out.json]
+    .venv/bin/python bench/bench_simulate.py [--seeds 200] [--fold-seeds 50] [--rungs 20,40,100,200]
+        [--persistent 0.5] [--plot PNG] [--json out.json]
+
+``--persistent`` is the share of a fold score's noise variance that is the run's own (curves.py); BENCHMARKS.md
+gives the targets at 0, 0.5 and 1 (``--fold-seeds 0`` skips the fold table, ``--plot ''`` the plot).
 
 Rungs, η and min_results are screen-t4.yaml's unless --rungs says otherwise.
 
@@ -26,6 +29,7 @@ import numpy as np
 import yaml
 
 from geopose_ray.simulate import format_table, simulate
+from geopose_ray.simulate.curves import PERSISTENT
 from geopose_ray.simulate.measure import POLICIES, TOLERANCE, fold_pipeline, format_spread
 
 FOLDS_HEAD = (
@@ -101,7 +105,8 @@ def main() -> None:
     ap.add_argument(
         "--rungs", default=",".join(map(str, SCREEN_T4["rungs"])), help="epochs (default: screen-t4.yaml's rungs)"
     )
-    ap.add_argument("--plot", type=Path, default=Path("bench/simulate.png"))
+    ap.add_argument("--persistent", type=float, default=PERSISTENT, help="noise variance share the same every epoch")
+    ap.add_argument("--plot", default="bench/simulate.png", help="PNG path ('' for none)")
     ap.add_argument("--json", type=Path, default=None, help="also write every measure here")
     args = ap.parse_args()
     rungs = tuple(int(r) for r in args.rungs.split(","))
@@ -110,11 +115,17 @@ def main() -> None:
     for title, (trials, workers) in SCALES.items():
         t = time.perf_counter()
         results[title] = simulate(
-            trials, workers, args.seeds, rungs=rungs, eta=eta, min_results=min_results, keep_outcomes=True
-        )
+            trials, workers, args.seeds, rungs=rungs, eta=eta, min_results=min_results, keep_outcomes=True,
+            persistent=args.persistent,
+        )  # fmt: skip
         print(f"### {title}: {time.perf_counter() - t:.1f} s for {args.seeds} seeds\n")
         print(format_table(results[title]) + "\n")
-        folds = fold_pipeline(trials, workers, args.fold_seeds, rungs=rungs, eta=eta, min_results=min_results)
+        if args.fold_seeds < 1:
+            continue
+        folds = fold_pipeline(
+            trials, workers, args.fold_seeds, rungs=rungs, eta=eta, min_results=min_results,
+            persistent=args.persistent,
+        )  # fmt: skip
         print(FOLDS_HEAD)
         for name, f in folds.items():
             cells = [format_spread(f[k], fmt, s) for k, s, fmt in FOLDS_COLS]
@@ -122,8 +133,9 @@ def main() -> None:
             print(f"| {name} | " + " | ".join(cells) + " |")
         print()
         results[title]["fold_pipeline"] = folds
-    plot(results, args.plot)
-    print(f"plot: {args.plot}")
+    if args.plot:
+        plot(results, Path(args.plot))
+        print(f"plot: {args.plot}")
     if args.json:
         slim = {k: {kk: vv for kk, vv in v.items() if kk != "outcomes"} for k, v in results.items()}
         args.json.write_text(json.dumps(slim, indent=2))

@@ -139,8 +139,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from geopose_ray.simulate import format_table, simulate
 
     result = simulate(
-        args.trials, args.workers, args.seeds, args.budget, args.rungs, args.eta, args.min_results, args.first_seed
-    )
+        args.trials, args.workers, args.seeds, args.budget, args.rungs, args.eta, args.min_results, args.first_seed,
+        persistent=args.persistent_noise,
+    )  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -230,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rungs", type=_rungs, default=(20, 60, 200), help="epochs, comma-separated (default 20,60,200)")
     p.add_argument("--eta", type=int, default=3, help="reduction factor (default 3)")
     p.add_argument("--min-results", type=int, default=9, help="promoter's min_results (default 9, as screen-t4)")
+    p.add_argument(
+        "--persistent-noise", type=float, default=0.5, metavar="SHARE",
+        help="share of a fold score's noise variance that is the run's own, the same every epoch (the rest "
+        "averages out over the last epochs); 0 to 1, default 0.5",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(fn=_cmd_simulate)
     return parser

@@ -63,7 +63,8 @@ def trial_params(cfg: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v)[:500] for k, v in {**head, **rest}.items()}
 
 
-COLUMNS = ["trial", "stage", "status", "rung", *PARAM_KEYS, "epoch", "score", "best_score", "gpu_hours", "device_hours"]
+COLUMNS = ["trial", "stage", "status", "rung", *PARAM_KEYS, "epoch", "score", "score_avg", "best_score", "gpu_hours",
+           "device_hours"]  # fmt: skip
 
 
 def result_row(
@@ -79,6 +80,7 @@ def result_row(
         **headline(cfg),
         "epoch": int(metrics.get("epoch", 0) or 0),
         "score": metrics.get("score", nan),
+        "score_avg": metrics.get("score_avg", nan),
         "best_score": metrics.get("best_score", nan),
         "gpu_hours": metrics.get("gpu_hours", 0.0),
         "device_hours": metrics.get("device_hours", 0.0),
@@ -86,18 +88,25 @@ def result_row(
 
 
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Screening trials first; the furthest trained first, and among trials at the same epoch the best score there
-    first; a trial without a score last at its epoch.
+    """Screening trials first; the furthest trained first, and among trials at the same epoch the best
+    ``score_avg`` (the mean of the last few epochs' scores, :func:`geopose_ray.metrics.window_epochs`) first, or
+    the score where a row has no ``score_avg``; a trial with neither last at its epoch.
 
-    Trials are compared by their score at the epoch they reached, as the promoter compares them at a rung, not by
-    ``best_score``: a maximum over every epoch so far favours the noisiest curves (BENCHMARKS.md, sweep policies:
-    the simulated regret of picking by it)."""
+    Trials are compared at the epoch they reached, as the promoter compares them at a rung, not by ``best_score``:
+    a maximum over every epoch so far favours the noisiest curves. The mean of the last epochs is steadier than
+    the last one alone (BENCHMARKS.md, sweep policies: the simulated regret of each way of picking)."""
+
+    def value(r: dict[str, Any], name: str) -> float:
+        try:
+            v = float(r.get(name, math.nan))
+        except (TypeError, ValueError):
+            return math.nan
+        return v if math.isfinite(v) else math.nan
 
     def key(r: dict[str, Any]) -> tuple[bool, int, float, str]:
-        try:
-            v = float(r["score"])
-        except (TypeError, ValueError):
-            v = float("nan")
+        v = value(r, "score_avg")
+        if v != v:
+            v = value(r, "score")
         return r["stage"] != "screen", -int(r.get("epoch") or 0), -v if v == v else math.inf, str(r["trial"])
 
     return sorted(rows, key=key)
@@ -297,7 +306,8 @@ def results_table(tracker: Tracker) -> list[dict[str, Any]]:
 
 def format_results(rows: list[dict[str, Any]]) -> str:
     cols = [("trial", 24), ("stage", 7), ("status", 9), ("rung", 5), ("encoder", 18), ("decoder", 13), ("lr", 8),
-            ("accumulation", 5), ("effective_batch", 6), ("val_fold", 5), ("epoch", 6), ("best_score", 9)]  # fmt: skip
+            ("accumulation", 5), ("effective_batch", 6), ("val_fold", 5), ("epoch", 6), ("score", 8),
+            ("score_avg", 10)]  # fmt: skip
     head = "".join(
         f"{(n if n not in ('accumulation', 'effective_batch', 'val_fold') else n[:4]):<{w}}" for n, w in cols
     )

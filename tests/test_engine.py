@@ -162,8 +162,20 @@ def test_cosine_schedule_and_metrics(cache: Path, tmp_path: Path) -> None:
     history = t.fit()
     assert history[0]["lr"] < 1e-3 and history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert {"train/total", "train/agl", "train/mag", "train/xy", "train/scale", "val/total", "score",
-            "images_per_s", "peak_mem_mb", "best_score"} <= set(history[-1])  # fmt: skip
+            "images_per_s", "peak_mem_mb", "best_score", "score_avg"} <= set(history[-1])  # fmt: skip
     assert history[-1]["images_per_s"] > 0 and history[-1]["peak_mem_mb"] > 0
+
+
+def test_score_avg_is_the_mean_of_the_last_epochs_across_a_resume(cache: Path, tmp_path: Path) -> None:
+    """With score_window 1 every epoch is in the window, also the ones trained before a restart; with the default
+    (5 % of the epochs) three epochs average only the last."""
+    Trainer(_cfg(cache, epochs=2, score_window=1.0), tmp_path).fit()
+    history = Trainer(_cfg(cache, epochs=3, score_window=1.0), tmp_path).fit()  # resumes from last.pt
+    scores = [h["score"] for h in history]
+    assert len(scores) == 3 and len(set(scores)) == 3
+    assert [h["score_avg"] for h in history] == pytest.approx([np.mean(scores[:k]) for k in (1, 2, 3)])
+    default = Trainer(_cfg(cache, epochs=3), tmp_path / "default").fit()
+    assert [h["score_avg"] for h in default] == [h["score"] for h in default]
 
 
 def test_bf16_autocast_runs_on_cpu(cache: Path, tmp_path: Path) -> None:
@@ -180,6 +192,7 @@ def test_bf16_autocast_runs_on_cpu(cache: Path, tmp_path: Path) -> None:
         ({"accumulation": 0}, "`accumulation >= 1`"),
         ({"optimizer": "sgd"}, r"must be in \('adam', 'adamw'\)"),
         ({"amp": "fp8"}, "`amp` is 'fp8'"),
+        ({"score_window": 1.5}, r"`score_window` is 1.5, but must be a share of the epochs in \[0, 1\]"),
         ({"lrr": 1}, r"unknown key\(s\) \['lrr'\] in `train`; valid keys: \['cache'"),
         ({"model": {"encoder": "resnet18", "decoderr": "Unet"}}, r"unknown key\(s\) \['decoderr'\] in `model`"),
         ({"cache": "/nonexistent"}, "is not a training cache; run geopose-ray prepare"),

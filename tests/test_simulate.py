@@ -196,6 +196,9 @@ def test_populations_are_the_seed_grid_and_deterministic() -> None:
     assert np.array_equal(a.observed, b.observed, equal_nan=True) and a.names == b.names
     assert not np.array_equal(a.true_final, c.true_final, equal_nan=True)
     assert len(set(a.names)) == 240 and {n.split("/")[1] for n in a.names} == set(SEED_ENCODERS)
+    screen_t4 = draw_curves(720, 5, top=20)  # screen-t4.yaml's grid, accumulation included
+    assert len(set(screen_t4.names)) == 720 and {n.split("/")[1] for n in screen_t4.names} == set(SEED_ENCODERS)
+    assert {n.split("/")[3] for n in screen_t4.names} == {"acc1", "acc4", "acc16"}
     large = draw_curves(1000, 5)
     assert len(set(large.names)) == 1000 and len({n.split("/")[1] for n in large.names}) == len(ENCODERS)
     # Reported scores never beat the noise-free curve by more than a few σ; an errored trial reports nothing after.
@@ -284,15 +287,53 @@ def test_the_pick_after_the_fold_stage_is_the_best_mean_over_all_folds() -> None
     assert grid_gpu_hours(curves) == pytest.approx(6.0)
 
 
-def test_fold_scores_scatter_about_the_true_score_by_each_trials_noise() -> None:
+@pytest.mark.parametrize("persistent", [0.0, 0.5, 1.0])
+def test_fold_scores_scatter_about_the_true_score_by_each_trials_noise(persistent: float) -> None:
+    """A fold run's score_avg (the mean of its last 10 of 200 epochs) is off the true score by the run's own
+    deviation plus a tenth of the epochs' wobble variance: sd √(p + (1 − p)/10) in units of the trial's noise."""
     from geopose_ray.simulate.measure import fold_scores
 
-    curves = draw_curves(240, seed=4)
+    curves = draw_curves(240, seed=4, persistent=persistent)
     ok = ~np.isnan(curves.true_final)
     scores = fold_scores(curves, 4, seed=4)
     z = (scores[ok] - curves.true_final[ok, None]) / np.asarray(curves.noise)[ok, None]
-    assert scores.shape == (240, 4) and abs(float(z.mean())) < 0.1 and float(z.std()) == pytest.approx(1.0, abs=0.1)
+    sd = math.sqrt(persistent + (1 - persistent) / 10)
+    assert scores.shape == (240, 4) and abs(float(z.mean())) < 0.1 and float(z.std()) == pytest.approx(sd, rel=0.1)
     assert np.asarray(curves.noise).max() > 2 * np.asarray(curves.noise).min()  # higher at high learning rates
+
+
+@pytest.mark.parametrize(("persistent", "own", "step"), [(0.0, 0.0, 1.41), (0.5, 0.71, 1.0), (1.0, 1.0, 0.0)])
+def test_the_persistent_share_of_the_noise_does_not_average_out_over_epochs(
+    persistent: float, own: float, step: float
+) -> None:
+    """In units of each trial's noise: one epoch's score moves from the one before by √(2(1 − p)) (the curve
+    itself barely moves after epoch 190), and against the same population with independent epochs (p = 0: the
+    same curves, the same wobble) the run's mean over its epochs is off by its own deviation, sd √p. Everything
+    but the noise is the same whatever the share."""
+    curves = draw_curves(240, seed=5, persistent=persistent)
+    independent = draw_curves(240, seed=5, persistent=0.0)
+    ok = ~np.isnan(curves.true_final)  # reported every epoch
+    noise = np.asarray(curves.noise)[ok]
+    steps = np.diff(curves.observed[ok, -10:], axis=1) / noise[:, None]
+    offset = ((curves.observed[ok] - independent.observed[ok]) / noise[:, None]).mean(axis=1)
+    assert float(steps.std()) == pytest.approx(step, abs=0.1)
+    assert float(offset.std()) == pytest.approx(own, abs=0.1)
+    assert np.array_equal(curves.true_final, independent.true_final, equal_nan=True)
+    assert np.array_equal(curves.fail_epoch, independent.fail_epoch) and curves.names == independent.names
+
+
+def test_finalists_are_picked_by_the_mean_of_their_last_epochs() -> None:
+    """40 epochs: score_avg averages the last 2. Trial 0 ends on a lucky epoch (0.86 after 0.80, true 0.80);
+    trial 1 is steady at 0.84. The last epoch alone picks trial 0 (regret 0.04); the pick, by score_avg (0.83
+    against 0.84), is trial 1 (regret 0)."""
+    from geopose_ray.simulate.measure import pick_scores
+
+    curves = hand_curves([[0.5] * 38 + [0.80, 0.86], [0.5] * 38 + [0.84, 0.84]], minutes=[60, 60])
+    curves.true_final[:] = [0.80, 0.84]
+    assert pick_scores(curves) == pytest.approx([0.83, 0.84])
+    outcome = evaluate(replay(curves, 1, GridPolicy(curves, [0, 1])), curves, math.inf)
+    assert outcome.regret == pytest.approx(0.0)
+    assert outcome.regret_by_last_score == pytest.approx(0.04)
 
 
 def test_ranking_finalists_by_their_best_epoch_picks_the_lucky_spike() -> None:
@@ -307,14 +348,19 @@ def test_ranking_finalists_by_their_best_epoch_picks_the_lucky_spike() -> None:
 def test_the_results_table_ranks_by_the_score_at_the_epoch_reached() -> None:
     from geopose_ray.tracking import sort_rows
 
-    def row(trial: str, epoch: int, score: float, best: float, stage: str = "screen") -> dict[str, object]:
-        return {"trial": trial, "stage": stage, "epoch": epoch, "score": score, "best_score": best}
+    def row(
+        trial: str, epoch: int, score: float, best: float, avg: float | None = None, stage: str = "screen"
+    ) -> dict[str, object]:
+        r: dict[str, object] = {"trial": trial, "stage": stage, "epoch": epoch, "score": score, "best_score": best}
+        return r if avg is None else {**r, "score_avg": avg}
 
     rows = [
-        row("spike", 200, 0.80, 0.90),  # its best epoch was a lucky one
-        row("steady", 200, 0.85, 0.85),
-        row("early", 40, 0.95, 0.95),  # paused at a lower rung: below every finalist
-        row("fold", 200, 0.99, 0.99, stage="fold"),
-        row("nan", 200, float("nan"), float("nan")),
+        row("spike", 200, 0.80, 0.90, 0.80),  # its best epoch was a lucky one
+        row("steady", 200, 0.85, 0.85, 0.845),
+        row("lucky end", 200, 0.86, 0.86, 0.83),  # its last epoch is its best: the last ones' mean says otherwise
+        row("no avg", 200, 0.84, 0.84),  # a row from before score_avg: ranked by its score
+        row("early", 40, 0.95, 0.95, 0.95),  # paused at a lower rung: below every finalist
+        row("fold", 200, 0.99, 0.99, 0.99, stage="fold"),
+        row("nan", 200, float("nan"), float("nan"), float("nan")),
     ]
-    assert [r["trial"] for r in sort_rows(rows)] == ["steady", "spike", "nan", "early", "fold"]
+    assert [r["trial"] for r in sort_rows(rows)] == ["steady", "no avg", "lucky end", "spike", "nan", "early", "fold"]

@@ -13,6 +13,7 @@ import yaml
 from geopose_ray.data.augment import AugmentConfig
 from geopose_ray.errors import ConfigError
 from geopose_ray.losses import LossWeights
+from geopose_ray.metrics import SCORE_WINDOW
 from geopose_ray.models.config import ModelConfig
 
 OPTIMIZERS = ("adam", "adamw")
@@ -45,6 +46,9 @@ class TrainConfig:
     num_workers: int = 0  # data-loader worker processes
     bad_tiles: str = "skip"  # a tile that cannot be read: skip (counted, warned, replaced) | fail (stop at once)
     seed: int = 0
+    # score_avg: the mean score of the last max(1, round(score_window × epoch)) epochs (10 of 200 by default; the
+    # plain score at a 20-epoch rung). The results table ranks trials at the same epoch by it.
+    score_window: float = SCORE_WINDOW
 
     @property
     def effective_batch(self) -> int:
@@ -68,6 +72,10 @@ class TrainConfig:
             (
                 self.grad_clip is None or self.grad_clip > 0,
                 f"The value of `grad_clip` is {self.grad_clip}, but must be `grad_clip > 0` or null",
+            ),
+            (
+                0 <= self.score_window <= 1,
+                f"The value of `score_window` is {self.score_window}, but must be a share of the epochs in [0, 1]",
             ),
             (self.num_workers >= 0, f"The value of `num_workers` is {self.num_workers}, but must be `>= 0`"),
             (

@@ -31,7 +31,7 @@ from geopose_ray.engine.config import TrainConfig
 from geopose_ray.errors import ConfigError, GeoposeError
 from geopose_ray.geometry import direction_to_angle
 from geopose_ray.losses import geopose_loss
-from geopose_ray.metrics import TileStats, score_report, tile_stats
+from geopose_ray.metrics import TileStats, score_report, tile_stats, window_epochs
 from geopose_ray.models.geopose import GeoposeModel
 
 LAST = "last.pt"
@@ -175,6 +175,9 @@ class Trainer:
             improved = self.val_set is None or metrics.get("score", -math.inf) > self.best_score
             if improved and "score" in metrics:
                 self.best_score = metrics["score"]
+            if "score" in metrics:
+                scores = [h["score"] for h in self.history if "score" in h]
+                metrics["score_avg"] = float(np.mean(scores[-window_epochs(self.epoch, self.cfg.score_window) :]))
             metrics["best_score"] = self.best_score
             state = self.state()
             save_checkpoint(self.out_dir / LAST, state)

@@ -4,11 +4,13 @@ Per policy and seed:
 - ``gpu_hours``: busy worker-time; ``makespan_h``: hours until the last worker stops; ``utilisation``:
   gpu_hours / (workers × makespan_h).
 - ``regret``: the best true final score of the population minus the true final score of the finalist a user
-  would pick (the best *observed* score at the top rung). ``best_found``: the true best reached the top rung.
+  would pick: the best *observed* ``score_avg`` at the top rung (:func:`pick_scores`, the mean of the last
+  epochs' scores, as the results table ranks). ``best_found``: the true best reached the top rung.
 - ``hours_to_near_best``: GPU-hours spent when the pick (the incumbent, as finalists arrive) first came within
   :data:`TOLERANCE` of the best; None if never.
 - ``regret_by_best_score``: the regret had the pick been the finalist with the best score at any epoch (the
-  trainer's ``best_score``, a maximum over noisy epochs), not at the top rung.
+  trainer's ``best_score``, a maximum over noisy epochs), not at the top rung; ``regret_by_last_score``: had it
+  been the best score of the top rung's epoch alone.
 - ``regret_at_budget``: the regret of the pick when the policy had spent the matched budget B (or at its end if
   it spent less). B is ``--budget`` when given, else the promoter's own GPU-hours on that seed; random search
   is given B as its budget. This is the "same budget" comparison: every policy stopped at the same GPU-hours.
@@ -25,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from geopose_ray.errors import ConfigError
-from geopose_ray.simulate.curves import Curves, draw_curves
+from geopose_ray.metrics import window_epochs
+from geopose_ray.simulate.curves import PERSISTENT, Curves, draw_curves
 from geopose_ray.simulate.engine import (
     AshaPolicy,
     FoldRuns,
@@ -60,14 +63,23 @@ class Outcome:
     hours_to_near_best: float | None
     hours_to_near_finalist: float | None  # GPU-hours when some finalist (not the pick) first was within TOLERANCE
     regret_by_best_score: float | None  # the final pick's regret were finalists ranked by their best epoch's score
+    regret_by_last_score: float | None  # … were they ranked by the last epoch's score alone, not score_avg
     regret_at_budget: float | None
     finalists: int
     anytime: list[tuple[float, float]] = field(default_factory=list)  # (GPU-hours, regret) at each new pick
 
 
+def pick_scores(curves: Curves) -> np.ndarray:
+    """(n,) what the results table ranks finalists by: each trial's ``score_avg`` at the top rung, the mean of
+    its last :func:`window_epochs` scores (NaN for a trial that errored before the top rung)."""
+    k = window_epochs(curves.top)
+    return np.asarray(curves.observed[:, curves.top - k :].mean(axis=1))
+
+
 def evaluate(run: Run, curves: Curves, budget: float) -> Outcome:
     """Score a replay against the true finals (see the module docstring)."""
     best = float(np.nanmax(curves.true_final))
+    ranked = pick_scores(curves)
     best_trial = int(np.nanargmax(curves.true_final))
     pick, pick_obs = -1, -math.inf
     near: float | None = None
@@ -77,7 +89,7 @@ def evaluate(run: Run, curves: Curves, budget: float) -> Outcome:
     for _, spent, trial in run.finishes:
         if near_finalist is None and best - float(curves.true_final[trial]) <= TOLERANCE + 1e-12:
             near_finalist = spent
-        obs = float(curves.observed[trial, curves.top - 1])
+        obs = float(ranked[trial])
         if obs > pick_obs:
             pick, pick_obs = trial, obs
             regret = best - float(curves.true_final[pick])
@@ -88,6 +100,7 @@ def evaluate(run: Run, curves: Curves, budget: float) -> Outcome:
             at_budget = best - float(curves.true_final[pick])
     finalists = {t for _, _, t in run.finishes}
     by_max = max(finalists, key=lambda t: float(np.nanmax(curves.observed[t])), default=None)
+    by_last = max(finalists, key=lambda t: float(curves.observed[t, curves.top - 1]), default=None)
     return Outcome(
         policy=run.policy,
         gpu_hours=run.gpu_hours,
@@ -99,6 +112,7 @@ def evaluate(run: Run, curves: Curves, budget: float) -> Outcome:
         hours_to_near_best=near,
         hours_to_near_finalist=near_finalist,
         regret_by_best_score=None if by_max is None else best - float(curves.true_final[by_max]),
+        regret_by_last_score=None if by_last is None else best - float(curves.true_final[by_last]),
         regret_at_budget=at_budget,
         finalists=len(finalists),
         anytime=anytime,
@@ -113,9 +127,10 @@ def simulate_seed(
     eta: int = 3,
     min_results: int = 9,
     budget: float | None = None,
+    persistent: float = PERSISTENT,
 ) -> tuple[Curves, dict[str, Outcome]]:
     """Every policy on one seed's population, all seeing the same curves and the same arrival order."""
-    curves = draw_curves(trials, seed, top=int(rungs[-1]))
+    curves = draw_curves(trials, seed, top=int(rungs[-1]), persistent=persistent)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
     order = [int(i) for i in rng.permutation(trials)]  # a grid's order says nothing about quality
     random_order = [int(i) for i in rng.permutation(trials)]
@@ -205,6 +220,7 @@ def simulate(
     min_results: int = 9,
     first_seed: int = 0,
     keep_outcomes: bool = False,
+    persistent: float = PERSISTENT,
 ) -> dict[str, Any]:
     """Every policy on ``seeds`` populations; per policy the median and spread of each measure, the rates, and
     whether the issue's targets hold for the promoter. JSON-ready (None for never)."""
@@ -215,7 +231,7 @@ def simulate(
     Promoter(rungs, eta, "max", min_results, budget)  # validates rungs, η and min_results before any work
     started = time.perf_counter()
     per_seed = [
-        simulate_seed(s, trials, workers, rungs, eta, min_results, budget)[1]
+        simulate_seed(s, trials, workers, rungs, eta, min_results, budget, persistent)[1]
         for s in range(first_seed, first_seed + seeds)
     ]
     policies: dict[str, dict[str, Any]] = {}
@@ -235,6 +251,7 @@ def simulate(
             "regret": _spread([r.regret for r in rows]),
             "regret_at_budget": _spread([r.regret_at_budget for r in rows]),
             "regret_by_best_score": _spread([r.regret_by_best_score for r in rows]),
+            "regret_by_last_score": _spread([r.regret_by_last_score for r in rows]),
             "hours_to_near_best": _spread([r.hours_to_near_best for r in rows]),
             "grid_share_to_near_best": _spread(share),
             "finalists": _spread([r.finalists for r in rows]),
@@ -265,6 +282,8 @@ def simulate(
             "eta": eta,
             "min_results": min_results,
             "tolerance": TOLERANCE,
+            "persistent": persistent,
+            "window": window_epochs(int(rungs[-1])),
         },
         "policies": policies,
         "targets": targets,
@@ -281,20 +300,24 @@ def grid_gpu_hours(curves: Curves) -> float:
 
 
 def fold_scores(curves: Curves, runs: int, seed: int) -> np.ndarray:
-    """(n, runs): each trial's top-rung score on each of its other folds, its true final score plus that fold's
-    own deviation (the same sd as its screening fold's, independent across folds)."""
+    """(n, runs): each trial's ``score_avg`` at the top rung on each of its other folds: its true final score
+    plus that run's own deviation and the mean of its last epochs' wobble (the screening fold's sd and split,
+    independent across folds)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 13]))
     noise = np.asarray(curves.noise)[:, None]
-    return curves.true_final[:, None] + noise * rng.standard_normal((len(curves), runs))
+    p, k = curves.persistent, window_epochs(curves.top)
+    own, wobble = rng.standard_normal((2, len(curves), runs))
+    return curves.true_final[:, None] + noise * (math.sqrt(p) * own + math.sqrt((1 - p) / k) * wobble)
 
 
 def fold_pick(run: Run, curves: Curves, folds: int, scores: np.ndarray) -> tuple[float | None, float | None]:
     """The pick the design makes after the fold stage: among the finalists whose K − 1 fold runs have all ended,
-    the one with the best mean over its K folds (its screening score at the top rung and its fold runs' scores
+    the one with the best mean over its K folds (its screening ``score_avg`` at the top rung and its fold runs'
     ``scores``). Returns the GPU-hours spent when that pick first came within :data:`TOLERANCE` of the best
     (None: never) and the regret of the last pick (None: no finalist completed its folds)."""
-    n, runs, top = len(curves), folds - 1, curves.top
+    n, runs = len(curves), folds - 1
     best = float(np.nanmax(curves.true_final))
+    screened = pick_scores(curves)
     done: dict[int, int] = {}
     pick_mean, regret, near = -math.inf, None, None
     for _, spent, job in run.fold_finishes:
@@ -302,7 +325,7 @@ def fold_pick(run: Run, curves: Curves, folds: int, scores: np.ndarray) -> tuple
         done[trial] = done.get(trial, 0) + 1
         if done[trial] < runs:
             continue
-        mean = (float(curves.observed[trial, top - 1]) + float(scores[trial].sum())) / folds
+        mean = (float(screened[trial]) + float(scores[trial].sum())) / folds
         if mean > pick_mean:
             pick_mean, regret = mean, best - float(curves.true_final[trial])
             if near is None and regret <= TOLERANCE + 1e-12:
@@ -319,6 +342,7 @@ def fold_pipeline(
     eta: int = 3,
     min_results: int = 9,
     first_seed: int = 0,
+    persistent: float = PERSISTENT,
 ) -> dict[str, dict[str, Any]]:
     """The promoter followed by its finalists' runs on the other ``folds − 1`` folds, the fold runs started after
     screening (``search: grid``: a second Tuner) or backfilling idle workers during it (``search: guided``, also
@@ -328,7 +352,7 @@ def fold_pipeline(
     :data:`GRID_SHARE` of the grid's GPU-hours, fold runs counted."""
     rows: dict[str, list[dict[str, float | None]]] = {}
     for seed in range(first_seed, first_seed + seeds):
-        curves = draw_curves(trials, seed, top=int(rungs[-1]))
+        curves = draw_curves(trials, seed, top=int(rungs[-1]), persistent=persistent)
         order = [int(i) for i in np.random.default_rng(np.random.SeedSequence([seed, 11])).permutation(trials)]
         scores = fold_scores(curves, folds - 1, seed)
         grid = grid_gpu_hours(curves)
@@ -373,10 +397,10 @@ def format_table(result: dict[str, Any]) -> str:
     c = result["config"]
     head = (
         "| policy | GPU-hours | % of grid | makespan h | utilisation % | autoscaled utilisation % | regret "
-        "| regret at B | best among "
+        "| regret at B | regret, last epoch's score | best among "
         "finalists | GPU-hours to within 0.002 (% of grid) | within 0.002 by 20 % of grid | a finalist within "
         "0.002 by 20 % | finalists |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     lines = [head]
     for name, p in result["policies"].items():
@@ -384,7 +408,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {name} | {format_spread(p['gpu_hours'], '.0f')} | {format_spread(p['grid_share'], '.1f', 100)} | "
             f"{format_spread(p['makespan_h'], '.0f')} | {format_spread(p['utilisation'], '.1f', 100)} | "
             f"{format_spread(p['autoscaled_utilisation'], '.1f', 100)} | {format_spread(p['regret'], '.4f')} | "
-            f"{format_spread(p['regret_at_budget'], '.4f')} | {p['best_found_rate']:.0%} | "
+            f"{format_spread(p['regret_at_budget'], '.4f')} | {format_spread(p['regret_by_last_score'], '.4f')} | "
+            f"{p['best_found_rate']:.0%} | "
             f"{format_spread(p['grid_share_to_near_best'], '.1f', 100)} | {p['near_best_within_share_rate']:.0%} | "
             f"{p['near_finalist_within_share_rate']:.0%} | "
             f"{format_spread(p['finalists'], '.0f')} |"
@@ -397,7 +422,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"{c['trials']} trials, {c['workers']} workers, {c['seeds']} seeds, rungs {c['rungs']}, η {c['eta']}, "
-        f"min_results {c['min_results']}; B = {budget}; {result['seconds']:.1f} s.",
+        f"min_results {c['min_results']}; B = {budget}; noise {c['persistent']:g} persistent; finalists picked by "
+        f"the mean of their last {c['window']} epochs' scores; {result['seconds']:.1f} s.",
     ]
     for name, t in result["targets"].items():
         won, lost = t["promoter_vs_asha_seeds_won_lost"]
