@@ -63,8 +63,8 @@ def trial_params(cfg: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v)[:500] for k, v in {**head, **rest}.items()}
 
 
-COLUMNS = ["trial", "stage", "status", "rung", *PARAM_KEYS, "epoch", "score", "score_avg", "best_score", "gpu_hours",
-           "device_hours"]  # fmt: skip
+COLUMNS = ["trial", "stage", "status", "rung", *PARAM_KEYS, "epoch", "score", "score_avg", "cv_score", "cv_folds",
+           "best_score", "gpu_hours", "device_hours"]  # fmt: skip
 
 
 def result_row(
@@ -87,29 +87,62 @@ def result_row(
     }
 
 
+def _number(r: Mapping[str, Any], name: str) -> float:
+    try:
+        v = float(r.get(name, math.nan))
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+def _level(r: Mapping[str, Any]) -> float:
+    """A row's score for ranking: ``score_avg``, or the score where a row has none (a row from before it)."""
+    v = _number(r, "score_avg")
+    return _number(r, "score") if v != v else v
+
+
+def fold_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows (copies), each screening trial's with its cross-validated score: ``cv_score`` is the mean level
+    (:func:`_level`) of its own row and of its fold runs' rows (``<trial>/fold<k>``) that reached the same epoch,
+    ``cv_folds`` how many rows that is. A fold run's own row gets neither. A finalist's K-fold mean is the
+    design's pick: K runs' own deviations average out, which no number of one run's epochs do (BENCHMARKS.md,
+    sweep policies: the 5-fold pick has a fifth of the screening pick's regret)."""
+    out = [dict(r) for r in rows]
+    screening = {str(r["trial"]): r for r in out if r.get("stage") == "screen"}
+    levels: dict[str, list[float]] = {}
+    for r in out:
+        parent, sep, _ = str(r["trial"]).rpartition("/fold")
+        if sep and parent in screening and int(r.get("epoch") or 0) == int(screening[parent].get("epoch") or 0):
+            levels.setdefault(parent, []).append(_level(r))
+    for key, r in screening.items():
+        values = [v for v in [_level(r), *levels.get(key, [])] if v == v]
+        r["cv_score"] = float(sum(values) / len(values)) if values else math.nan
+        r["cv_folds"] = len(values)
+    for r in out:
+        if r.get("stage") != "screen":
+            r["cv_score"], r["cv_folds"] = math.nan, ""
+    return out
+
+
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Screening trials first; the furthest trained first, and among trials at the same epoch the best
-    ``score_avg`` (the mean of the last few epochs' scores, :func:`geopose_ray.metrics.window_epochs`) first, or
-    the score where a row has no ``score_avg``; a trial with neither last at its epoch.
+    """The rows with their :func:`fold_means`, in the order a user picks from: screening trials first; the furthest
+    trained first; among trials at the same epoch, those scored on the most folds first, the best ``cv_score``
+    first (for a trial without fold runs that is its ``score_avg``, the mean of its last few epochs' scores,
+    :func:`geopose_ray.metrics.window_epochs`, or its score where a row has no ``score_avg``); a trial with
+    no score last at its epoch.
 
     Trials are compared at the epoch they reached, as the promoter compares them at a rung, not by ``best_score``:
     a maximum over every epoch so far favours the noisiest curves. The mean of the last epochs is steadier than
-    the last one alone (BENCHMARKS.md, sweep policies: the simulated regret of each way of picking)."""
+    the last one alone, and the mean over folds steadier still (BENCHMARKS.md, sweep policies: the simulated
+    regret of each way of picking). So once the sweep is over its finalists are in the order of their K-fold
+    means; while fold runs still go on, those with more folds done come first."""
 
-    def value(r: dict[str, Any], name: str) -> float:
-        try:
-            v = float(r.get(name, math.nan))
-        except (TypeError, ValueError):
-            return math.nan
-        return v if math.isfinite(v) else math.nan
+    def key(r: dict[str, Any]) -> tuple[bool, int, int, float, str]:
+        v = _number(r, "cv_score") if r["stage"] == "screen" else _level(r)
+        folds = int(r["cv_folds"]) if r["stage"] == "screen" else 0
+        return r["stage"] != "screen", -int(r.get("epoch") or 0), -folds, -v if v == v else math.inf, str(r["trial"])
 
-    def key(r: dict[str, Any]) -> tuple[bool, int, float, str]:
-        v = value(r, "score_avg")
-        if v != v:
-            v = value(r, "score")
-        return r["stage"] != "screen", -int(r.get("epoch") or 0), -v if v == v else math.inf, str(r["trial"])
-
-    return sorted(rows, key=key)
+    return sorted(fold_means(rows), key=key)
 
 
 def rows_csv(rows: list[dict[str, Any]]) -> str:
@@ -307,7 +340,7 @@ def results_table(tracker: Tracker) -> list[dict[str, Any]]:
 def format_results(rows: list[dict[str, Any]]) -> str:
     cols = [("trial", 24), ("stage", 7), ("status", 9), ("rung", 5), ("encoder", 18), ("decoder", 13), ("lr", 8),
             ("accumulation", 5), ("effective_batch", 6), ("val_fold", 5), ("epoch", 6), ("score", 8),
-            ("score_avg", 10)]  # fmt: skip
+            ("score_avg", 10), ("cv_score", 9), ("cv_folds", 9)]  # fmt: skip
     head = "".join(
         f"{(n if n not in ('accumulation', 'effective_batch', 'val_fold') else n[:4]):<{w}}" for n, w in cols
     )

@@ -364,3 +364,29 @@ def test_the_results_table_ranks_by_the_score_at_the_epoch_reached() -> None:
         row("nan", 200, float("nan"), float("nan"), float("nan")),
     ]
     assert [r["trial"] for r in sort_rows(rows)] == ["steady", "no avg", "lucky end", "spike", "nan", "early", "fold"]
+
+
+def test_the_results_table_ranks_finalists_by_their_mean_over_folds() -> None:
+    """Finalist "lucky" has the best screening score_avg (0.86) but its fold runs say 0.80 and 0.81: its
+    3-fold mean is 0.8233, below "steady"'s 0.8417. "early" has one fold run at epoch 200 and one still at
+    100: two folds so far, so it comes after both finished finalists whatever its mean. A fold run's own row
+    has no cv_score."""
+    from geopose_ray.tracking import rows_csv, sort_rows
+
+    def row(trial: str, epoch: int, avg: float, stage: str = "screen") -> dict[str, object]:
+        return {"trial": trial, "stage": stage, "epoch": epoch, "score": avg, "score_avg": avg, "best_score": avg}
+
+    rows = [
+        row("lucky", 200, 0.86), row("lucky/fold1", 200, 0.80, "fold"), row("lucky/fold2", 200, 0.81, "fold"),
+        row("steady", 200, 0.84), row("steady/fold1", 200, 0.845, "fold"), row("steady/fold2", 200, 0.84, "fold"),
+        row("early", 200, 0.90), row("early/fold1", 200, 0.88, "fold"), row("early/fold2", 100, 0.70, "fold"),
+        row("paused", 40, 0.95),
+    ]  # fmt: skip
+    ranked = sort_rows(rows)
+    assert [r["trial"] for r in ranked if r["stage"] == "screen"] == ["steady", "lucky", "early", "paused"]
+    cv = {r["trial"]: (r["cv_score"], r["cv_folds"]) for r in ranked if r["stage"] == "screen"}
+    assert cv["steady"] == (pytest.approx(0.8416667), 3) and cv["lucky"] == (pytest.approx(0.8233333), 3)
+    assert cv["early"] == (pytest.approx(0.89), 2) and cv["paused"] == (pytest.approx(0.95), 1)
+    assert all(math.isnan(r["cv_score"]) and r["cv_folds"] == "" for r in ranked if r["stage"] == "fold")
+    assert "cv_score" not in rows[0]  # the caller's rows are left as they were
+    assert rows_csv(rows).splitlines()[1].startswith("steady,screen")

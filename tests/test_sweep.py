@@ -121,6 +121,11 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(
     folds = [r for r in result.rows if r["stage"] == "fold"]
     assert len(folds) == 3 * len(result.finalists)  # the cache has 4 folds; fold 0 was screened
     assert {r["val_fold"] for r in folds} == {1, 2, 3}
+    # Each finalist's cross-validated score: the mean of its own and its three fold runs' score_avg.
+    by_trial = {r["trial"]: r for r in result.rows}
+    for t in result.finalists:
+        own = [by_trial[t]["score_avg"]] + [by_trial[f"{t}/fold{k}"]["score_avg"] for k in (1, 2, 3)]
+        assert by_trial[t]["cv_folds"] == 4 and by_trial[t]["cv_score"] == pytest.approx(sum(own) / 4)
     assert result.table_path.read_text().startswith("trial,stage,status,rung,encoder,decoder,weights,lr,accumulation")
     # MLflow: one parent run, one child run per trial and per fold run, statuses as the promoter left them.
     from geopose_ray.tracking import Tracker
@@ -153,6 +158,13 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(
     assert main(["results", "--config", str(y)]) == 0
     printed = capsys.readouterr().out
     assert all(r["trial"][:20] in printed for r in result.rows) and "finalist" in printed
+    # MLflow's table ranks the finalists as the driver's did, by the same means over folds.
+    from geopose_ray.tracking import results_table
+
+    from_mlflow = [(r["trial"], r["cv_score"]) for r in results_table(tracker) if r["trial"] in result.finalists]
+    in_driver = [(r["trial"], r["cv_score"]) for r in result.rows if r["trial"] in result.finalists]
+    assert [t for t, _ in from_mlflow] == [t for t, _ in in_driver]
+    assert [v for _, v in from_mlflow] == pytest.approx([v for _, v in in_driver])
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ from geopose_ray.sweep.tune import (
     train_trial,
     trial_key,
 )
-from geopose_ray.tracking import Tracker, format_results, result_row
+from geopose_ray.tracking import Tracker, format_results, result_row, sort_rows
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class _Sweep:
             "trials": {k: dataclasses.asdict(r) for k, r in self.records.items()},
         }
         atomic_write_text(self.cfg.out_dir / TRIALS, json.dumps(state, indent=1))
-        rows = self.rows()
+        rows = sort_rows(self.rows())  # with each finalist's mean over its folds
         self.table.rows = {r["trial"]: r for r in rows}
         self.table.finalists = list(self.promoter.finalists)
         self.table.write(self.tracker, force=True)
