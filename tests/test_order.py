@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,51 @@ def test_the_tune_searcher_restored_from_its_save_goes_on_as_the_original(tmp_pa
     assert [a.suggest(f"u{k}") for k in range(20)] == [b.suggest(f"u{k}") for k in range(20)]
     a.on_trial_complete("u0", None, error=True)
     assert a.order.scores[a.index["u0"]] == -np.inf
+
+
+def test_longest_first_orders_by_cost_keeps_ties_and_puts_unknown_last() -> None:
+    from geopose_ray.sweep.order import longest_first
+
+    assert longest_first([1.0, 3.0, math.nan, 3.0, 2.0]) == [1, 3, 4, 0, 2]
+    assert longest_first([]) == []
+
+
+def test_the_tune_searcher_hands_out_the_costliest_finalists_fold_runs_first() -> None:
+    """Three finalists at 2, 6 and 4 device hours per epoch (two epochs each): their fold runs come out t1's,
+    t2's, then t0's, each finalist's folds in fold order; then FINISHED."""
+    from ray.tune.search import Searcher
+
+    from geopose_ray.sweep.tune import GuidedSearch
+
+    points = [{"model": {"encoder": e, "decoder": "Unet"}, "lr": 1e-4, "accumulation": 1} for e in ("a", "b", "c")]
+    search = GuidedSearch(points, first_rung=1, seed=0, metric="score", mode="max", folds=[1, 2], top=2)
+    ids = [f"t{k}" for k in range(3)]
+    for t in ids:
+        assert search.suggest(t) is not None
+    for t, hours in zip(ids, (4.0, 12.0, 8.0), strict=True):
+        search.on_trial_complete(t, {"epoch": 2, "score": 0.5, "device_hours": hours, "gpu_hours": hours})
+    handed = [search.suggest(f"f{k}") for k in range(6)]
+    assert [(h["cfg"]["_finalist"], h["cfg"]["val_fold"]) for h in handed] == [
+        ("t1", 1), ("t1", 2), ("t2", 1), ("t2", 2), ("t0", 1), ("t0", 2)
+    ]  # fmt: skip
+    assert search.suggest("f6") == Searcher.FINISHED
+
+
+def test_the_scheduler_starts_the_costliest_pending_fold_run_first() -> None:
+    """Tune's PENDING fold runs (real Trial objects, no cluster), ranked by their finalists' GPU-hours per epoch
+    as the promoter recorded them: b (3 h an epoch), c (2 h), a (1 h)."""
+    from ray.tune.experiment import Trial
+
+    from geopose_ray.sweep.promoter import Promoter
+    from geopose_ray.sweep.tune import PromoterScheduler
+
+    promoter = Promoter((1, 2), 3, "max", 1)
+    for name, hours in (("a", 2.0), ("b", 6.0), ("c", 4.0)):
+        promoter.on_result(name, 1, 0.5, hours / 2)
+        promoter.on_result(name, 2, 0.5, hours)
+    folds = [
+        Trial("train_trial", config={"cfg": {"val_fold": 1, "_finalist": n}}, trial_id=f"f{n}", stub=True)
+        for n in "abc"
+    ]
+    ranked = PromoterScheduler(promoter)._costliest_first(folds)
+    assert [t.config["cfg"]["_finalist"] for t in ranked] == ["b", "c", "a"]

@@ -160,6 +160,19 @@ def test_fold_runs_after_screening_or_backfilling_the_idle_workers() -> None:
     assert back.screen_h == pytest.approx(alone.makespan_h) and np.array_equal(back.epochs, alone.epochs)
 
 
+@pytest.mark.parametrize(("longest", "makespan"), [(True, 7.0), (False, 8.0)])
+def test_the_longest_fold_runs_start_first(longest: bool, makespan: float) -> None:
+    """Two workers, three one-epoch trials screened in grid order, one fold run each, after screening. Trials 0
+    and 1 cost 1 h an epoch and end at hour 1; trial 2 costs 3 h and ends screening at hour 4. In the order the
+    finalists finished, fold runs 0 and 1 take hours 4-5 and run 2 hours 5-8; the costliest first, run 2 takes
+    hours 4-7 while 0 and 1 share the other worker: the pipeline ends at 7."""
+    curves = hand_curves([[0.8], [0.7], [0.9]], minutes=[60, 60, 180])
+    policy = FoldRuns(GridPolicy(curves, [0, 1, 2]), curves, 1, backfill=False, longest_first=longest)
+    run = replay(curves, 2, policy, fold_runs=1)
+    assert run.screen_h == pytest.approx(4.0) and run.makespan_h == pytest.approx(makespan)
+    assert run.fold_gpu_hours == pytest.approx(5.0)
+
+
 def test_random_search_stays_within_its_budget() -> None:
     curves = draw_curves(240, seed=4)
     budget = 2000.0

@@ -20,7 +20,7 @@ import numpy as np
 
 from geopose_ray.errors import ConfigError
 from geopose_ray.simulate.curves import Curves
-from geopose_ray.sweep.order import GuidedOrder
+from geopose_ray.sweep.order import GuidedOrder, longest_first
 from geopose_ray.sweep.promoter import Decision, Promoter
 
 
@@ -384,12 +384,20 @@ class FoldRuns:
     ``backfill=False`` is the driver with ``search: grid``: the fold runs start once screening is over (a second
     Tuner). ``backfill=True`` is ``search: guided``: a worker that screening leaves idle takes a finalist's fold
     run instead; screening still goes first whenever it has a job, and the inner policy's idle rule (the
-    promoter's ``close``) runs as soon as no screening trial runs, fold runs or not.
+    promoter's ``close``) runs as soon as no screening trial runs, fold runs or not. ``longest_first`` starts
+    the waiting fold run of the most expensive architecture first, as the driver does
+    (:func:`~geopose_ray.sweep.order.longest_first`); without it they start in the order their finalists finished.
     """
 
-    def __init__(self, inner: Policy, curves: Curves, fold_runs: int, backfill: bool) -> None:
+    def __init__(
+        self, inner: Policy, curves: Curves, fold_runs: int, backfill: bool, longest_first: bool = True
+    ) -> None:
         self.name = f"{inner.name} + folds {'backfilled' if backfill else 'after'}"
+        if not longest_first:
+            self.name += ", in finishing order"
         self.inner = inner
+        self.minutes = curves.minutes
+        self.longest_first = longest_first
         self.n, self.top = len(curves), curves.top
         self.fold_runs = fold_runs
         self.backfill = backfill
@@ -408,7 +416,13 @@ class FoldRuns:
             self.screened = self.screening == 0
             if not (self.backfill or self.screened):
                 return None
-        return (self.queue.popleft(), self.top) if self.queue else None
+        if not self.queue:
+            return None
+        if self.longest_first:
+            fold = self.queue[longest_first([self.minutes[(j - self.n) // self.fold_runs] for j in self.queue])[0]]
+            self.queue.remove(fold)
+            return fold, self.top
+        return self.queue.popleft(), self.top
 
     def on_stop(self, trial: int, epoch: int) -> int | None:
         if trial >= self.n:

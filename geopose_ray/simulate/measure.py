@@ -346,7 +346,8 @@ def fold_pipeline(
 ) -> dict[str, dict[str, Any]]:
     """The promoter followed by its finalists' runs on the other ``folds − 1`` folds, the fold runs started after
     screening (``search: grid``: a second Tuner) or backfilling idle workers during it (``search: guided``, also
-    measured with the listed order). Per variant: utilisation while screening, screening hours, hours and
+    measured with the listed order), the most expensive fold run first (and, guided, in the order the finalists
+    finished, for comparison). Per variant: utilisation while screening, screening hours, hours and
     utilisation of the whole pipeline, fold-run GPU-hours, the regret of the screening pick, and the pick after
     the fold stage (:func:`fold_pick`): its regret, and whether it came within :data:`TOLERANCE` of the best by
     :data:`GRID_SHARE` of the grid's GPU-hours, fold runs counted."""
@@ -356,9 +357,14 @@ def fold_pipeline(
         order = [int(i) for i in np.random.default_rng(np.random.SeedSequence([seed, 11])).permutation(trials)]
         scores = fold_scores(curves, folds - 1, seed)
         grid = grid_gpu_hours(curves)
-        for guided, backfill in ((False, False), (False, True), (True, True)):
+        for guided, backfill, longest in (
+            (False, False, True),
+            (False, True, True),
+            (True, True, True),
+            (True, True, False),
+        ):
             inner = PromoterPolicy(curves, order, rungs, eta, min_results, guided=guided, lag=PENDING)
-            policy = FoldRuns(inner, curves, folds - 1, backfill)
+            policy = FoldRuns(inner, curves, folds - 1, backfill, longest)
             run = replay(curves, workers, policy, fold_runs=folds - 1)
             near, regret = fold_pick(run, curves, folds, scores)
             rows.setdefault(policy.name, []).append(

@@ -24,6 +24,7 @@ from geopose_ray.data.cache import TrainingCache
 from geopose_ray.errors import ConfigError, GeoposeError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.sweep.config import SweepConfig
+from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
 from geopose_ray.sweep.tune import (
     GuidedSearch,
@@ -33,6 +34,7 @@ from geopose_ray.sweep.tune import (
     SweepTable,
     is_fold_run,
     pending_trials,
+    per_epoch_hours,
     resolve_config,
     train_trial,
     trial_key,
@@ -236,6 +238,9 @@ class _Sweep:
                 todo.append(fold_cfg)
         if not todo:
             return
+        # The most expensive finalists' fold runs first: the Tuner starts them in this order (longest_first).
+        cost = [per_epoch_hours(self.records[str(c["_finalist"])].metrics) for c in todo]
+        todo = [todo[i] for i in longest_first(cost)]
         callback = MlflowCallback(self.tracker, None, "fold", self.table)
         self.callbacks.append(callback)
         grid = _tuner(self.cfg, f"{self.cfg.name}-folds{self._suffix()}", todo, None, [callback], resume).fit()

@@ -127,3 +127,14 @@ class GuidedOrder:
 def _normal_scores(values: np.ndarray) -> np.ndarray:
     """Ranks (ties averaged, -inf lowest) mapped through the standard normal quantile at (r − ½) / n."""
     return ndtri((rankdata(values) - 0.5) / len(values))
+
+
+def longest_first(costs: Sequence[float]) -> list[int]:
+    """The order to start a batch of long jobs in on a pool of workers, as indices into ``costs`` (each job's
+    hours, or hours per epoch when all train the same epochs): the most expensive first, the
+    longest-processing-time rule. Started in the order they came, the last long job can begin when the rest of the
+    pool is running out of work and hold the batch's end back by its whole length; started first, the long jobs
+    end while short ones still fill the pool. For the finalists' fold runs (200 epochs each, 55 to 150 T4-hours
+    by architecture) this is what keeps a fixed pool busy to the end (BENCHMARKS.md: fold runs). Unknown costs
+    (NaN) go last; equal costs keep their order."""
+    return sorted(range(len(costs)), key=lambda i: (costs[i] != costs[i], -costs[i] if costs[i] == costs[i] else 0))

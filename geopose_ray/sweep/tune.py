@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from geopose_ray.engine.checkpoint import load_checkpoint
 from geopose_ray.engine.trainer import LAST
 from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
-from geopose_ray.sweep.order import GuidedOrder
+from geopose_ray.sweep.order import GuidedOrder, longest_first
 from geopose_ray.sweep.plots import curves_plot
 from geopose_ray.sweep.promoter import Decision, Promoter
 from geopose_ray.tracking import Tracker, result_row, rows_csv
@@ -82,7 +82,8 @@ class GuidedSearch(Searcher):
     Ray Tune asks for a trial whenever it has room for one more pending trial (the driver sets how many, its
     ``pending_trials``); each answer is the grid point the order picks with what the first rung has shown by
     then. Once every grid point has started, the answers are fold runs (``folds``: the other validation folds;
-    trained to ``top`` epochs) of the trials that have finished the top rung. The scheduler ranks them after every
+    trained to ``top`` epochs) of the trials that have finished the top rung, the most expensive finalist's
+    first (its hours per epoch; :func:`~geopose_ray.sweep.order.longest_first`). The scheduler ranks them after every
     promotion and new trial, so they fill the workers screening leaves idle (Tune starts pending trials as
     resources free up: the ranking is a priority, and a running fold run is never pre-empted). None means
     "nothing yet" (a finalist may still come); FINISHED once screening is over and every fold run has been
@@ -108,7 +109,8 @@ class GuidedSearch(Searcher):
         self.top = top
         self.index: dict[str, int] = {}  # Tune trial id -> grid point
         self.ended: set[str] = set()  # screening trials Tune has completed (finalist, stopped or errored)
-        self.queue: list[dict[str, Any]] = []  # fold runs of finalists, not yet handed out
+        self.queue: list[dict[str, Any]] = []  # fold runs of finalists, not yet handed out, the costliest first
+        self.cost: dict[str, float] = {}  # finalist -> its device hours per epoch
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         i = self.order.next()
@@ -140,7 +142,10 @@ class GuidedSearch(Searcher):
         self.ended.add(trial_id)
         if not error and result and self.top is not None and int(result.get("epoch", 0)) >= self.top:
             point = self.points[self.index[trial_id]]
+            self.cost[trial_id] = per_epoch_hours(result)
             self.queue += [{**point, "val_fold": k, "epochs": self.top, "_finalist": trial_id} for k in self.folds]
+            costs = [self.cost.get(str(q["_finalist"]), math.nan) for q in self.queue]
+            self.queue = [self.queue[i] for i in longest_first(costs)]
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -149,6 +154,15 @@ class GuidedSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        self.__dict__.setdefault("cost", {})  # saved before fold runs were ordered by cost
+
+
+def per_epoch_hours(result: Mapping[str, Any]) -> float:
+    """A trial's device hours per epoch from its last result (the wall-clock a run of it holds a worker for;
+    GPU-hours where a result has no device hours); NaN if unknown."""
+    epochs = float(result.get("epoch", 0) or 0)
+    hours = float(result.get("device_hours") or result.get("gpu_hours") or math.nan)
+    return hours / epochs if epochs > 0 else math.nan
 
 
 @contextmanager
@@ -267,6 +281,7 @@ class PromoterScheduler(FIFOScheduler):
         new = [t for pid, t in by_pid.items() if t.status == Trial.PENDING and pid not in waiting]
         if new:
             return new[0]
+        folds = self._costliest_first(folds)
         if any(t.status == Trial.RUNNING for t in by_pid.values()):
             # Screening goes on; a worker it leaves free takes a finalist's fold run, if one waits.
             return folds[0] if folds else None
@@ -279,6 +294,17 @@ class PromoterScheduler(FIFOScheduler):
         for trial in waiting.values():
             tune_controller.stop_trial(trial)
         return folds[0] if folds else None
+
+    def _costliest_first(self, folds: list[Trial]) -> list[Trial]:
+        """Pending fold runs, the one whose finalist cost the most GPU-hours per epoch first (they all train to
+        the top rung): long runs started last would hold the sweep's end back (BENCHMARKS.md: fold runs)."""
+
+        def cost(t: Trial) -> float:
+            parent = _pid(t).rpartition("/fold")[0]
+            reached, hours = self.promoter.reached(parent), self.promoter.gpu_hours.get(parent)
+            return hours / self.promoter.rungs[reached - 1] if hours and reached else math.nan
+
+        return [folds[i] for i in longest_first([cost(t) for t in folds])]
 
     def debug_string(self) -> str:
         p = self.promoter
