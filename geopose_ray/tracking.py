@@ -104,9 +104,9 @@ def _level(r: Mapping[str, Any]) -> float:
 def fold_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows (copies), each screening trial's with its cross-validated score: ``cv_score`` is the mean level
     (:func:`_level`) of its own row and of its fold runs' rows (``<trial>/fold<k>``) that reached the same epoch,
-    ``cv_folds`` how many rows that is. A fold run's own row gets neither. A finalist's K-fold mean is the
-    design's pick: K runs' own deviations average out, which no number of one run's epochs do (BENCHMARKS.md,
-    sweep policies: the 5-fold pick has a fifth of the screening pick's regret)."""
+    ``cv_folds`` how many rows that is; fold runs' own rows get blanks. A finalist's K-fold mean is the design's
+    pick: K runs' own deviations average out, which no number of one run's epochs do (BENCHMARKS.md, sweep
+    policies: the 5-fold pick has a fifth of the screening pick's regret)."""
     out = [dict(r) for r in rows]
     screening = {str(r["trial"]): r for r in out if r.get("stage") == "screen"}
     levels: dict[str, list[float]] = {}
@@ -120,7 +120,7 @@ def fold_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r["cv_folds"] = len(values)
     for r in out:
         if r.get("stage") != "screen":
-            r["cv_score"], r["cv_folds"] = math.nan, ""
+            r["cv_score"], r["cv_folds"] = "", ""  # not a screening trial: blank in the table, not NaN
     return out
 
 
