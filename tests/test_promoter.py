@@ -154,6 +154,9 @@ def test_budget_stops_promotions() -> None:
     assert p.on_result("b", 1, 0.9, gpu_hours=0.6) is Decision.PAUSE  # 1.2 h spent: b would have continued
     assert p.promotable() == [] and p.close() == []
     assert p.spent_gpu_hours == pytest.approx(1.2)
+    assert p.held_back() == ["b"]  # what a larger budget would continue: the top half of rung 1
+    p.budget_gpu_hours = 5.0
+    assert p.held_back() == [] and p.promotable() == ["b"]
 
 
 def test_close_promotes_the_best_waiting_trial_of_a_starved_rung() -> None:

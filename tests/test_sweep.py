@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -169,7 +170,7 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(
 
 @pytest.mark.slow
 def test_a_spent_budget_stops_promotion_and_a_reopened_sweep_goes_on_from_checkpoints(
-    ray_cluster: None, cache: Path, tmp_path: Path
+    ray_cluster: None, cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A GPU-hour budget spent by the first results: every trial pauses at rung 1. promote.py's reopening with
     a larger budget promotes the qualifying ones, which continue from their checkpoints to the top rung and get
@@ -180,14 +181,20 @@ def test_a_spent_budget_stops_promotion_and_a_reopened_sweep_goes_on_from_checkp
 
     grid = {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 3e-3], "accumulation": [1, 2]}
     cfg = _cfg(cache, tmp_path, grid=grid, rungs=[1, 2], eta=2, gpus_per_trial=1, budget_gpu_hours=1e-9)
-    first = run_sweep(cfg)
+    with caplog.at_level(logging.WARNING, logger="geopose_ray"):
+        first = run_sweep(cfg)
     assert first.finalists == [] and len(first.rows) == 4  # no promotion, so no fold runs either
+    # The user is told when the budget ran out, and at the end which paused trials it held back (the top 1/η).
+    assert "budget_gpu_hours 1e-09 is spent" in caplog.text
+    assert len(first.held_back) == 2 and "held back by the spent budget: 2 paused trial(s)" in first.report()
+    assert "sweeps/promote.py --config" in caplog.text
     assert all(r["status"] == "paused" and r["epoch"] == 1 and r["rung"] == 1 for r in first.rows)
     saved = json.loads((tmp_path / "runs" / "t" / "promoter.json").read_text())["promoter"]
     for r in first.rows:  # a trial holding 1 GPU spends 1 GPU-hour per hour of its epochs
         assert r["gpu_hours"] > 0 and saved["gpu_hours"][r["trial"]] == pytest.approx(r["device_hours"])
 
     second = reopen_sweep(cfg, budget_gpu_hours=10.0)
+    assert second.held_back == [] and "held back" not in second.report()
     by_key = {r["trial"]: r for r in second.rows}
     assert len(second.finalists) == 2  # the top 1/η of 4 at rung 1
     for t in second.finalists:

@@ -67,10 +67,22 @@ class SweepResult:
     checkpoints: dict[str, Path]  # trial (or "<trial>/fold<k>") -> its last checkpoint directory
     finalists: list[str]  # screening trial ids that reached the top rung
     table_path: Path
+    held_back: list[str] = dataclasses.field(default_factory=list)  # would be promoted but for the spent budget
 
     def report(self) -> str:
         """The results table and where it is, as the entry scripts print it."""
-        return f"{format_results(self.rows)}\nfinalists: {self.finalists}\nresults table: {self.table_path}"
+        text = f"{format_results(self.rows)}\nfinalists: {self.finalists}\nresults table: {self.table_path}"
+        if self.held_back:
+            text += f"\n{held_back_note(self.held_back)}"
+        return text
+
+
+def held_back_note(trials: list[str]) -> str:
+    return (
+        f"held back by the spent budget: {len(trials)} paused trial(s) qualify for promotion ({', '.join(trials)}); "
+        "`python sweeps/promote.py --config <sweep yaml> --budget <more GPU-hours>` continues them from their "
+        "checkpoints"
+    )
 
 
 def _last_line(error: Exception | None) -> str:
@@ -304,7 +316,10 @@ class _Sweep:
             n = self.tracker.pending
             log.warning("%d MLflow calls could not be delivered; results.csv is at %s", n, self.table.path)
         checkpoints = {k: Path(r.checkpoint) for k, r in self.records.items() if r.checkpoint}
-        return SweepResult(rows, checkpoints, list(self.promoter.finalists), self.table.path)
+        held = self.promoter.held_back()
+        if held:
+            log.warning(held_back_note(held))
+        return SweepResult(rows, checkpoints, list(self.promoter.finalists), self.table.path, held)
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:

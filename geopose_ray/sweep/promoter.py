@@ -144,8 +144,14 @@ class Promoter:
 
     def promotable(self) -> list[str]:
         """Paused trials that qualify now, highest rung first, best first. Pure: call :meth:`promote` to act."""
-        if not self.budget_left:
-            return []
+        return self._qualifying() if self.budget_left else []
+
+    def held_back(self) -> list[str]:
+        """Paused trials that would be promoted now but for the spent budget, highest rung first, best first: what
+        a reopened sweep with a larger budget continues (empty while budget is left)."""
+        return [] if self.budget_left else self._qualifying()
+
+    def _qualifying(self) -> list[str]:
         ready = []
         for rung in sorted({r for r in self.paused.values()}, reverse=True):
             recorded = self.results[rung]

@@ -241,9 +241,16 @@ class PromoterScheduler(FIFOScheduler):
         if is_fold_run(_pid(trial)):
             return TrialScheduler.CONTINUE  # a finalist's fold run trains to the top rung; the promoter never sees it
         value = result.get(self._score_key, math.nan)
+        had_budget = self.promoter.budget_left
         decision = self.promoter.on_result(
             _pid(trial), int(result["epoch"]), float(value), float(result.get("gpu_hours", 0.0))
         )
+        if had_budget and not self.promoter.budget_left:
+            log.warning(
+                "budget_gpu_hours %g is spent (%.3f GPU-hours): nothing more is promoted; trials that have not "
+                "reached the first rung still train to it (the budget stops promotions, not the grid)",
+                self.promoter.budget_gpu_hours, self.promoter.spent_gpu_hours,
+            )  # fmt: skip
         self._save()
         if decision is Decision.CONTINUE:
             return TrialScheduler.CONTINUE
