@@ -140,7 +140,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     result = simulate(
         args.trials, args.workers, args.seeds, args.budget, args.rungs, args.eta, args.min_results, args.first_seed,
-        persistent=args.persistent_noise,
+        **({} if args.persistent_noise is None else {"persistent": args.persistent_noise}),
     )  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=int, default=3, help="reduction factor (default 3)")
     p.add_argument("--min-results", type=int, default=9, help="promoter's min_results (default 9, as screen-t4)")
     p.add_argument(
-        "--persistent-noise", type=float, default=0.5, metavar="SHARE",
+        "--persistent-noise", type=float, default=None, metavar="SHARE",
         help="share of a fold score's noise variance that is the run's own, the same every epoch (the rest "
-        "averages out over the last epochs); 0 to 1, default 0.5",
+        "averages out over the last epochs); 0 to 1 (default: the simulator's, PERSISTENT in simulate/curves.py)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(fn=_cmd_simulate)
