@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from geopose_ray.engine import TrainConfig, Trainer, TrainingError
+from geopose_ray.engine import trainer as trainer_module
 from geopose_ray.engine.checkpoint import load_checkpoint, save_checkpoint
 from geopose_ray.engine.trainer import batch_sizes
 from geopose_ray.errors import ConfigError, DataError
+from geopose_ray.losses import geopose_loss
 from geopose_ray.metrics import score_report
 
 TINY = {"encoder": "tu-test_resnet", "dropout": 0.5}
@@ -145,6 +147,56 @@ def test_non_finite_loss_stops_with_epoch_and_step(cache: Path, tmp_path: Path) 
     with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step 3 \(total nan, agl nan"):
         t.fit()
     assert not (tmp_path / "last.pt").exists()  # nothing half-written
+
+
+class GlitchesOnce(NoNorm):
+    """Returns NaN heights at the second call only: one bad micro-batch among finite ones."""
+
+    calls = 0
+
+    def forward(self, image: torch.Tensor, gsd: Any = None, city: Any = None) -> dict[str, torch.Tensor]:
+        out = super().forward(image)
+        GlitchesOnce.calls += 1
+        if GlitchesOnce.calls == 2:
+            out["agl"] = out["agl"] * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 32])
+def test_a_non_finite_loss_between_checks_is_still_caught_and_named(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, check_every: int
+) -> None:
+    """The losses are read back every CHECK_EVERY micro-batches, not every step: a bad step before the last
+    one of a check's window must still stop the run, named by its own step."""
+    monkeypatch.setattr(trainer_module, "CHECK_EVERY", check_every)
+    GlitchesOnce.calls = 0
+    t = Trainer(_cfg(cache, batch_size=2, augment=None), tmp_path, model=GlitchesOnce())
+    assert len(batch_sizes(len(t.train_set), 2)) > 3  # the bad step is neither the first nor the last
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step 2 \(total nan, agl nan"):
+        t.fit()
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_train_losses_are_the_sample_weighted_means_of_the_steps(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-loss sums stay on the device during the epoch; what they report is Σ n·loss / Σ n over the
+    micro-batches, the short last one included."""
+    steps: list[tuple[int, dict[str, float]]] = []
+
+    def recording(pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], cfg: Any) -> Any:
+        losses = geopose_loss(pred, batch, cfg)
+        steps.append((int(batch["image"].shape[0]), {k: float(v.detach()) for k, v in losses.items()}))
+        return losses
+
+    monkeypatch.setattr(trainer_module, "geopose_loss", recording)
+    t = Trainer(_cfg(cache, epochs=1, batch_size=3, val_fold=None), tmp_path, model=NoNorm())
+    metrics = t.fit()[-1]
+    sizes = [n for n, _ in steps]
+    assert sizes == batch_sizes(len(t.train_set), 3) and sizes[-1] < 3
+    for k in ("total", "agl", "mag", "xy", "scale"):
+        expected = sum(n * losses[k] for n, losses in steps) / sum(sizes)
+        assert metrics[f"train/{k}"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_validation_score_is_the_challenge_score(cache: Path, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from geopose_ray.models.geopose import GeoposeModel
 
 LAST = "last.pt"
 BEST = "best.pt"
+CHECK_EVERY = 32  # micro-batches between checks of the training losses for non-finite values
 
 
 class TrainingError(GeoposeError):
@@ -108,7 +109,11 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward: Callable[..., dict[str, torch.Tensor]] = torch.compile(self.model) if cfg.compile else self.model
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # On CUDA the fused kernel updates every parameter at once and takes the grad scaler's inf check on the
+        # device: the unfused step reads it back to the host every step. Its state loads into either kind.
+        self.optimizer = opt_cls(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda"
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.cache = TrainingCache(cfg.cache)
         folds = sorted({r.fold for r in self.cache.rows})
@@ -226,7 +231,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        sums: dict[str, float] = {}
+        # The loss sums stay on the device and the losses are checked for non-finite values every CHECK_EVERY
+        # micro-batches: reading a value back makes the host wait for the GPU, which then idles while the next
+        # step's kernels are queued. A run that diverges is still stopped, CHECK_EVERY steps late at most and
+        # with the first bad step named; the weights it trained in memory are dropped, the checkpoint is intact.
+        sums: dict[str, torch.Tensor] = {}
+        unchecked: list[tuple[int, dict[str, torch.Tensor]]] = []
         seen = bad = 0
         start = time.perf_counter()
         for i, batch in enumerate(self._loader(self.train_set, shuffle=True)):
@@ -238,26 +248,25 @@ class Trainer:
             with self._autocast():
                 pred = self.forward(b["image"], b["gsd"], b["city"])
                 losses = geopose_loss(pred, b, cfg.loss)
-            total = losses["total"]
-            if not torch.isfinite(total):
-                parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-                raise TrainingError(
-                    f"non-finite loss at epoch {self.epoch + 1}, step {i + 1} ({parts}); the last checkpoint, if "
-                    f"any, is intact: lower the learning rate (now {self._lr():.3g}), enable grad_clip, or check "
-                    "the data with geopose-ray validate"
-                )
             # Each micro-batch's loss is its samples' mean; weighting it by its share of the optimizer step's
             # samples makes the accumulated gradient that of the whole effective batch, tail included.
-            self.scaler.scale(total * (n / group_total)).backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+            self.scaler.scale(losses["total"] * (n / group_total)).backward()
+            detached = {k: v.detach().float() for k, v in losses.items()}
+            for k, v in detached.items():
+                sums[k] = sums[k] + v * n if k in sums else v * n
+            unchecked.append((i, detached))
             seen += n
             if (i + 1) % cfg.accumulation == 0 or i + 1 == len(sizes):
                 self._optimizer_step()
+            if len(unchecked) >= CHECK_EVERY:
+                self._check_finite(unchecked)
+                unchecked = []
+        self._check_finite(unchecked)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_s = time.perf_counter() - start
-        metrics = {f"train/{k}": v / seen for k, v in sums.items()}
+        means = torch.stack(list(sums.values())).cpu().tolist() if sums else []
+        metrics = {f"train/{k}": v / seen for k, v in zip(sums, means, strict=True)}
         metrics["images_per_s"] = seen / train_s
         metrics["bad_tiles"] = float(bad)  # unreadable training tiles passed over this epoch
         metrics["train_s"] = train_s
@@ -274,6 +283,22 @@ class Trainer:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         )
         return EpochResult(metrics, stats)
+
+    def _check_finite(self, steps: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
+        """Raise :class:`TrainingError` naming the first of ``steps`` (index, losses) whose total loss is not
+        finite. One read-back from the device for all of them."""
+        if not steps:
+            return
+        finite = torch.stack([losses["total"] for _, losses in steps]).isfinite().cpu()
+        if bool(finite.all()):
+            return
+        i, losses = steps[int((~finite).nonzero()[0])]
+        parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+        raise TrainingError(
+            f"non-finite loss at epoch {self.epoch + 1}, step {i + 1} ({parts}); the last checkpoint, if any, is "
+            f"intact: lower the learning rate (now {self._lr():.3g}), enable grad_clip, or check the data with "
+            "geopose-ray validate"
+        )
 
     def _optimizer_step(self) -> None:
         for group in self.optimizer.param_groups:
