@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 
 from geopose_ray.data.cache import prepare_cache
@@ -52,3 +56,34 @@ def cache(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = prepare_cache(dataset / "train", out, downsample=2, folds=4, seed=0, workers=1)
     assert not result.errors
     return out
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[str]:
+    """A bucket on a local S3-compatible server (moto's, on loopback) for the sweep's remote storage; yields the
+    storage path a sweep config would name, with the credentials and endpoint in the URI as pyarrow (and so Ray
+    Tune, in every worker) reads them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the local S3 server did not start") from None
+                time.sleep(0.1)
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://key:secret@bucket?{query}&allow_bucket_creation=true")
+        fs.create_dir("bucket")
+        yield f"s3://key:secret@bucket/sweeps?{query}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -61,7 +61,7 @@ def test_members_are_the_finalists_with_one_model_per_fold(cache: Path, tmp_path
     (member,) = find_members(cfg.out_dir)
     assert member.name == "b" and [f.val_fold for f in member.folds] == [0, 1, 2, 3]
     assert [f.key for f in member.folds] == ["b", "b/fold1", "b/fold2", "b/fold3"]
-    assert all(f.checkpoint == checkpoint / "best.pt" for f in member.folds)
+    assert all(f.checkpoint == str(checkpoint / "best.pt") for f in member.folds)
     assert [m.name for m in find_members(cfg.out_dir, ["a", "b"])] == ["a", "b"]
 
 

@@ -223,6 +223,49 @@ def test_a_spent_budget_stops_promotion_and_a_reopened_sweep_goes_on_from_checkp
 
 
 @pytest.mark.slow
+def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles_them(
+    ray_cluster: None, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3: str
+) -> None:
+    """storage_path on an object store (a local S3-compatible server): Tune writes every checkpoint there, the
+    sweep records each as a URI any node can open, a reopened sweep continues its paused trials from those
+    checkpoints without training an epoch twice, and the ensemble's members are read from them."""
+    import pyarrow.fs
+
+    from geopose_ray.ensemble.members import check_members, find_members
+    from geopose_ray.storage import join, stat
+    from geopose_ray.sweep.driver import reopen_sweep, run_sweep
+
+    monkeypatch.chdir(tmp_path)  # the sweep's own small files go under runs/ here, as on a cluster's head
+    monkeypatch.setenv("GEOPOSE_RAY_STORAGE_CACHE", str(tmp_path / "fetched"))
+    storage = join(s3, "e2e")
+    query = storage.partition("?")[2]
+    grid = {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 3e-3], "accumulation": [1, 2]}
+    cfg = _cfg(cache, tmp_path, grid=grid, rungs=[1, 2], eta=2, gpus_per_trial=1, budget_gpu_hours=1e-9)
+    cfg = dataclasses.replace(cfg, storage_path=storage)
+    first = run_sweep(cfg)
+    assert first.finalists == [] and len(first.checkpoints) == 4
+    for t, location in first.checkpoints.items():
+        assert location.startswith(f"s3://key:secret@bucket/sweeps/e2e/t-screen/{t}/checkpoint_")
+        assert location.endswith(f"?{query}") and stat(join(location, "last.pt")) is not None
+    assert not (tmp_path / "bucket").exists()  # nothing written to a local path named after the bucket
+
+    second = reopen_sweep(cfg, budget_gpu_hours=10.0)
+    assert len(second.finalists) == 2
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    for t in second.finalists:  # continued from the checkpoint on the bucket: epoch 1 was not trained again
+        with fs.open_input_stream(f"{root}/t-screen-1/{t}/result.json") as f:
+            assert [int(json.loads(line)["epoch"]) for line in f.read().decode().splitlines()] == [2]
+    assert sorted(k for k in second.checkpoints if "/fold" in k) == sorted(
+        f"{t}/fold{k}" for t in second.finalists for k in (1, 2, 3)
+    )
+    members = find_members(cfg.out_dir)
+    assert sorted(m.name for m in members) == sorted(second.finalists)
+    assert all(f.checkpoint.startswith("s3://key:secret@bucket/sweeps/e2e/") for m in members for f in m.folds)
+    assert len(check_members(members, downsample=2)) == 8  # every fold model fetched and loaded
+    assert len(list((tmp_path / "fetched").rglob("*.pt"))) == 8
+
+
+@pytest.mark.slow
 def test_optuna_tpe_draws_trials_from_ranges_under_the_promoter(ray_cluster: None, cache: Path, tmp_path: Path) -> None:
     """search: optuna draws num_samples trials (a log-uniform learning rate from lr_range), the promoter pauses and
     promotes them as in a grid sweep, and finalists get their fold runs."""

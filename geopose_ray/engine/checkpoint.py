@@ -10,6 +10,7 @@ import torch
 
 from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_bytes
+from geopose_ray.storage import local_file
 
 CHECKPOINT_FORMAT = 1
 
@@ -23,8 +24,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no code is unpickled)."""
-    path = Path(path)
+    """Load a checkpoint with ``weights_only=True`` (no code is unpickled). ``path`` may be a location on a
+    sweep's remote storage (``s3://...``): it is downloaded first (:func:`geopose_ray.storage.local_file`)."""
+    path = local_file(path)
     try:
         state: dict[str, Any] = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as e:

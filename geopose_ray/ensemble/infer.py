@@ -44,7 +44,7 @@ def inference_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | No
 class Runner:
     """A loaded model run the fast way for inference: channels-last memory and autocast where supported."""
 
-    def __init__(self, checkpoint: Path, device: torch.device, amp: str = "auto") -> None:
+    def __init__(self, checkpoint: str | Path, device: torch.device, amp: str = "auto") -> None:
         model, self.cfg, _ = load_model(checkpoint, device)
         self.model = model.to(memory_format=torch.channels_last)
         self.device = device

@@ -37,6 +37,7 @@ from geopose_ray.ensemble.members import Member, check_members, find_members
 from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.metrics import ScoreReport
+from geopose_ray.storage import redact, stat
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.tracking import Tracker
 
@@ -99,8 +100,8 @@ def _fingerprint(members: list[Member], cache: TrainingCache, tta: str, amp: str
     h = hashlib.sha256(json.dumps([str(cache.path.resolve()), len(cache), tta, amp]).encode())
     for m in members:
         for f in m.folds:
-            st = f.checkpoint.stat()
-            h.update(f"{m.name}|{f.key}|{f.checkpoint}|{st.st_size}|{st.st_mtime_ns}".encode())
+            size, mtime = stat(f.checkpoint) or (-1, -1)
+            h.update(f"{m.name}|{f.key}|{redact(f.checkpoint)}|{size}|{mtime}".encode())
     return h.hexdigest()[:16]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from geopose_ray.engine.checkpoint import load_checkpoint
 from geopose_ray.engine.trainer import BEST, LAST
 from geopose_ray.errors import DataError
+from geopose_ray.storage import join, redact, stat
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class FoldModel:
     """One trained model of a member: validated on ``val_fold``, which it never trained on."""
 
     key: str  # "<trial>" (the screening run) or "<trial>/fold<k>"
-    checkpoint: Path  # best.pt (the best validation epoch), else last.pt
+    checkpoint: str  # best.pt (the best validation epoch), else last.pt: a path, or a URI on remote storage
     val_fold: int
 
 
@@ -31,16 +32,17 @@ class Member:
     folds: tuple[FoldModel, ...]
 
 
-def _checkpoint(record: dict[str, Any], key: str) -> Path:
+def _checkpoint(record: dict[str, Any], key: str) -> str:
     if record.get("error"):
         raise DataError(f"fold model {key} failed in the sweep ({record['error']}); rerun the sweep or leave it out")
     directory = record.get("checkpoint")
     if not directory:
         raise DataError(f"fold model {key} has no checkpoint in trials.json; rerun the sweep with --resume")
     for name in (BEST, LAST):
-        if (Path(directory) / name).is_file():
-            return Path(directory) / name
-    raise DataError(f"{directory}: no {BEST} or {LAST} for fold model {key}; was the sweep's storage moved?")
+        location = join(directory, name)
+        if stat(location) is not None:
+            return location
+    raise DataError(f"{redact(directory)}: no {BEST} or {LAST} for fold model {key}; was the sweep's storage moved?")
 
 
 def find_members(sweep_dir: str | Path, names: list[str] | None = None) -> list[Member]:
@@ -86,11 +88,11 @@ def check_members(members: list[Member], downsample: int) -> dict[str, Any]:
             try:
                 state = load_checkpoint(f.checkpoint)
             except Exception as e:
-                raise DataError(f"{f.checkpoint}: cannot read fold model {f.key} ({e}); rerun its trial") from e
+                raise DataError(f"{redact(f.checkpoint)}: cannot read fold model {f.key} ({e}); rerun its trial") from e
             if int(state["downsample"]) != downsample:
                 raise DataError(
-                    f"{f.checkpoint}: fold model {f.key} was trained at 1/{state['downsample']} resolution, the "
-                    f"others and the cache at 1/{downsample}; members must share one input resolution"
+                    f"{redact(f.checkpoint)}: fold model {f.key} was trained at 1/{state['downsample']} resolution, "
+                    f"the others and the cache at 1/{downsample}; members must share one input resolution"
                 )
             configs[f.key] = state["config"]
     return configs

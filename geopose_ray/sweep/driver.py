@@ -23,6 +23,7 @@ from ray import tune
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.errors import ConfigError, GeoposeError
 from geopose_ray.fsutil import atomic_write_text
+from geopose_ray.storage import checkpoint_location, join
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
@@ -64,7 +65,7 @@ class SweepResult:
     """What a sweep produced."""
 
     rows: list[dict[str, Any]]  # the results table, one row per trial (screening and fold runs)
-    checkpoints: dict[str, Path]  # trial (or "<trial>/fold<k>") -> its last checkpoint directory
+    checkpoints: dict[str, str]  # trial (or "<trial>/fold<k>") -> its last checkpoint directory (a path or URI)
     finalists: list[str]  # screening trial ids that reached the top rung
     table_path: Path
     held_back: list[str] = dataclasses.field(default_factory=list)  # would be promoted but for the spent budget
@@ -90,9 +91,9 @@ def _last_line(error: Exception | None) -> str:
     return lines[-1][:300] if lines else type(error).__name__
 
 
-def _records(grid: Any, stage: str) -> dict[str, TrialRecord]:
+def _records(grid: Any, stage: str, storage_path: str) -> dict[str, TrialRecord]:
     """A record per trial of a ResultGrid that reported at least once or failed (a fold run backfilled during
-    screening is recorded as a fold run)."""
+    screening is recorded as a fold run); checkpoints by their location on ``storage_path``."""
     out = {}
     for i in range(len(grid)):
         result = grid[i]
@@ -100,7 +101,9 @@ def _records(grid: Any, stage: str) -> dict[str, TrialRecord]:
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float | str)}
         if "epoch" not in metrics and result.error is None:
             continue  # never ran (a paused trial that was not promoted in a reopened sweep)
-        ckpt = str(Path(result.checkpoint.path).resolve()) if result.checkpoint is not None else None
+        ckpt = None
+        if result.checkpoint is not None:
+            ckpt = checkpoint_location(result.checkpoint.filesystem, result.checkpoint.path, storage_path)
         error = _last_line(result.error) if result.error is not None else None
         out[key] = TrialRecord(key, "fold" if is_fold_run(key) else stage, cfg, metrics, ckpt, error)
     return out
@@ -119,7 +122,7 @@ def _tuner(
     by Optuna's TPE (``configs`` None)."""
     trainable = tune.with_resources(train_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     storage = str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path
-    path = f"{storage}/{name}"
+    path = join(storage, name)  # a URI's query (an endpoint, say) stays at its end
     if resume and tune.Tuner.can_restore(path):
         # Finished trials keep their results; unfinished and errored ones continue from their checkpoints.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -223,7 +226,7 @@ class _Sweep:
             grid = _tuner(self.cfg, name, configs, scheduler, callbacks, resume, guided).fit()
         if self.state_path.exists():  # a restored Tuner has its own copy of the scheduler: the saved state rules
             self.promoter = Promoter.from_dict(json.loads(self.state_path.read_text())["promoter"])
-        found = _records(grid, "screen")
+        found = _records(grid, "screen", self.cfg.storage_path)
         failed = [r for r in found.values() if r.error is not None]
         if found and len(failed) == len(found) and not self.round:
             raise GeoposeError(
@@ -256,7 +259,7 @@ class _Sweep:
         callback = MlflowCallback(self.tracker, None, "fold", self.table)
         self.callbacks.append(callback)
         grid = _tuner(self.cfg, f"{self.cfg.name}-folds{self._suffix()}", todo, None, [callback], resume).fit()
-        self.records.update(_records(grid, "fold"))
+        self.records.update(_records(grid, "fold", self.cfg.storage_path))
 
     def status(self, rec: TrialRecord) -> str:
         if rec.stage == "fold":
@@ -315,7 +318,7 @@ class _Sweep:
         if not self.tracker.flush(timeout_s=max(1.0, deadline - time.monotonic())):
             n = self.tracker.pending
             log.warning("%d MLflow calls could not be delivered; results.csv is at %s", n, self.table.path)
-        checkpoints = {k: Path(r.checkpoint) for k, r in self.records.items() if r.checkpoint}
+        checkpoints = {k: r.checkpoint for k, r in self.records.items() if r.checkpoint}
         held = self.promoter.held_back()
         if held:
             log.warning(held_back_note(held))

@@ -1,0 +1,128 @@
+"""Files on a sweep's storage: a local (or shared) directory, or an object store Ray Tune writes to (``s3://``,
+``gs://``, any URI ``pyarrow.fs.FileSystem.from_uri`` opens).
+
+A checkpoint's *location* is its directory as the sweep recorded it: an absolute local path, or a URI that keeps
+the storage path's scheme, credentials and query (``s3://bucket/sweeps/x/trial/checkpoint_000010?region=...``),
+so that any process on any node can open it. :func:`local_file` gives a file at a location as a local path,
+downloading it once into a cache directory when it is remote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from geopose_ray.errors import DataError
+
+CACHE_ENV = "GEOPOSE_RAY_STORAGE_CACHE"  # where remote files are downloaded to (default: the temp dir)
+_CHUNK = 8 << 20
+
+
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    """A URI of a remote filesystem (``file://`` and plain paths are local)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def redact(location: str | os.PathLike[str]) -> str:
+    """``location`` without credentials, for messages and logs."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@?]*@", r"\1***@", str(location))
+
+
+def checkpoint_location(filesystem: Any, path: str, storage_path: str) -> str:
+    """Where a Tune checkpoint (its pyarrow ``filesystem`` and ``path``) is, as a location any process can open.
+
+    Tune's path on an object store is bucket-relative and without the scheme, credentials and query the storage
+    path gave (``bucket/sweeps/x/trial/checkpoint_000010``); they are put back from ``storage_path``. A local
+    path is made absolute.
+    """
+    if getattr(filesystem, "type_name", "local") == "local":
+        return str(Path(path).resolve())
+    parts = urlsplit(storage_path)
+    if not parts.scheme or not parts.netloc:
+        raise DataError(f"storage path {redact(storage_path)!r} is not a URI, but its checkpoint {path!r} is remote")
+    userinfo = parts.netloc.rpartition("@")[0]
+    return f"{parts.scheme}://{userinfo + '@' if userinfo else ''}{path.lstrip('/')}" + (
+        f"?{parts.query}" if parts.query else ""
+    )
+
+
+def join(location: str | os.PathLike[str], name: str) -> str:
+    """The location of file ``name`` in directory ``location`` (a URI's query stays at its end)."""
+    text = str(location)
+    if not is_remote(text):
+        return str(Path(text) / name)
+    base, sep, query = text.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def _open(location: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{redact(location)}: cannot open this storage ({e}); check the URI and its credentials") from e
+
+
+def stat(location: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(size in bytes, modification time in ns) of the file at ``location``; None if there is no such file."""
+    text = str(location)
+    if not is_remote(text):
+        local = Path(text.removeprefix("file://"))
+        if not local.is_file():
+            return None
+        st = local.stat()
+        return st.st_size, st.st_mtime_ns
+    import pyarrow.fs
+
+    fs, path = _open(text)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise DataError(f"{redact(text)}: cannot read this storage ({e}); check its credentials and network") from e
+    if info.type != pyarrow.fs.FileType.File:
+        return None
+    return int(info.size or 0), int(info.mtime_ns or 0)
+
+
+def local_file(location: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> Path:
+    """The file at ``location`` as a local path: itself, or for a remote one a copy downloaded into ``cache``
+    (default ``$GEOPOSE_RAY_STORAGE_CACHE`` or the temp dir). A copy of the same size is reused; a download is
+    written beside its final name and renamed when complete, so a reader never sees half a file.
+
+    Raises:
+        DataError: no such file, or the storage cannot be read (naming the location, credentials left out).
+    """
+    text = str(location)
+    if not is_remote(text):
+        return Path(text.removeprefix("file://"))
+    found = stat(text)
+    if found is None:
+        raise DataError(f"{redact(text)}: no such file on the sweep's storage; was the sweep's storage moved?")
+    size = found[0]
+    root = Path(cache or os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "geopose-ray-storage")
+    key = hashlib.sha256(redact(text).encode()).hexdigest()[:20]
+    dest = root / key / Path(urlsplit(text).path).name
+    if dest.is_file() and dest.stat().st_size == size:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fs, path = _open(text)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+            while chunk := src.read(_CHUNK):
+                out.write(chunk)
+        if tmp.stat().st_size != size:
+            raise DataError(f"{redact(text)}: downloaded {tmp.stat().st_size} of {size} bytes; try again")
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise DataError(f"{redact(text)}: cannot download it ({e}); check the storage's credentials and network") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest

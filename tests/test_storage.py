@@ -1,0 +1,108 @@
+"""A sweep's remote storage: checkpoint locations recorded as URIs any node can open, files fetched from them,
+and the ensemble's members read from them. Against a real S3-compatible server (moto's, on loopback), through
+the same pyarrow filesystem Ray Tune writes with."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.fs
+import pytest
+import torch
+
+from geopose_ray.engine import TrainConfig, Trainer
+from geopose_ray.engine.checkpoint import load_checkpoint
+from geopose_ray.engine.predict import load_model
+from geopose_ray.ensemble.members import check_members, find_members
+from geopose_ray.errors import DataError
+from geopose_ray.storage import checkpoint_location, join, local_file, redact, stat
+
+
+def _upload(storage: str, relative: str, files: dict[str, bytes]) -> pyarrow.fs.FileSystem:
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    for name, data in files.items():
+        with fs.open_output_stream(f"{root}/{relative}/{name}") as out:
+            out.write(data)
+    return fs
+
+
+def test_a_remote_checkpoint_is_recorded_as_a_uri_that_opens_it(s3: str, tmp_path: Path) -> None:
+    fs = _upload(s3, "s-screen/t1/checkpoint_000002", {"last.pt": b"weights"})
+    # What Tune hands the driver: the storage's filesystem and a bucket-relative path without scheme or query.
+    location = checkpoint_location(fs, "bucket/sweeps/s-screen/t1/checkpoint_000002", s3)
+    query = s3.partition("?")[2]
+    assert location == f"s3://key:secret@bucket/sweeps/s-screen/t1/checkpoint_000002?{query}"
+    assert join(location, "last.pt") == f"s3://key:secret@bucket/sweeps/s-screen/t1/checkpoint_000002/last.pt?{query}"
+    assert stat(join(location, "last.pt")) is not None and stat(join(location, "best.pt")) is None
+    assert local_file(join(location, "last.pt"), tmp_path).read_bytes() == b"weights"
+    # A local storage path: an absolute directory, as before.
+    local = checkpoint_location(pyarrow.fs.LocalFileSystem(), "runs/x/checkpoint_000001", "runs")
+    assert local == str(Path("runs/x/checkpoint_000001").resolve())
+    assert join(local, "last.pt") == str(Path(local) / "last.pt")
+
+
+def test_files_are_downloaded_once_and_errors_name_the_file_without_credentials(s3: str, tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    _upload(s3, "s-screen/t2/checkpoint_000001", {"last.pt": data})
+    fs, root = pyarrow.fs.FileSystem.from_uri(s3)
+    location = checkpoint_location(fs, f"{root}/s-screen/t2/checkpoint_000001", s3)
+    first = local_file(join(location, "last.pt"), tmp_path)
+    assert first.read_bytes() == data and first.is_relative_to(tmp_path)
+    before = first.stat().st_mtime_ns
+    assert local_file(join(location, "last.pt"), tmp_path) == first and first.stat().st_mtime_ns == before
+    assert [p.name for p in first.parent.iterdir()] == ["last.pt"]  # no partial download left beside it
+
+    with pytest.raises(DataError, match=r"no such file on the sweep's storage") as e:
+        local_file(join(location, "best.pt"), tmp_path)
+    assert "secret" not in str(e.value) and "s3://***@bucket/sweeps/s-screen/t2/checkpoint_000001/best.pt" in str(
+        e.value
+    )
+    assert redact("gs://bucket/x") == "gs://bucket/x" and redact("/tmp/a@b") == "/tmp/a@b"
+    with pytest.raises(DataError, match=r"s3://\*\*\*@gone/x/last.pt.*: no such file|cannot read"):
+        local_file(f"s3://key:secret@gone/x/last.pt?{s3.partition('?')[2]}", tmp_path)
+
+
+def test_the_ensemble_reads_its_members_from_remote_storage(
+    s3: str, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished sweep whose checkpoints live on the bucket: the members are found, every checkpoint checked
+    and loaded through its URI, as the ensemble's workers on other nodes will."""
+    cfg = TrainConfig.from_dict(
+        {"cache": str(cache), "model": {"encoder": "tu-test_resnet"}, "epochs": 1, "batch_size": 4, "val_fold": 0}
+    )
+    torch.manual_seed(0)
+    Trainer(cfg, tmp_path / "trained").fit()
+    fs, root = pyarrow.fs.FileSystem.from_uri(s3)
+    files = {name: (tmp_path / "trained" / name).read_bytes() for name in ("last.pt", "best.pt")}
+    trials = {}
+    for key, fold in (("a", 0), ("a/fold1", 1), ("a/fold2", 2), ("a/fold3", 3)):
+        relative = f"s-screen/{key.replace('/', '_')}/checkpoint_000001"
+        _upload(s3, relative, files if key != "a/fold3" else {"last.pt": files["last.pt"]})
+        trials[key] = {
+            "key": key,
+            "stage": "fold" if "/" in key else "screen",
+            "cfg": {**cfg.to_dict(), "val_fold": fold},
+            "metrics": {"epoch": 1},
+            "checkpoint": checkpoint_location(fs, f"{root}/{relative}", s3),
+            "error": None,
+        }
+    (tmp_path / "trials.json").write_text(json.dumps({"sweep": "s", "finalists": ["a"], "trials": trials}))
+    monkeypatch.setenv("GEOPOSE_RAY_STORAGE_CACHE", str(tmp_path / "fetched"))
+    (member,) = find_members(tmp_path)
+    assert [f.checkpoint.split("?")[0].split("/")[-1] for f in member.folds] == ["best.pt"] * 3 + ["last.pt"]
+    assert all(f.checkpoint.startswith("s3://key:secret@bucket/sweeps/s-screen/") for f in member.folds)
+    configs = check_members([member], downsample=load_checkpoint(tmp_path / "trained" / "best.pt")["downsample"])
+    assert sorted(configs) == ["a", "a/fold1", "a/fold2", "a/fold3"]
+    model, loaded_cfg, _ = load_model(member.folds[1].checkpoint, torch.device("cpu"))
+    reference, _, _ = load_model(tmp_path / "trained" / "best.pt", torch.device("cpu"))
+    assert loaded_cfg == cfg
+    for (k, v), (_, w) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k
+    assert len(list((tmp_path / "fetched").rglob("*.pt"))) == 4  # each fetched once, into the configured cache
+
+    fs.delete_dir(f"{root}/s-screen/a_fold2")
+    with pytest.raises(DataError, match=r"no best.pt or last.pt for fold model a/fold2") as e:
+        find_members(tmp_path)
+    assert "secret" not in str(e.value)
