@@ -4,7 +4,7 @@
 A checkpoint's *location* is its directory as the sweep recorded it: an absolute local path, or a URI that keeps
 the storage path's scheme, credentials and query (``s3://bucket/sweeps/x/trial/checkpoint_000010?region=...``),
 so that any process on any node can open it. :func:`local_file` gives a file at a location as a local path,
-downloading it once into a cache directory when it is remote.
+downloading it once into a cache directory when it is remote; :func:`copy_file` copies one to a given path.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,7 @@ def stat(location: str | os.PathLike[str]) -> tuple[int, int] | None:
 
 def local_file(location: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> Path:
     """The file at ``location`` as a local path: itself, or for a remote one a copy downloaded into ``cache``
-    (default ``$GEOPOSE_RAY_STORAGE_CACHE`` or the temp dir). A copy of the same size is reused; a download is
-    written beside its final name and renamed when complete, so a reader never sees half a file.
+    (default ``$GEOPOSE_RAY_STORAGE_CACHE`` or the temp dir). A copy of the same size is reused.
 
     Raises:
         DataError: no such file, or the storage cannot be read (naming the location, credentials left out).
@@ -102,27 +102,53 @@ def local_file(location: str | os.PathLike[str], cache: str | os.PathLike[str] |
     text = str(location)
     if not is_remote(text):
         return Path(text.removeprefix("file://"))
-    found = stat(text)
-    if found is None:
-        raise DataError(f"{redact(text)}: no such file on the sweep's storage; was the sweep's storage moved?")
-    size = found[0]
     root = Path(cache or os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "geopose-ray-storage")
     key = hashlib.sha256(redact(text).encode()).hexdigest()[:20]
     dest = root / key / Path(urlsplit(text).path).name
-    if dest.is_file() and dest.stat().st_size == size:
-        return dest
+    found = stat(text)
+    if found is None:
+        raise DataError(f"{redact(text)}: no such file on the sweep's storage; was the sweep's storage moved?")
+    if not (dest.is_file() and dest.stat().st_size == found[0]):
+        _download(text, dest, found[0])
+    return dest
+
+
+def copy_file(location: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Copy the file at ``location`` (local or remote) to the local path ``dest``, which appears complete or not
+    at all.
+
+    Raises:
+        DataError: no such file, or the storage cannot be read.
+    """
+    text, dest = str(location), Path(dest)
+    if not is_remote(text):
+        source = Path(text.removeprefix("file://"))
+        if not source.is_file():
+            raise DataError(f"{source}: no such file; was the sweep's storage moved?")
+        shutil.copyfile(source, dest)
+        return
+    found = stat(text)
+    if found is None:
+        raise DataError(f"{redact(text)}: no such file on the sweep's storage; was the sweep's storage moved?")
+    _download(text, dest, found[0])
+
+
+def _download(location: str, dest: Path, size: int) -> None:
+    """Download a remote file of ``size`` bytes to ``dest``: written beside it and renamed when complete, so a
+    reader never sees half a file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fs, path = _open(text)
+    fs, path = _open(location)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
         if tmp.stat().st_size != size:
-            raise DataError(f"{redact(text)}: downloaded {tmp.stat().st_size} of {size} bytes; try again")
+            raise DataError(f"{redact(location)}: downloaded {tmp.stat().st_size} of {size} bytes; try again")
         os.replace(tmp, dest)
     except OSError as e:
-        raise DataError(f"{redact(text)}: cannot download it ({e}); check the storage's credentials and network") from e
+        raise DataError(
+            f"{redact(location)}: cannot download it ({e}); check the storage's credentials and network"
+        ) from e
     finally:
         tmp.unlink(missing_ok=True)
-    return dest

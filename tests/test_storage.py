@@ -17,7 +17,7 @@ from geopose_ray.engine.checkpoint import load_checkpoint
 from geopose_ray.engine.predict import load_model
 from geopose_ray.ensemble.members import check_members, find_members
 from geopose_ray.errors import DataError
-from geopose_ray.storage import checkpoint_location, join, local_file, redact, stat
+from geopose_ray.storage import checkpoint_location, copy_file, join, local_file, redact, stat
 
 
 def _upload(storage: str, relative: str, files: dict[str, bytes]) -> pyarrow.fs.FileSystem:
@@ -60,6 +60,12 @@ def test_files_are_downloaded_once_and_errors_name_the_file_without_credentials(
         e.value
     )
     assert redact("gs://bucket/x") == "gs://bucket/x" and redact("/tmp/a@b") == "/tmp/a@b"
+    # copy_file: the same bytes at a path of the caller's (a trial resuming from a reopened sweep's checkpoint).
+    (tmp_path / "work").mkdir()
+    copy_file(join(location, "last.pt"), tmp_path / "work" / "last.pt")
+    assert (tmp_path / "work" / "last.pt").read_bytes() == data
+    with pytest.raises(DataError, match=r"no such file; was the sweep's storage moved"):
+        copy_file(tmp_path / "gone" / "last.pt", tmp_path / "work" / "x.pt")
     with pytest.raises(DataError, match=r"s3://\*\*\*@gone/x/last.pt.*: no such file|cannot read"):
         local_file(f"s3://key:secret@gone/x/last.pt?{s3.partition('?')[2]}", tmp_path)
 

@@ -10,7 +10,7 @@ import torch
 
 from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_bytes
-from geopose_ray.storage import local_file
+from geopose_ray.storage import local_file, redact
 
 CHECKPOINT_FORMAT = 1
 
@@ -26,13 +26,15 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no code is unpickled). ``path`` may be a location on a
     sweep's remote storage (``s3://...``): it is downloaded first (:func:`geopose_ray.storage.local_file`)."""
-    path = local_file(path)
+    shown = redact(path)  # messages name the location, not a downloaded copy, and never its credentials
     try:
-        state: dict[str, Any] = torch.load(path, map_location=map_location, weights_only=True)
+        state: dict[str, Any] = torch.load(local_file(path), map_location=map_location, weights_only=True)
+    except DataError:
+        raise
     except FileNotFoundError as e:
-        raise DataError(f"{path}: checkpoint not found") from e
+        raise DataError(f"{shown}: checkpoint not found") from e
     except Exception as e:  # torch raises several types for a corrupt or foreign file
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise DataError(f"{shown}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path}: not a geopose-ray checkpoint (format {CHECKPOINT_FORMAT})")
+        raise DataError(f"{shown}: not a geopose-ray checkpoint (format {CHECKPOINT_FORMAT})")
     return state

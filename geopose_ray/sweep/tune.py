@@ -33,7 +33,7 @@ from geopose_ray.engine.checkpoint import load_checkpoint
 from geopose_ray.engine.trainer import LAST
 from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
-from geopose_ray.storage import join, local_file
+from geopose_ray.storage import copy_file, join
 from geopose_ray.sweep.order import GuidedOrder, longest_first
 from geopose_ray.sweep.plots import curves_plot
 from geopose_ray.sweep.promoter import Decision, Promoter
@@ -338,7 +338,7 @@ def train_trial(config: dict[str, Any]) -> None:
             shutil.copy(Path(d) / LAST, work / LAST)
         unregistered = _unregistered(checkpoint)
     elif raw.get("_resume_from"):  # continued in a reopened sweep: from its last checkpoint there
-        shutil.copy(local_file(join(raw["_resume_from"], LAST)), work / LAST)
+        copy_file(join(raw["_resume_from"], LAST), work / LAST)
 
     trainers: list[Trainer] = []  # the one running (a second after an out-of-memory retry)
 
