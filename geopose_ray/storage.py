@@ -57,7 +57,7 @@ def join(location: str | os.PathLike[str], name: str) -> str:
     """The location of file ``name`` in directory ``location`` (a URI's query stays at its end)."""
     text = str(location)
     if not is_remote(text):
-        return str(Path(text) / name)
+        return str(Path(text.removeprefix("file://")) / name)
     base, sep, query = text.partition("?")
     return f"{base.rstrip('/')}/{name}{sep}{query}"
 

@@ -40,7 +40,7 @@ def test_a_remote_checkpoint_is_recorded_as_a_uri_that_opens_it(s3: str, tmp_pat
     # A local storage path: an absolute directory, as before.
     local = checkpoint_location(pyarrow.fs.LocalFileSystem(), "runs/x/checkpoint_000001", "runs")
     assert local == str(Path("runs/x/checkpoint_000001").resolve())
-    assert join(local, "last.pt") == str(Path(local) / "last.pt")
+    assert join(local, "last.pt") == str(Path(local) / "last.pt") == join(f"file://{local}", "last.pt")
 
 
 def test_files_are_downloaded_once_and_errors_name_the_file_without_credentials(s3: str, tmp_path: Path) -> None:

@@ -248,6 +248,11 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
         assert location.startswith(f"s3://key:secret@bucket/sweeps/e2e/t-screen/{t}/checkpoint_")
         assert location.endswith(f"?{query}") and stat(join(location, "last.pt")) is not None
     assert not (tmp_path / "bucket").exists()  # nothing written to a local path named after the bucket
+    from geopose_ray.tracking import Tracker
+
+    tracker = Tracker(cfg.mlflow_uri, "t", "t")  # the sweep's own files: runs/t/ in the driver's directory
+    params = tracker._client.get_run(tracker.parent()).data.params
+    assert params["storage_path"] == f"s3://***@bucket/sweeps/e2e?{query}"  # no credentials in MLflow
 
     second = reopen_sweep(cfg, budget_gpu_hours=10.0)
     assert len(second.finalists) == 2

@@ -23,7 +23,7 @@ from ray import tune
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.errors import ConfigError, GeoposeError
 from geopose_ray.fsutil import atomic_write_text
-from geopose_ray.storage import checkpoint_location, join
+from geopose_ray.storage import checkpoint_location, join, redact
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
@@ -198,9 +198,16 @@ class _Sweep:
         artifacts = str(cfg.out_dir / "mlartifacts") if local else None
         self.tracker = Tracker(cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name, artifacts)
         try:
-            self.tracker.parent(dataclasses.asdict(cfg))
+            # The sweep's config as the parent run's params; credentials in a storage or tracking URI stay out.
+            shown = {
+                "storage_path": redact(cfg.storage_path),
+                "tracking_uri": cfg.tracking_uri and redact(cfg.tracking_uri),
+            }
+            self.tracker.parent({**dataclasses.asdict(cfg), **shown})
         except Exception as e:
-            log.warning("MLflow at %s unavailable (%s); the sweep runs and logs when it is back", cfg.mlflow_uri, e)
+            log.warning(
+                "MLflow at %s unavailable (%s); the sweep runs and logs when it is back", redact(cfg.mlflow_uri), e
+            )
         self.table = SweepTable(cfg.out_dir / "results.csv", list(cfg.rungs), cfg.name)
         self.callbacks: list[MlflowCallback] = []
         for row in self.rows():
@@ -231,7 +238,7 @@ class _Sweep:
         if found and len(failed) == len(found) and not self.round:
             raise GeoposeError(
                 f"all {len(found)} screening trials of {self.cfg.name} failed; the first: {failed[0].error} "
-                f"(details under {Path(self.cfg.storage_path) / name})"
+                f"(details under {redact(join(self.cfg.storage_path, name))})"
             )
         self.records.update(found)
 
