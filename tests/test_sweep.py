@@ -254,12 +254,21 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
     params = tracker._client.get_run(tracker.parent()).data.params
     assert params["storage_path"] == f"s3://***@bucket/sweeps/e2e?{query}"  # no credentials in MLflow
 
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+
+    def epochs(experiment: str, trial: str) -> list[int]:  # a trial's result.json on the bucket
+        with fs.open_input_stream(f"{root}/{experiment}/{trial}/result.json") as f:
+            return [int(json.loads(line)["epoch"]) for line in f.read().decode().splitlines()]
+
+    # A driver restarted with --resume finds the experiment on the bucket (Tune restores it from the URI).
+    again = run_sweep(cfg, resume=True)
+    assert again.checkpoints == first.checkpoints and again.finalists == []
+    assert all(epochs("t-screen", t) == [1] for t in first.checkpoints)  # nothing trained again
+
     second = reopen_sweep(cfg, budget_gpu_hours=10.0)
     assert len(second.finalists) == 2
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
     for t in second.finalists:  # continued from the checkpoint on the bucket: epoch 1 was not trained again
-        with fs.open_input_stream(f"{root}/t-screen-1/{t}/result.json") as f:
-            assert [int(json.loads(line)["epoch"]) for line in f.read().decode().splitlines()] == [2]
+        assert epochs("t-screen-1", t) == [2]
     assert sorted(k for k in second.checkpoints if "/fold" in k) == sorted(
         f"{t}/fold{k}" for t in second.finalists for k in (1, 2, 3)
     )
