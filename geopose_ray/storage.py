@@ -1,5 +1,5 @@
-"""Files on a sweep's storage: a local (or shared) directory, or an object store Ray Tune writes to (``s3://``,
-``gs://``, any URI ``pyarrow.fs.FileSystem.from_uri`` opens).
+"""Files on a sweep's storage: a local (or shared) directory, or a bucket on an object store Ray Tune writes to
+through ``pyarrow.fs`` (``s3://``, ``gs://``: URIs whose host is the bucket; tested on S3's protocol).
 
 A checkpoint's *location* is its directory as the sweep recorded it: an absolute local path, or a URI that keeps
 the storage path's scheme, credentials and query (``s3://bucket/sweeps/x/trial/checkpoint_000010?region=...``),
@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from geopose_ray.errors import DataError
 
@@ -30,9 +30,9 @@ def is_remote(location: str | os.PathLike[str]) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-def redact(location: str | os.PathLike[str]) -> str:
-    """``location`` without credentials, for messages and logs."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@?]*@", r"\1***@", str(location))
+def redact(text: str | os.PathLike[str]) -> str:
+    """``text`` (a location, or a message that quotes one) without the credentials of any URI in it."""
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@?#\s'\"]*@", r"\1***@", str(text))
 
 
 def checkpoint_location(filesystem: Any, path: str, storage_path: str) -> str:
@@ -48,7 +48,8 @@ def checkpoint_location(filesystem: Any, path: str, storage_path: str) -> str:
     if not parts.scheme or not parts.netloc:
         raise DataError(f"storage path {redact(storage_path)!r} is not a URI, but its checkpoint {path!r} is remote")
     userinfo = parts.netloc.rpartition("@")[0]
-    return f"{parts.scheme}://{userinfo + '@' if userinfo else ''}{path.lstrip('/')}" + (
+    # Tune's path is plain text (a sweep may be named "my sweep#2"); pyarrow decodes the escapes back.
+    return f"{parts.scheme}://{userinfo + '@' if userinfo else ''}{quote(path.lstrip('/'), safe='/')}" + (
         f"?{parts.query}" if parts.query else ""
     )
 
@@ -68,7 +69,9 @@ def _open(location: str) -> tuple[Any, str]:
     try:
         return pyarrow.fs.FileSystem.from_uri(location)
     except (OSError, ValueError) as e:
-        raise DataError(f"{redact(location)}: cannot open this storage ({e}); check the URI and its credentials") from e
+        raise DataError(
+            f"{redact(location)}: cannot open this storage ({redact(str(e))}); check the URI and credentials"
+        ) from e
 
 
 def stat(location: str | os.PathLike[str]) -> tuple[int, int] | None:
@@ -86,7 +89,9 @@ def stat(location: str | os.PathLike[str]) -> tuple[int, int] | None:
     try:
         info = fs.get_file_info(path)
     except OSError as e:
-        raise DataError(f"{redact(text)}: cannot read this storage ({e}); check its credentials and network") from e
+        raise DataError(
+            f"{redact(text)}: cannot read this storage ({redact(str(e))}); check its credentials, network"
+        ) from e
     if info.type != pyarrow.fs.FileType.File:
         return None
     return int(info.size or 0), int(info.mtime_ns or 0)
@@ -94,7 +99,8 @@ def stat(location: str | os.PathLike[str]) -> tuple[int, int] | None:
 
 def local_file(location: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> Path:
     """The file at ``location`` as a local path: itself, or for a remote one a copy downloaded into ``cache``
-    (default ``$GEOPOSE_RAY_STORAGE_CACHE`` or the temp dir). A copy of the same size is reused.
+    (default ``$GEOPOSE_RAY_STORAGE_CACHE``, else a directory of this user's in the temp dir). A copy of the same
+    size and modification time is reused.
 
     Raises:
         DataError: no such file, or the storage cannot be read (naming the location, credentials left out).
@@ -102,14 +108,15 @@ def local_file(location: str | os.PathLike[str], cache: str | os.PathLike[str] |
     text = str(location)
     if not is_remote(text):
         return Path(text.removeprefix("file://"))
-    root = Path(cache or os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "geopose-ray-storage")
+    default = Path(tempfile.gettempdir()) / f"geopose-ray-storage-{os.getuid()}"
+    root = Path(cache or os.environ.get(CACHE_ENV) or default)
     key = hashlib.sha256(redact(text).encode()).hexdigest()[:20]
     dest = root / key / Path(urlsplit(text).path).name
     found = stat(text)
     if found is None:
         raise DataError(f"{redact(text)}: no such file on the sweep's storage; was the sweep's storage moved?")
-    if not (dest.is_file() and dest.stat().st_size == found[0]):
-        _download(text, dest, found[0])
+    if not (dest.is_file() and (dest.stat().st_size, dest.stat().st_mtime_ns) == found):
+        _download(text, dest, found)
     return dest
 
 
@@ -125,30 +132,39 @@ def copy_file(location: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
         source = Path(text.removeprefix("file://"))
         if not source.is_file():
             raise DataError(f"{source}: no such file; was the sweep's storage moved?")
-        shutil.copyfile(source, dest)
+        try:
+            shutil.copyfile(source, dest)
+        except OSError as e:
+            raise DataError(f"{source}: cannot copy it to {dest} ({e})") from e
         return
     found = stat(text)
     if found is None:
         raise DataError(f"{redact(text)}: no such file on the sweep's storage; was the sweep's storage moved?")
-    _download(text, dest, found[0])
+    _download(text, dest, found)
 
 
-def _download(location: str, dest: Path, size: int) -> None:
-    """Download a remote file of ``size`` bytes to ``dest``: written beside it and renamed when complete, so a
-    reader never sees half a file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def _download(location: str, dest: Path, found: tuple[int, int]) -> None:
+    """Download a remote file (``found``: its size and modification time) to ``dest``: written to a temporary
+    file of its own beside it and renamed when complete, so a reader never sees half a file and concurrent
+    downloads of one file do not mix; the copy takes the original's modification time."""
+    size, mtime = found
     fs, path = _open(location)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp: Path | None = None
     try:
-        with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        tmp = Path(name)
+        with fs.open_input_stream(path) as src, os.fdopen(fd, "wb") as out:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
         if tmp.stat().st_size != size:
             raise DataError(f"{redact(location)}: downloaded {tmp.stat().st_size} of {size} bytes; try again")
+        os.utime(tmp, ns=(mtime, mtime))
         os.replace(tmp, dest)
     except OSError as e:
         raise DataError(
-            f"{redact(location)}: cannot download it ({e}); check the storage's credentials and network"
+            f"{redact(location)}: cannot download it ({redact(str(e))}); check the storage's credentials and network"
         ) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

@@ -177,6 +177,18 @@ def test_a_non_finite_loss_between_checks_is_still_caught_and_named(
     assert not (tmp_path / "last.pt").exists()
 
 
+def test_the_error_names_the_learning_rate_of_the_bad_step(cache: Path, tmp_path: Path) -> None:
+    """The check runs at the end of the epoch here; the rate it names is the one the bad step trained with."""
+    GlitchesOnce.calls = 0
+    cfg = _cfg(cache, batch_size=2, augment=None, epochs=1, schedule="cosine")
+    t = Trainer(cfg, tmp_path, model=GlitchesOnce())
+    total = t.steps_per_epoch
+    assert total > 3
+    at_step_2 = 1e-3 * 0.5 * (1 + math.cos(math.pi * 1 / total))  # one optimizer step taken before it
+    with pytest.raises(TrainingError, match=rf"step 2 .*\(now {at_step_2:.3g}\)"):
+        t.fit()
+
+
 def test_train_losses_are_the_sample_weighted_means_of_the_steps(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pyarrow.fs
@@ -68,6 +69,27 @@ def test_files_are_downloaded_once_and_errors_name_the_file_without_credentials(
         copy_file(tmp_path / "gone" / "last.pt", tmp_path / "work" / "x.pt")
     with pytest.raises(DataError, match=r"^s3://\*\*\*@gone/x/last\.pt\?endpoint_override=.*: no such file on"):
         local_file(f"s3://key:secret@gone/x/last.pt?{s3.partition('?')[2]}", tmp_path)
+
+
+def test_names_that_need_escaping_a_rewritten_file_and_pyarrow_errors(s3: str, tmp_path: Path) -> None:
+    """A sweep may be named "my sweep#2": its recorded location still opens the file. A file rewritten with the
+    same size is downloaded again (the copy keeps the original's modification time). Credentials quoted in
+    pyarrow's own error text are redacted too."""
+    fs = _upload(s3, "my sweep#2-screen/t3/checkpoint_000001", {"last.pt": b"aaaa"})
+    location = checkpoint_location(fs, "bucket/sweeps/my sweep#2-screen/t3/checkpoint_000001", s3)
+    assert "my%20sweep%232-screen" in location and location.endswith(s3.partition("?")[2])
+    first = local_file(join(location, "last.pt"), tmp_path)
+    assert first.read_bytes() == b"aaaa"
+    time.sleep(1.1)  # the store's modification times count whole seconds
+    _upload(s3, "my sweep#2-screen/t3/checkpoint_000001", {"last.pt": b"bbbb"})
+    assert local_file(join(location, "last.pt"), tmp_path).read_bytes() == b"bbbb"
+
+    assert (
+        redact("failed: 's3://key:secret@bucket/x' and gs://a:b@c/d") == "failed: 's3://***@bucket/x' and gs://***@c/d"
+    )
+    with pytest.raises(DataError) as e:
+        stat("s3://key:secret@bucket/x?endpoint_override=[bad")
+    assert "secret" not in str(e.value)
 
 
 def test_the_ensemble_reads_its_members_from_remote_storage(

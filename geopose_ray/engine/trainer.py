@@ -236,7 +236,7 @@ class Trainer:
         # step's kernels are queued. A run that diverges is still stopped, CHECK_EVERY steps late at most and
         # with the first bad step named; the weights it trained in memory are dropped, the checkpoint is intact.
         sums: dict[str, torch.Tensor] = {}
-        unchecked: list[tuple[int, dict[str, torch.Tensor]]] = []
+        unchecked: list[tuple[int, float, dict[str, torch.Tensor]]] = []  # (micro-batch, its lr, its losses)
         seen = bad = 0
         start = time.perf_counter()
         for i, batch in enumerate(self._loader(self.train_set, shuffle=True)):
@@ -254,7 +254,7 @@ class Trainer:
             detached = {k: v.detach().float() for k, v in losses.items()}
             for k, v in detached.items():
                 sums[k] = sums[k] + v * n if k in sums else v * n
-            unchecked.append((i, detached))
+            unchecked.append((i, self._lr(), detached))
             seen += n
             if (i + 1) % cfg.accumulation == 0 or i + 1 == len(sizes):
                 self._optimizer_step()
@@ -284,19 +284,19 @@ class Trainer:
         )
         return EpochResult(metrics, stats)
 
-    def _check_finite(self, steps: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
-        """Raise :class:`TrainingError` naming the first of ``steps`` (index, losses) whose total loss is not
-        finite. One read-back from the device for all of them."""
+    def _check_finite(self, steps: list[tuple[int, float, dict[str, torch.Tensor]]]) -> None:
+        """Raise :class:`TrainingError` naming the first of ``steps`` (micro-batch, its lr, its losses) whose
+        total loss is not finite. One read-back from the device for all of them."""
         if not steps:
             return
-        finite = torch.stack([losses["total"] for _, losses in steps]).isfinite().cpu()
+        finite = torch.stack([losses["total"] for _, _, losses in steps]).isfinite().cpu()
         if bool(finite.all()):
             return
-        i, losses = steps[int((~finite).nonzero()[0])]
+        i, lr, losses = steps[int((~finite).nonzero()[0])]
         parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
         raise TrainingError(
             f"non-finite loss at epoch {self.epoch + 1}, step {i + 1} ({parts}); the last checkpoint, if any, is "
-            f"intact: lower the learning rate (now {self._lr():.3g}), enable grad_clip, or check the data with "
+            f"intact: lower the learning rate (now {lr:.3g}), enable grad_clip, or check the data with "
             "geopose-ray validate"
         )
 
