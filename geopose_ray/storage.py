@@ -58,9 +58,13 @@ def join(location: str | os.PathLike[str], name: str) -> str:
     """The location of file ``name`` in directory ``location`` (a URI's query stays at its end)."""
     text = str(location)
     if not is_remote(text):
-        return str(Path(text.removeprefix("file://")) / name)
+        return str(_local(text) / name)
     base, sep, query = text.partition("?")
     return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def _local(location: str) -> Path:
+    return Path(location.removeprefix("file://"))
 
 
 def _open(location: str) -> tuple[Any, str]:
@@ -74,27 +78,41 @@ def _open(location: str) -> tuple[Any, str]:
         ) from e
 
 
-def stat(location: str | os.PathLike[str]) -> tuple[int, int] | None:
-    """(size in bytes, modification time in ns) of the file at ``location``; None if there is no such file."""
-    text = str(location)
-    if not is_remote(text):
-        local = Path(text.removeprefix("file://"))
-        if not local.is_file():
-            return None
-        st = local.stat()
-        return st.st_size, st.st_mtime_ns
+def _remote(location: str) -> tuple[Any, str, tuple[int, int] | None]:
+    """A remote location's filesystem, path on it, and the file's (size, modification time in ns), None if there
+    is no such file."""
     import pyarrow.fs
 
-    fs, path = _open(text)
+    fs, path = _open(location)
     try:
         info = fs.get_file_info(path)
     except OSError as e:
         raise DataError(
-            f"{redact(text)}: cannot read this storage ({redact(str(e))}); check its credentials, network"
+            f"{redact(location)}: cannot read this storage ({redact(str(e))}); check its credentials, network"
         ) from e
     if info.type != pyarrow.fs.FileType.File:
+        return fs, path, None
+    return fs, path, (int(info.size or 0), int(info.mtime_ns or 0))
+
+
+def _existing(location: str) -> tuple[Any, str, tuple[int, int]]:
+    """:func:`_remote` of a file that must exist."""
+    fs, path, found = _remote(location)
+    if found is None:
+        raise DataError(f"{redact(location)}: no such file on the sweep's storage; was the sweep's storage moved?")
+    return fs, path, found
+
+
+def stat(location: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(size in bytes, modification time in ns) of the file at ``location``; None if there is no such file."""
+    text = str(location)
+    if is_remote(text):
+        return _remote(text)[2]
+    local = _local(text)
+    if not local.is_file():
         return None
-    return int(info.size or 0), int(info.mtime_ns or 0)
+    st = local.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def local_file(location: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> Path:
@@ -107,16 +125,14 @@ def local_file(location: str | os.PathLike[str], cache: str | os.PathLike[str] |
     """
     text = str(location)
     if not is_remote(text):
-        return Path(text.removeprefix("file://"))
+        return _local(text)
     default = Path(tempfile.gettempdir()) / f"geopose-ray-storage-{os.getuid()}"
     root = Path(cache or os.environ.get(CACHE_ENV) or default)
     key = hashlib.sha256(redact(text).encode()).hexdigest()[:20]
     dest = root / key / Path(urlsplit(text).path).name
-    found = stat(text)
-    if found is None:
-        raise DataError(f"{redact(text)}: no such file on the sweep's storage; was the sweep's storage moved?")
+    fs, path, found = _existing(text)
     if not (dest.is_file() and (dest.stat().st_size, dest.stat().st_mtime_ns) == found):
-        _download(text, dest, found)
+        _download(text, fs, path, found, dest)
     return dest
 
 
@@ -128,27 +144,24 @@ def copy_file(location: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
         DataError: no such file, or the storage cannot be read.
     """
     text, dest = str(location), Path(dest)
-    if not is_remote(text):
-        source = Path(text.removeprefix("file://"))
-        if not source.is_file():
-            raise DataError(f"{source}: no such file; was the sweep's storage moved?")
-        try:
-            shutil.copyfile(source, dest)
-        except OSError as e:
-            raise DataError(f"{source}: cannot copy it to {dest} ({e})") from e
+    if is_remote(text):
+        _download(text, *_existing(text), dest)
         return
-    found = stat(text)
-    if found is None:
-        raise DataError(f"{redact(text)}: no such file on the sweep's storage; was the sweep's storage moved?")
-    _download(text, dest, found)
+    source = _local(text)
+    if not source.is_file():
+        raise DataError(f"{source}: no such file; was the sweep's storage moved?")
+    try:
+        shutil.copyfile(source, dest)
+    except OSError as e:
+        raise DataError(f"{source}: cannot copy it to {dest} ({e})") from e
 
 
-def _download(location: str, dest: Path, found: tuple[int, int]) -> None:
-    """Download a remote file (``found``: its size and modification time) to ``dest``: written to a temporary
-    file of its own beside it and renamed when complete, so a reader never sees half a file and concurrent
-    downloads of one file do not mix; the copy takes the original's modification time."""
+def _download(location: str, fs: Any, path: str, found: tuple[int, int], dest: Path) -> None:
+    """Download the remote file at ``path`` on ``fs`` (``found``: its size and modification time; ``location``
+    names it in errors) to ``dest``: written to a temporary file of its own beside it and renamed when complete,
+    so a reader never sees half a file and concurrent downloads of one file do not mix; the copy takes the
+    original's modification time."""
     size, mtime = found
-    fs, path = _open(location)
     tmp: Path | None = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
