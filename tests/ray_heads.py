@@ -122,7 +122,9 @@ def ray_head(num_cpus: int = 2, autoscaling: dict[str, Any] | None = None) -> It
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # a job's `python` is this environment's
     start = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(num_cpus),
-             "--include-dashboard", "true", "--disable-usage-stats"]  # fmt: skip
+             "--include-dashboard", "true", "--disable-usage-stats",
+             # Its own port for the job agent: another Ray on this machine (the test session's) may hold the default.
+             "--dashboard-agent-listen-port", str(free_port())]  # fmt: skip
     head_env = dict(env)
     if autoscaling is not None:
         autoscaling = json.loads(json.dumps(autoscaling))
