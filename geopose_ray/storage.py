@@ -4,7 +4,8 @@ through ``pyarrow.fs`` (``s3://``, ``gs://``: URIs whose host is the bucket; tes
 A checkpoint's *location* is its directory as the sweep recorded it: an absolute local path, or a URI that keeps
 the storage path's scheme, credentials and query (``s3://bucket/sweeps/x/trial/checkpoint_000010?region=...``),
 so that any process on any node can open it. :func:`local_file` gives a file at a location as a local path,
-downloading it once into a cache directory when it is remote; :func:`copy_file` copies one to a given path.
+downloading it once into a cache directory when it is remote; :func:`copy_file` copies one to a given path;
+:func:`read_text`, :func:`write_text` and :func:`remove` handle the sweep's own small files.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from geopose_ray.errors import DataError
+from geopose_ray.fsutil import atomic_write_text
 
 CACHE_ENV = "GEOPOSE_RAY_STORAGE_CACHE"  # where remote files are downloaded to (default: the temp dir)
 _CHUNK = 8 << 20
@@ -181,3 +183,64 @@ def _download(location: str, fs: Any, path: str, found: tuple[int, int], dest: P
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def read_text(location: str | os.PathLike[str]) -> str | None:
+    """The UTF-8 text of the file at ``location``; None if there is no such file.
+
+    Raises:
+        DataError: the storage cannot be read (naming the location, credentials left out).
+    """
+    text = str(location)
+    if not is_remote(text):
+        local = _local(text)
+        return local.read_text(encoding="utf-8") if local.is_file() else None
+    fs, path, found = _remote(text)
+    if found is None:
+        return None
+    try:
+        with fs.open_input_stream(path) as f:
+            return bytes(f.read()).decode("utf-8")
+    except OSError as e:
+        raise DataError(f"{redact(text)}: cannot read it ({redact(str(e))}); check the storage's network") from e
+
+
+def write_text(location: str | os.PathLike[str], content: str) -> None:
+    """Write ``content`` to the file at ``location``, whole or not at all: a local file is renamed into place, an
+    object is stored by the object store only once its upload completes.
+
+    Raises:
+        DataError: the storage cannot be written (naming the location, credentials left out).
+    """
+    text = str(location)
+    if not is_remote(text):
+        atomic_write_text(_local(text), content)
+        return
+    fs, path = _open(text)
+    data = content.encode("utf-8")
+    try:
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+    except OSError as e:
+        raise DataError(
+            f"{redact(text)}: cannot write it ({redact(str(e))}); check the storage's credentials and network"
+        ) from e
+
+
+def remove(location: str | os.PathLike[str]) -> None:
+    """Delete the file at ``location`` if there is one.
+
+    Raises:
+        DataError: the storage cannot be reached.
+    """
+    text = str(location)
+    if not is_remote(text):
+        _local(text).unlink(missing_ok=True)
+        return
+    fs, path, found = _remote(text)
+    if found is None:
+        return
+    try:
+        fs.delete_file(path)
+    except OSError as e:
+        raise DataError(f"{redact(text)}: cannot delete it ({redact(str(e))}); check the storage's credentials") from e

@@ -134,3 +134,63 @@ def test_the_ensemble_reads_its_members_from_remote_storage(
     with pytest.raises(DataError, match=r"no best.pt or last.pt for fold model a/fold2") as e:
         find_members(tmp_path)
     assert "secret" not in str(e.value)
+
+
+def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_from_them(
+    s3: str, tmp_path: Path
+) -> None:
+    """The results table, promoter state and trial records of a sweep on an object store are written beside its
+    checkpoints; a driver in another directory (a new head, another job) brings its stale working copies up to
+    date from there, and the promoter's scheduler restored by Tune starts from that state."""
+    import pickle
+
+    from geopose_ray.sweep.files import PROMOTER, TRIALS, SweepFiles
+    from geopose_ray.sweep.promoter import Promoter
+    from geopose_ray.sweep.tune import PromoterScheduler
+
+    home = join(s3, "own")
+    first = SweepFiles(home, tmp_path / "head0" / "runs" / "own")
+    later = SweepFiles(home, tmp_path / "head1" / "runs" / "own")
+    # The second head saw the sweep once, at its start: its working copies are stale.
+    later.write(PROMOTER, json.dumps({"promoter": Promoter([1, 2], 2).to_dict(), "resume": []}))
+    scheduler = pickle.dumps(PromoterScheduler(Promoter([1, 2], 2), files=later))  # as Tune keeps it
+
+    promoter = Promoter([1, 2], 2, min_results=1)
+    promoter.on_result("a", 1, 0.5, 0.1)  # paused at rung 1
+    first.write(PROMOTER, json.dumps({"promoter": promoter.to_dict(), "resume": ["a"]}))
+    first.write(TRIALS, '{"round": 0}')
+    assert later.read(PROMOTER) == first.working_copy(PROMOTER)  # the home has what the first head wrote
+    assert later.working_copy(TRIALS) is None
+
+    later.pull()
+    assert later.working_copy(TRIALS) == '{"round": 0}'
+    restored: PromoterScheduler = pickle.loads(scheduler)
+    assert restored.promoter.paused == {"a": 0} and restored._resume == ["a"]
+    assert restored.promoter.spent_gpu_hours == pytest.approx(0.1)
+
+    later.remove((PROMOTER, TRIALS))  # a sweep started afresh: gone from the home and the working copies
+    assert later.read(PROMOTER) is None and later.working_copy(PROMOTER) is None and first.read(TRIALS) is None
+
+
+def test_a_sweeps_files_are_kept_locally_when_its_storage_cannot_be_written(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the sweep runs a failed write to the storage is logged once and the sweep goes on; at the end of a
+    stage it is an error that names the working copy to upload, without credentials."""
+    from geopose_ray.errors import GeoposeError
+    from geopose_ray.sweep import files as sweep_files
+    from geopose_ray.sweep.files import PROMOTER, SweepFiles
+
+    monkeypatch.setattr(sweep_files, "RETRIES", (0.0,))
+    files = SweepFiles(s3.replace("@bucket/", "@no-such-bucket/"), tmp_path / "runs" / "s")
+    with caplog.at_level("WARNING", logger="geopose_ray.sweep.files"):
+        files.write(PROMOTER, "1", required=False)
+        files.write(PROMOTER, "2", required=False)
+    assert files.working_copy(PROMOTER) == "2"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "cannot write it" in warned[0] and "secret" not in warned[0]
+    with pytest.raises(GeoposeError) as e:
+        files.write(PROMOTER, "3")
+    message = str(e.value)
+    assert f"{(tmp_path / 'runs' / 's' / PROMOTER).resolve()}: copy it to s3://***@no-such-bucket/" in message
+    assert "secret" not in message and files.working_copy(PROMOTER) == "3"

@@ -227,27 +227,36 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
     ray_cluster: None, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3: str
 ) -> None:
     """storage_path on an object store (a local S3-compatible server): Tune writes every checkpoint there, the
-    sweep records each as a URI any node can open, a reopened sweep continues its paused trials from those
-    checkpoints without training an epoch twice, and the ensemble's members are read from them."""
+    sweep records each as a URI any node can open and keeps its own files beside them, so that a driver in
+    another directory (a new head, or a job with another working dir) resumes it, reopens it and finds its
+    ensemble's members; a reopened sweep continues its paused trials from the checkpoints without training an
+    epoch twice."""
     import pyarrow.fs
 
     from geopose_ray.ensemble.members import check_members, find_members
     from geopose_ray.storage import join, stat
-    from geopose_ray.sweep.driver import reopen_sweep, run_sweep
+    from geopose_ray.sweep.driver import load_records, reopen_sweep, run_sweep
 
-    monkeypatch.chdir(tmp_path)  # the sweep's own small files go under runs/ here, as on a cluster's head
+    heads = [tmp_path / f"head{i}" for i in range(3)]  # the drivers' working directories: each a new head
+    for head in heads:
+        head.mkdir()
+    monkeypatch.chdir(heads[0])  # working copies of the sweep's own files go under runs/ here
     monkeypatch.setenv("GEOPOSE_RAY_STORAGE_CACHE", str(tmp_path / "fetched"))
     storage = join(s3, "e2e")
     query = storage.partition("?")[2]
     grid = {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 3e-3], "accumulation": [1, 2]}
     cfg = _cfg(cache, tmp_path, grid=grid, rungs=[1, 2], eta=2, gpus_per_trial=1, budget_gpu_hours=1e-9)
     cfg = dataclasses.replace(cfg, storage_path=storage)
+    (note,) = [n for n in cfg.validate() if "credentials" in n]  # said once, without the secret
+    assert note.startswith(f"storage_path s3://***@bucket/sweeps/e2e?{query} carries credentials")
     first = run_sweep(cfg)
     assert first.finalists == [] and len(first.checkpoints) == 4
     for t, location in first.checkpoints.items():
         assert location.startswith(f"s3://key:secret@bucket/sweeps/e2e/t-screen/{t}/checkpoint_")
         assert location.endswith(f"?{query}") and stat(join(location, "last.pt")) is not None
-    assert not (tmp_path / "bucket").exists()  # nothing written to a local path named after the bucket
+    assert not list(tmp_path.rglob("bucket"))  # nothing written to a local path named after the bucket
+    for name in ("trials.json", "promoter.json", "results.csv"):  # the sweep's own files, on the bucket
+        assert stat(join(join(storage, "t"), name)) is not None
     from geopose_ray.tracking import Tracker
 
     tracker = Tracker(cfg.mlflow_uri, "t", "t")  # the sweep's own files: runs/t/ in the driver's directory
@@ -260,11 +269,14 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
         with fs.open_input_stream(f"{root}/{experiment}/{trial}/result.json") as f:
             return [int(json.loads(line)["epoch"]) for line in f.read().decode().splitlines()]
 
-    # A driver restarted with --resume finds the experiment on the bucket (Tune restores it from the URI).
+    # A driver restarted with --resume on another head finds the experiment on the bucket (Tune restores it from
+    # the URI) and the promoter's state beside it.
+    monkeypatch.chdir(heads[1])
     again = run_sweep(cfg, resume=True)
     assert again.checkpoints == first.checkpoints and again.finalists == []
     assert all(epochs("t-screen", t) == [1] for t in first.checkpoints)  # nothing trained again
 
+    monkeypatch.chdir(heads[2])
     second = reopen_sweep(cfg, budget_gpu_hours=10.0)
     assert len(second.finalists) == 2
     for t in second.finalists:  # continued from the checkpoint on the bucket: epoch 1 was not trained again
@@ -272,7 +284,11 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
     assert sorted(k for k in second.checkpoints if "/fold" in k) == sorted(
         f"{t}/fold{k}" for t in second.finalists for k in (1, 2, 3)
     )
-    members = find_members(cfg.out_dir)
+    # The head that resumed keeps stale working copies; the bucket's files, which the reopening changed, rule.
+    monkeypatch.chdir(heads[1])
+    saved, promoter = load_records(cfg)
+    assert saved["round"] == 1 and saved["finalists"] == promoter.finalists == second.finalists
+    members = find_members(cfg.files.home)
     assert sorted(m.name for m in members) == sorted(second.finalists)
     assert all(f.checkpoint.startswith("s3://key:secret@bucket/sweeps/e2e/") for m in members for f in m.folds)
     assert len(check_members(members, downsample=2)) == 8  # every fold model fetched and loaded

@@ -124,7 +124,7 @@ def run_ensemble(
     """Build the ensemble of a finished sweep and write its submission.
 
     Args:
-        cfg: the sweep's config (its out_dir holds trials.json; its cache the training tiles).
+        cfg: the sweep's config (its files' home holds trials.json; its cache the training tiles).
         test_dir: the test tiles (challenge layout).
         out_dir: where the submission, archive and fit go (default ``<sweep dir>/ensemble``).
         truth_dir: the test truth, if known (the synthetic ``test_truth/``): the submission is scored.
@@ -139,7 +139,7 @@ def run_ensemble(
     # Ray's workers run in directories of their own: every path they get must be absolute.
     test_dir = Path(test_dir).resolve()
     out = (Path(out_dir) if out_dir is not None else cfg.out_dir / "ensemble").resolve()
-    members = find_members(cfg.out_dir, names)
+    members = find_members(cfg.files.home, names)
     cache = TrainingCache(cfg.cache)
     folds = sorted({r.fold for r in cache.rows})
     for m in members:

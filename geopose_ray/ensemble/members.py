@@ -11,7 +11,8 @@ from typing import Any
 from geopose_ray.engine.checkpoint import load_checkpoint
 from geopose_ray.engine.trainer import BEST, LAST
 from geopose_ray.errors import DataError
-from geopose_ray.storage import join, redact, stat
+from geopose_ray.storage import join, read_text, redact, stat
+from geopose_ray.sweep.files import TRIALS
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,11 @@ def find_members(sweep_dir: str | Path, names: list[str] | None = None) -> list[
     Raises:
         DataError: no finished sweep, no finalists, an unknown name, or a fold model without a checkpoint.
     """
-    path = Path(sweep_dir) / "trials.json"
-    if not path.is_file():
-        raise DataError(f"{path}: no finished sweep here (trials.json missing); run sweeps/screen.py first")
-    saved = json.loads(path.read_text())
+    path = join(sweep_dir, TRIALS)
+    text = read_text(path)
+    if text is None:
+        raise DataError(f"{redact(path)}: no finished sweep here (trials.json missing); run sweeps/screen.py first")
+    saved = json.loads(text)
     trials: dict[str, dict[str, Any]] = saved["trials"]
     chosen = list(names) if names else list(saved.get("finalists", []))
     if not chosen:
@@ -66,7 +68,7 @@ def find_members(sweep_dir: str | Path, names: list[str] | None = None) -> list[
     members = []
     for name in chosen:
         if name not in trials or trials[name]["stage"] != "screen":
-            raise DataError(f"no screening trial {name!r} in {path}; the trials are {screened}")
+            raise DataError(f"no screening trial {name!r} in {redact(path)}; the trials are {screened}")
         record = trials[name]
         cfg = record["cfg"]
         folds = [FoldModel(name, _checkpoint(record, name), int(cfg["val_fold"]))]

@@ -10,12 +10,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.engine.config import TrainConfig, read_yaml_mapping
 from geopose_ray.errors import ConfigError
 from geopose_ray.models.config import ModelConfig, resolve_decoder, resolve_model
 from geopose_ray.models.geopose import validate_model_config
+from geopose_ray.storage import is_remote, join, redact
+from geopose_ray.sweep.files import SweepFiles
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,19 @@ class SweepConfig:
 
     @property
     def out_dir(self) -> Path:
-        """Where the sweep's own files go (results table, promoter state, trial records, the MLflow database on
-        the embedded default): beside Tune's experiments for a local storage path; for cloud storage (s3://,
-        gs://) under ``runs/`` in the driver's working directory, since these files are written locally."""
-        if "://" in self.storage_path:
+        """The sweep's local directory (the MLflow database and artifacts on the embedded default, the ensemble's
+        output): beside Tune's experiments for a local storage path; for cloud storage (s3://, gs://) under
+        ``runs/`` in the driver's working directory, where it also keeps working copies of the sweep's files."""
+        if is_remote(self.storage_path):
             return Path("runs") / self.name
-        return Path(self.storage_path) / self.name
+        return Path(self.storage_path.removeprefix("file://")) / self.name
+
+    @property
+    def files(self) -> SweepFiles:
+        """The sweep's own files (results table, promoter state, trial records): in ``<storage_path>/<name>/``,
+        on the object store for cloud storage, where every later job and head finds them."""
+        local = self.out_dir.resolve()
+        return SweepFiles(join(self.storage_path, self.name) if is_remote(self.storage_path) else str(local), local)
 
     @property
     def mlflow_uri(self) -> str:
@@ -174,6 +184,12 @@ class SweepConfig:
         for d in g.decoders:
             resolve_decoder(d)
         notes: list[str] = []
+        if is_remote(self.storage_path) and "@" in urlsplit(self.storage_path).netloc:
+            notes.append(
+                f"storage_path {redact(self.storage_path)} carries credentials: Ray Tune keeps its storage path, and "
+                "the sweep its checkpoint locations, in plain text on that storage; prefer the nodes' instance "
+                "role or the standard AWS/GCP environment variables"
+            )
         for enc in g.encoders:  # names first: cheap, and the commonest mistake
             notes += resolve_model(ModelConfig(encoder=enc, weights=g.weights.get(enc))).notes
         size = TrainingCache(self.cache).tile_size

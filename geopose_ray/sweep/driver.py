@@ -1,9 +1,10 @@
 """The sweep driver: screening with the promoter on Ray Tune, then every fold for the finalists; and reopening
 a finished sweep with a larger budget or another rung.
 
-What a sweep leaves in ``<storage_path>/<name>/``: ``results.csv`` (the results table), ``promoter.json`` (the
-promoter's state) and ``trials.json`` (every trial's config, last metrics and checkpoint directory, the record
-``sweeps/promote.py`` and the ensemble read). Tune's own experiments sit beside it, one per stage.
+What a sweep leaves in ``<storage_path>/<name>/`` (on the object store for cloud storage: see
+:mod:`~geopose_ray.sweep.files`): ``results.csv`` (the results table), ``promoter.json`` (the promoter's state)
+and ``trials.json`` (every trial's config, last metrics and checkpoint directory, the record ``sweeps/promote.py``
+and the ensemble read). Tune's own experiments sit beside it, one per stage.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from ray import tune
 
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.errors import ConfigError, GeoposeError
-from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.storage import checkpoint_location, join, redact
 from geopose_ray.sweep.config import SweepConfig
+from geopose_ray.sweep.files import PROMOTER, RESULTS, TRIALS
 from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
 from geopose_ray.sweep.tune import (
@@ -43,9 +44,6 @@ from geopose_ray.sweep.tune import (
 from geopose_ray.tracking import Tracker, format_results, result_row, sort_rows
 
 log = logging.getLogger(__name__)
-
-PROMOTER = "promoter.json"
-TRIALS = "trials.json"
 
 
 @dataclass
@@ -208,14 +206,11 @@ class _Sweep:
             log.warning(
                 "MLflow at %s unavailable (%s); the sweep runs and logs when it is back", redact(cfg.mlflow_uri), e
             )
-        self.table = SweepTable(cfg.out_dir / "results.csv", list(cfg.rungs), cfg.name)
+        self.files = cfg.files
+        self.table = SweepTable(self.files.local / RESULTS, list(cfg.rungs), cfg.name, files=self.files)
         self.callbacks: list[MlflowCallback] = []
         for row in self.rows():
             self.table.rows[row["trial"]] = row
-
-    @property
-    def state_path(self) -> Path:
-        return self.cfg.out_dir / PROMOTER
 
     def _suffix(self) -> str:
         return f"-{self.round}" if self.round else ""
@@ -223,7 +218,7 @@ class _Sweep:
     def screen(self, configs: list[dict[str, Any]] | None, resume: bool, name: str, guided: bool = False) -> None:
         """Run screening trials under the promoter (``configs`` in a guided order if ``guided``; None: Optuna draws
         them); records and promoter state are updated from the result."""
-        scheduler = PromoterScheduler(self.promoter, self.cfg.metric, str(self.state_path.resolve()))
+        scheduler = PromoterScheduler(self.promoter, self.cfg.metric, self.files)
         callback = MlflowCallback(self.tracker, self.promoter, "screen", self.table)
         self.callbacks.append(callback)
         callbacks: list[Any] = [callback]
@@ -231,8 +226,12 @@ class _Sweep:
             callbacks.append(KillAfterResult(int(self.cfg.faults["kill_after_result"])))
         with pending_trials(self.cfg.pending_trials if guided or configs is None else None):
             grid = _tuner(self.cfg, name, configs, scheduler, callbacks, resume, guided).fit()
-        if self.state_path.exists():  # a restored Tuner has its own copy of the scheduler: the saved state rules
-            self.promoter = Promoter.from_dict(json.loads(self.state_path.read_text())["promoter"])
+        # A restored Tuner has its own copy of the scheduler: the state it saved rules. Its last save reaches
+        # the sweep's home now, if one while it ran did not.
+        saved = self.files.working_copy(PROMOTER)
+        if saved is not None:
+            self.promoter = Promoter.from_dict(json.loads(saved)["promoter"])
+            self.files.write(PROMOTER, saved)
         found = _records(grid, "screen", self.cfg.storage_path)
         failed = [r for r in found.values() if r.error is not None]
         if found and len(failed) == len(found) and not self.round:
@@ -293,7 +292,7 @@ class _Sweep:
             "finalists": list(self.promoter.finalists),
             "trials": {k: dataclasses.asdict(r) for k, r in self.records.items()},
         }
-        atomic_write_text(self.cfg.out_dir / TRIALS, json.dumps(state, indent=1))
+        self.files.write(TRIALS, json.dumps(state, indent=1))
         rows = sort_rows(self.rows())  # with each finalist's mean over its folds
         self.table.rows = {r["trial"]: r for r in rows}
         self.table.finalists = list(self.promoter.finalists)
@@ -339,10 +338,10 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     checkpoint), the promoter its state from ``promoter.json``, and MLflow runs are found again by their tags.
     """
     cfg.validate()
-    state = cfg.out_dir / PROMOTER
-    if not resume:
-        state.unlink(missing_ok=True)
-        (cfg.out_dir / TRIALS).unlink(missing_ok=True)
+    if resume:
+        cfg.files.pull()  # the state as the last driver left it, on whichever head that was
+    else:
+        cfg.files.remove((PROMOTER, TRIALS))
     sweep = _Sweep(cfg, Promoter(cfg.rungs, cfg.eta, cfg.mode, cfg.min_results, cfg.budget_gpu_hours), {}, 0)
     configs = cfg.trial_configs() if cfg.search != "optuna" else None
     sweep.screen(configs, resume, f"{cfg.name}-screen", guided=cfg.search == "guided")
@@ -351,14 +350,15 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
 
 
 def load_records(cfg: SweepConfig) -> tuple[dict[str, Any], Promoter]:
-    """A finished sweep's trials.json and promoter; a clear error when there is none."""
-    trials, promoter = cfg.out_dir / TRIALS, cfg.out_dir / PROMOTER
-    if not trials.exists() or not promoter.exists():
+    """A finished sweep's trials.json and promoter, from the sweep's home; a clear error when there is none."""
+    files = cfg.files
+    trials, promoter = files.read(TRIALS), files.read(PROMOTER)
+    if trials is None or promoter is None:
         raise GeoposeError(
-            f"no finished sweep {cfg.name!r} under {cfg.out_dir} ({TRIALS} or {PROMOTER} missing): run "
+            f"no finished sweep {cfg.name!r} under {redact(files.home)} ({TRIALS} or {PROMOTER} missing): run "
             "sweeps/screen.py first, or sweeps/screen.py --resume if its driver stopped"
         )
-    return json.loads(trials.read_text()), Promoter.from_dict(json.loads(promoter.read_text())["promoter"])
+    return json.loads(trials), Promoter.from_dict(json.loads(promoter)["promoter"])
 
 
 def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_rung: int | None = None) -> SweepResult:
@@ -384,7 +384,7 @@ def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_ru
     cfg.validate()
     records = {k: TrialRecord(**v) for k, v in saved["trials"].items()}
     sweep = _Sweep(cfg, promoter, records, int(saved.get("round", 0)) + 1)
-    atomic_write_text(sweep.state_path, json.dumps({"promoter": promoter.to_dict(), "resume": []}))
+    sweep.files.write(PROMOTER, json.dumps({"promoter": promoter.to_dict(), "resume": []}))
     waiting = [t for t in promoter.paused if t in records and records[t].checkpoint]
     configs = [
         {**records[t].cfg, "epochs": cfg.rungs[-1], "_trial": t, "_resume_from": records[t].checkpoint} for t in waiting

@@ -34,6 +34,7 @@ from geopose_ray.engine.trainer import LAST
 from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.storage import copy_file, join
+from geopose_ray.sweep.files import PROMOTER, RESULTS, SweepFiles
 from geopose_ray.sweep.order import GuidedOrder, longest_first
 from geopose_ray.sweep.plots import curves_plot
 from geopose_ray.sweep.promoter import Decision, Promoter
@@ -205,24 +206,26 @@ class PromoterScheduler(FIFOScheduler):
     sweep ends.
     """
 
-    def __init__(self, promoter: Promoter, metric: str = "score", state_path: str | None = None) -> None:
+    def __init__(self, promoter: Promoter, metric: str = "score", files: SweepFiles | None = None) -> None:
         super().__init__()
         self.promoter = promoter
         self._score_key = metric
         self._resume: list[str] = []  # promoted, not yet running again
-        self.state_path = state_path  # the promoter's state, rewritten after every change (Tune keeps none)
+        self.files = files  # where the promoter's state is rewritten after every change (Tune keeps none)
 
     def _save(self) -> None:
-        if self.state_path:
+        if self.files is not None:
             state = {"promoter": self.promoter.to_dict(), "resume": self._resume}
-            atomic_write_text(self.state_path, json.dumps(state))
+            self.files.write(PROMOTER, json.dumps(state), required=False)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Tuner.restore unpickles the scheduler as it was when the sweep started; the saved state is newer.
-        # The promoter is updated in place: the MLflow callback holds the same object.
+        # Tuner.restore unpickles the scheduler as it was when the sweep started; the saved state is newer (the
+        # driver has brought its working copy up to date). The promoter is updated in place: the MLflow callback
+        # holds the same object.
         self.__dict__.update(state)
-        if self.state_path and Path(self.state_path).exists():
-            saved = json.loads(Path(self.state_path).read_text())
+        text = self.files.working_copy(PROMOTER) if self.files is not None else None
+        if text is not None:
+            saved = json.loads(text)
             self.promoter.__dict__.update(Promoter.from_dict(saved["promoter"]).__dict__)
             self._resume = list(saved["resume"])
 
@@ -507,8 +510,11 @@ class SweepTable:
     a plot of every screening curve with the finalists bold) at most every ``refresh_s`` seconds, as trials
     pause, finish or fail; the driver writes it once more at the end."""
 
-    def __init__(self, path: Path, rungs: list[int], title: str = "", refresh_s: float = 30.0) -> None:
-        self.path = path
+    def __init__(
+        self, path: Path, rungs: list[int], title: str = "", refresh_s: float = 30.0, files: SweepFiles | None = None
+    ) -> None:
+        self.path = path  # the local file (MLflow's artifact is uploaded from it)
+        self.files = files  # also written to the sweep's home there, if given (``path`` is then its working copy)
         self.rungs = rungs
         self.title = title
         self.refresh_s = refresh_s
@@ -522,7 +528,11 @@ class SweepTable:
         if not force and now - self._written < self.refresh_s:
             return
         self._written = now
-        atomic_write_text(self.path, rows_csv(list(self.rows.values())))
+        text = rows_csv(list(self.rows.values()))
+        if self.files is not None:
+            self.files.write(RESULTS, text, required=force)
+        else:
+            atomic_write_text(self.path, text)
         screen = {k: v for k, v in self.curves.items() if self.rows.get(k, {}).get("stage") == "screen"}
         try:
             parent = tracker.parent()
