@@ -10,6 +10,7 @@ downloading it once into a cache directory when it is remote; :func:`copy_file` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -69,12 +70,27 @@ def _local(location: str) -> Path:
     return Path(location.removeprefix("file://"))
 
 
-def _open(location: str) -> tuple[Any, str]:
+def _failures() -> tuple[type[BaseException], ...]:
+    """What pyarrow's filesystems raise when a storage cannot be reached or refuses: I/O errors, and Arrow's own
+    (``ArrowInvalid`` is also a ValueError; others, like ``ArrowNotImplementedError``, are not)."""
+    import pyarrow.lib
+
+    return OSError, ValueError, pyarrow.lib.ArrowException
+
+
+@functools.lru_cache(maxsize=256)
+def _from_uri(location: str) -> tuple[Any, str]:
     import pyarrow.fs
 
+    return pyarrow.fs.FileSystem.from_uri(location)
+
+
+def _open(location: str) -> tuple[Any, str]:
+    """The filesystem and path of a remote location; each location is parsed once per process (on S3 without a
+    region in the URI, parsing looks the bucket's region up over the network)."""
     try:
-        return pyarrow.fs.FileSystem.from_uri(location)
-    except (OSError, ValueError) as e:
+        return _from_uri(location)
+    except _failures() as e:
         raise DataError(
             f"{redact(location)}: cannot open this storage ({redact(str(e))}); check the URI and credentials"
         ) from e
@@ -88,7 +104,7 @@ def _remote(location: str) -> tuple[Any, str, tuple[int, int] | None]:
     fs, path = _open(location)
     try:
         info = fs.get_file_info(path)
-    except OSError as e:
+    except _failures() as e:
         raise DataError(
             f"{redact(location)}: cannot read this storage ({redact(str(e))}); check its credentials, network"
         ) from e
@@ -176,7 +192,7 @@ def _download(location: str, fs: Any, path: str, found: tuple[int, int], dest: P
             raise DataError(f"{redact(location)}: downloaded {tmp.stat().st_size} of {size} bytes; try again")
         os.utime(tmp, ns=(mtime, mtime))
         os.replace(tmp, dest)
-    except OSError as e:
+    except _failures() as e:
         raise DataError(
             f"{redact(location)}: cannot download it ({redact(str(e))}); check the storage's credentials and network"
         ) from e
@@ -194,15 +210,24 @@ def read_text(location: str | os.PathLike[str]) -> str | None:
     text = str(location)
     if not is_remote(text):
         local = _local(text)
-        return local.read_text(encoding="utf-8") if local.is_file() else None
+        if not local.is_file():
+            return None
+        try:
+            return local.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{local}: cannot read it as text ({e})") from e
     fs, path, found = _remote(text)
     if found is None:
         return None
     try:
         with fs.open_input_stream(path) as f:
-            return bytes(f.read()).decode("utf-8")
-    except OSError as e:
+            data = bytes(f.read())
+    except _failures() as e:
         raise DataError(f"{redact(text)}: cannot read it ({redact(str(e))}); check the storage's network") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{redact(text)}: not UTF-8 text ({e}); was it overwritten by another program?") from e
 
 
 def write_text(location: str | os.PathLike[str], content: str) -> None:
@@ -221,7 +246,7 @@ def write_text(location: str | os.PathLike[str], content: str) -> None:
     try:
         with fs.open_output_stream(path) as out:
             out.write(data)
-    except OSError as e:
+    except _failures() as e:
         raise DataError(
             f"{redact(text)}: cannot write it ({redact(str(e))}); check the storage's credentials and network"
         ) from e
@@ -242,5 +267,5 @@ def remove(location: str | os.PathLike[str]) -> None:
         return
     try:
         fs.delete_file(path)
-    except OSError as e:
+    except _failures() as e:
         raise DataError(f"{redact(text)}: cannot delete it ({redact(str(e))}); check the storage's credentials") from e

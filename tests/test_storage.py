@@ -141,56 +141,111 @@ def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_fr
 ) -> None:
     """The results table, promoter state and trial records of a sweep on an object store are written beside its
     checkpoints; a driver in another directory (a new head, another job) brings its stale working copies up to
-    date from there, and the promoter's scheduler restored by Tune starts from that state."""
+    date from there, and the scheduler Tune restores from the first driver's pickle reads and writes the new
+    driver's files, not the first one's."""
     import pickle
+    import shutil
 
-    from geopose_ray.sweep.files import PROMOTER, TRIALS, SweepFiles
+    from geopose_ray.sweep.files import PROMOTER, RESULTS, TRIALS, SweepFiles
     from geopose_ray.sweep.promoter import Promoter
-    from geopose_ray.sweep.tune import PromoterScheduler
+    from geopose_ray.sweep.tune import PromoterScheduler, restoring_into
 
     home = join(s3, "own")
     first = SweepFiles(home, tmp_path / "head0" / "runs" / "own")
     later = SweepFiles(home, tmp_path / "head1" / "runs" / "own")
     # The second head saw the sweep once, at its start: its working copies are stale.
     later.write(PROMOTER, json.dumps({"promoter": Promoter([1, 2], 2).to_dict(), "resume": []}))
-    scheduler = pickle.dumps(PromoterScheduler(Promoter([1, 2], 2), files=later))  # as Tune keeps it
+    later.write(RESULTS, "trial\n")
+    scheduler = pickle.dumps(PromoterScheduler(Promoter([1, 2], 2), files=first))  # as Tune keeps it
 
     promoter = Promoter([1, 2], 2, min_results=1)
     promoter.on_result("a", 1, 0.5, 0.1)  # paused at rung 1
     first.write(PROMOTER, json.dumps({"promoter": promoter.to_dict(), "resume": ["a"]}))
     first.write(TRIALS, '{"round": 0}')
+    first.remove((RESULTS,))  # a file the home no longer has
     assert later.read(PROMOTER) == first.working_copy(PROMOTER)  # the home has what the first head wrote
     assert later.working_copy(TRIALS) is None
 
+    shutil.rmtree(tmp_path / "head0")  # the first head is gone
     later.pull()
-    assert later.working_copy(TRIALS) == '{"round": 0}'
-    restored: PromoterScheduler = pickle.loads(scheduler)
+    assert later.working_copy(TRIALS) == '{"round": 0}' and later.working_copy(RESULTS) is None
+    with restoring_into(later):
+        restored: PromoterScheduler = pickle.loads(scheduler)
+    assert restored.files is later
     assert restored.promoter.paused == {"a": 0} and restored._resume == ["a"]
     assert restored.promoter.spent_gpu_hours == pytest.approx(0.1)
+    restored.promoter.on_result("b", 1, 0.7, 0.2)
+    restored._save()
+    assert json.loads(first.read(PROMOTER) or "")["promoter"]["gpu_hours"] == {"a": 0.1, "b": 0.2}
+    assert not (tmp_path / "head0").exists()  # nothing written where the pickling driver was
 
     later.remove((PROMOTER, TRIALS))  # a sweep started afresh: gone from the home and the working copies
     assert later.read(PROMOTER) is None and later.working_copy(PROMOTER) is None and first.read(TRIALS) is None
 
 
-def test_a_sweeps_files_are_kept_locally_when_its_storage_cannot_be_written(
+def test_a_sweeps_files_are_kept_locally_when_its_storage_cannot_be_written_and_go_up_later(
     s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """While the sweep runs a failed write to the storage is logged once and the sweep goes on; at the end of a
-    stage it is an error that names the working copy to upload, without credentials."""
+    """While the sweep runs, a failed write to the storage is logged once, and the storage is not tried again at
+    every change; at the end of a stage it is an error that names the working copy to upload, without
+    credentials. The next driver that continues the sweep from that directory uploads the working copy rather
+    than take the storage's older file."""
     from geopose_ray.errors import GeoposeError
     from geopose_ray.sweep import files as sweep_files
     from geopose_ray.sweep.files import PROMOTER, SweepFiles
 
+    tries: list[str] = []
+
+    def counted(location: str, text: str) -> None:
+        tries.append(text)
+        storage_write(location, text)
+
+    storage_write = sweep_files.write_text
+    monkeypatch.setattr(sweep_files, "write_text", counted)
     monkeypatch.setattr(sweep_files, "RETRIES", (0.0,))
-    files = SweepFiles(s3.replace("@bucket/", "@no-such-bucket/"), tmp_path / "runs" / "s")
+    local = tmp_path / "runs" / "s"
+    good = SweepFiles(join(s3, "later"), local)
+    good.write(PROMOTER, "0")
+    down = SweepFiles(s3.replace("@bucket/", "@no-such-bucket/"), local)  # the same sweep, its store unreachable
     with caplog.at_level("WARNING", logger="geopose_ray.sweep.files"):
-        files.write(PROMOTER, "1", required=False)
-        files.write(PROMOTER, "2", required=False)
-    assert files.working_copy(PROMOTER) == "2"
+        down.write(PROMOTER, "1", required=False)
+        down.write(PROMOTER, "2", required=False)
+    assert down.working_copy(PROMOTER) == "2" and tries == ["0", "1"]  # the second change waited for the backoff
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "cannot write it" in warned[0] and "secret" not in warned[0]
     with pytest.raises(GeoposeError) as e:
-        files.write(PROMOTER, "3")
+        down.write(PROMOTER, "3")
     message = str(e.value)
-    assert f"{(tmp_path / 'runs' / 's' / PROMOTER).resolve()}: copy it to s3://***@no-such-bucket/" in message
-    assert "secret" not in message and files.working_copy(PROMOTER) == "3"
+    assert f"{(local / PROMOTER).resolve()}: copy it to s3://***@no-such-bucket/" in message
+    assert "secret" not in message and down.working_copy(PROMOTER) == "3" and tries[-2:] == ["3", "3"]
+
+    assert good.read(PROMOTER) == "0"  # the store is back: it still has the old state
+    good.pull()  # this directory's copy never reached it: it goes up, it is not replaced
+    assert good.read(PROMOTER) == good.working_copy(PROMOTER) == "3"
+    good.write(PROMOTER, "4")
+    SweepFiles(join(s3, "later"), tmp_path / "elsewhere").write(PROMOTER, "5")  # another head goes on
+    good.pull()  # nothing pending here now: the storage's newer file wins
+    assert good.working_copy(PROMOTER) == "5"
+
+
+def test_a_sweep_named_with_spaces_and_hashes_keeps_its_files_beside_tunes(s3: str, tmp_path: Path) -> None:
+    from geopose_ray.errors import ConfigError
+    from geopose_ray.sweep.config import SweepConfig
+    from geopose_ray.sweep.files import TRIALS
+
+    cfg = SweepConfig(name="my sweep#2", cache=str(tmp_path), storage_path=s3)
+    cfg.files.write(TRIALS, "{}")
+    fs, root = pyarrow.fs.FileSystem.from_uri(s3)
+    assert fs.get_file_info(f"{root}/my sweep#2/{TRIALS}").size == 2  # the directory Tune names after it
+    assert cfg.files.read(TRIALS) == "{}" and "secret" not in redact(cfg.files.home)
+    with pytest.raises(ConfigError, match=r"The value of `name` is '\.\.'"):
+        SweepConfig(name="..", cache=str(tmp_path), storage_path=s3).validate()
+
+
+def test_text_that_is_not_utf8_is_a_clear_error(s3: str) -> None:
+    from geopose_ray.storage import read_text
+
+    _upload(s3, "bad", {"trials.json": b"\xff\xfe{}"})
+    with pytest.raises(DataError, match=r"s3://\*\*\*@bucket/sweeps/bad/trials.json\?.*: not UTF-8 text") as e:
+        read_text(join(join(s3, "bad"), "trials.json"))
+    assert "secret" not in str(e.value)

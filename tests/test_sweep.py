@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -271,6 +272,7 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
 
     # A driver restarted with --resume on another head finds the experiment on the bucket (Tune restores it from
     # the URI) and the promoter's state beside it.
+    shutil.rmtree(heads[0] / "runs")  # the first head is gone, with its working copies
     monkeypatch.chdir(heads[1])
     again = run_sweep(cfg, resume=True)
     assert again.checkpoints == first.checkpoints and again.finalists == []

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.engine.config import TrainConfig, read_yaml_mapping
@@ -97,7 +97,10 @@ class SweepConfig:
         """The sweep's own files (results table, promoter state, trial records): in ``<storage_path>/<name>/``,
         on the object store for cloud storage, where every later job and head finds them."""
         local = self.out_dir.resolve()
-        return SweepFiles(join(self.storage_path, self.name) if is_remote(self.storage_path) else str(local), local)
+        if not is_remote(self.storage_path):
+            return SweepFiles(str(local), local)
+        # As Tune names its experiments: the name as it is, percent-escaped in the URI (pyarrow decodes it).
+        return SweepFiles(join(self.storage_path, quote(self.name, safe="")), local)
 
     @property
     def mlflow_uri(self) -> str:
@@ -140,7 +143,7 @@ class SweepConfig:
 
     def validate(self) -> list[str]:
         """Check everything that can be checked before Ray starts; returns notes (resolved names)."""
-        if not self.name or "/" in self.name:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"The value of `name` is {self.name!r}: use a plain, non-empty name")
         if not Path(self.cache, "cache.json").exists():
             raise ConfigError(f"`cache` {self.cache!r} is not a training cache; run geopose-ray prepare first")

@@ -38,6 +38,7 @@ from geopose_ray.sweep.tune import (
     pending_trials,
     per_epoch_hours,
     resolve_config,
+    restoring_into,
     train_trial,
     trial_key,
 )
@@ -224,7 +225,7 @@ class _Sweep:
         callbacks: list[Any] = [callback]
         if "kill_after_result" in self.cfg.faults:
             callbacks.append(KillAfterResult(int(self.cfg.faults["kill_after_result"])))
-        with pending_trials(self.cfg.pending_trials if guided or configs is None else None):
+        with pending_trials(self.cfg.pending_trials if guided or configs is None else None), restoring_into(self.files):
             grid = _tuner(self.cfg, name, configs, scheduler, callbacks, resume, guided).fit()
         # A restored Tuner has its own copy of the scheduler: the state it saved rules. Its last save reaches
         # the sweep's home now, if one while it ran did not.
@@ -350,8 +351,10 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
 
 
 def load_records(cfg: SweepConfig) -> tuple[dict[str, Any], Promoter]:
-    """A finished sweep's trials.json and promoter, from the sweep's home; a clear error when there is none."""
+    """A finished sweep's trials.json and promoter, as the sweep's home has them (a working copy here that never
+    reached it goes up first); a clear error when there is none."""
     files = cfg.files
+    files.pull()
     trials, promoter = files.read(TRIALS), files.read(PROMOTER)
     if trials is None or promoter is None:
         raise GeoposeError(

@@ -3,14 +3,19 @@
 They live beside Tune's experiments, in ``<storage_path>/<name>/`` (the sweep's *home*), so that every later job
 finds them on any head: ``sweeps/screen.py --resume`` after the head was lost, ``sweeps/promote.py``,
 ``sweeps/ensemble.py``. On an object store the driver also keeps a working copy of each in its own directory
-(``runs/<name>/``): it is brought up to date from the home when a driver starts (:meth:`SweepFiles.pull`) and
-written first on every change, and MLflow's artifacts are uploaded from it. A write to the home that fails while
-the sweep runs (the store unreachable for a while) is retried at the next change; one at the end of a stage must
-succeed, or the driver stops with an error that names the working copy to upload.
+(``runs/<name>/``), written first on every change (MLflow's artifacts are uploaded from it) and brought up to
+date from the home when a driver that continues the sweep starts (:meth:`SweepFiles.pull`).
+
+A write to the home that fails while the sweep runs (the store unreachable for a while) is logged once and
+tried again at a later change, at most every :data:`BACKOFF_S` seconds, so that the sweep does not wait on the
+store at every result; one at the end of a stage must succeed, or the driver stops with an error that names the
+working copy to upload. Until a working copy has reached the home it is marked pending, and the next driver
+that continues the sweep on this directory uploads it instead of taking the home's older file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,6 +32,7 @@ TRIALS = "trials.json"
 RESULTS = "results.csv"
 STATE = (PROMOTER, TRIALS, RESULTS)
 RETRIES = (1.0, 4.0)  # seconds between the tries of a write that must succeed
+BACKOFF_S = 60.0  # after a failed write while the sweep runs, the home is not tried again for this long
 
 
 @dataclass
@@ -36,7 +42,7 @@ class SweepFiles:
 
     home: str
     local: Path
-    _failing: bool = field(default=False, compare=False, repr=False)  # the last write to the home failed
+    _retry_at: dict[str, float] = field(default_factory=dict, compare=False, repr=False)  # failing file -> when
 
     @property
     def remote(self) -> bool:
@@ -55,36 +61,60 @@ class SweepFiles:
         path = self.local / name
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
+    def _pending(self, name: str) -> Path:
+        return self.local / f".{name}.pending"
+
     def pull(self) -> None:
-        """Bring the working copies up to date from the home (a remote home: another job, or another head, may
-        have changed the sweep since this directory last saw it)."""
+        """Bring the working copies up to date before a driver continues the sweep: from the home (another job or
+        head may have changed it since this directory last saw it; a file the home no longer has is dropped), or,
+        for a working copy that never reached the home, the other way round.
+
+        Raises:
+            GeoposeError: a pending working copy cannot be uploaded.
+        """
         if not self.remote:
             return
         self.local.mkdir(parents=True, exist_ok=True)
         for name in STATE:
+            mine = self.working_copy(name)
+            if mine is not None and self._pending(name).exists():
+                self.write(name, mine)
+                continue
             text = self.read(name)
-            if text is not None:
+            if text is None:
+                (self.local / name).unlink(missing_ok=True)
+            else:
                 atomic_write_text(self.local / name, text)
 
     def write(self, name: str, text: str, required: bool = True) -> None:
         """Write file ``name``: the working copy, then the home. ``required=False`` (the writes while a sweep
-        runs) logs a failure to reach the home once and leaves the next write to catch up.
+        runs) never raises: a failure is logged once, and the next write after :data:`BACKOFF_S` catches up.
 
         Raises:
-            GeoposeError: ``required`` and the home could not be written after retries.
+            GeoposeError: ``required`` and the file could not be written, after retries for the home.
         """
-        self.local.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.local / name, text)
+        try:
+            self.local.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.local / name, text)
+        except OSError as e:
+            if required:
+                raise GeoposeError(f"{self.local / name}: cannot write the sweep's {name} ({e})") from e
+            log.warning("%s: cannot write the sweep's %s (%s)", self.local / name, name, e)
         if not self.remote:
             return
+        if not required and time.monotonic() < self._retry_at.get(name, -1.0):
+            return  # the home failed a moment ago: the working copy stays pending, a later write catches up
+        pending = self._pending(name)
+        with contextlib.suppress(OSError):  # the working copy could not be written either: nothing newer to mark
+            pending.touch()
         waits = RETRIES if required else ()
         error: DataError | None = None
         for attempt in range(len(waits) + 1):
             try:
                 write_text(self.location(name), text)
-                if self._failing:
+                pending.unlink(missing_ok=True)
+                if self._retry_at.pop(name, None) is not None:
                     log.warning("the sweep's storage is writable again: %s is current", redact(self.location(name)))
-                self._failing = False
                 return
             except DataError as e:
                 error = e
@@ -93,15 +123,17 @@ class SweepFiles:
         if required:
             raise GeoposeError(
                 f"{error}. The sweep's current {name} is {(self.local / name).resolve()}: copy it to "
-                f"{redact(self.location(name))} before another job reads the sweep"
+                f"{redact(self.location(name))} before another job reads the sweep (a driver that continues the "
+                "sweep from this directory uploads it first)"
             )
-        if not self._failing:
-            log.warning("%s; the sweep goes on, and writes it again at its next change", error)
-        self._failing = True
+        if name not in self._retry_at:
+            log.warning("%s; the sweep goes on, and writes it again at a later change", error)
+        self._retry_at[name] = time.monotonic() + BACKOFF_S
 
     def remove(self, names: tuple[str, ...]) -> None:
         """Delete files ``names``, working copies and home (a sweep started afresh)."""
         for name in names:
             (self.local / name).unlink(missing_ok=True)
+            self._pending(name).unlink(missing_ok=True)
             if self.remote:
                 remove(self.location(name))

@@ -198,6 +198,20 @@ def _pid(trial: Trial) -> str:
     return _PIDS[trial.trial_id]
 
 
+_RESTORING: list[SweepFiles] = []  # the files of the driver whose Tuner is being built and run (restoring_into)
+
+
+@contextmanager
+def restoring_into(files: SweepFiles) -> Iterator[None]:
+    """While a driver builds and runs a Tuner: a :class:`PromoterScheduler` that Tune restores from the pickle an
+    earlier driver left (maybe on another head, in another directory) reads and writes this driver's ``files``."""
+    _RESTORING.append(files)
+    try:
+        yield
+    finally:
+        _RESTORING.pop()
+
+
 class PromoterScheduler(FIFOScheduler):
     """A Ray Tune scheduler that asks a :class:`Promoter`: CONTINUE, PAUSE (checkpointed) or STOP (a finalist).
 
@@ -218,11 +232,16 @@ class PromoterScheduler(FIFOScheduler):
             state = {"promoter": self.promoter.to_dict(), "resume": self._resume}
             self.files.write(PROMOTER, json.dumps(state), required=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Where the files are is the running driver's business (its working directory), not the pickle's.
+        return {**self.__dict__, "files": None}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Tuner.restore unpickles the scheduler as it was when the sweep started; the saved state is newer (the
-        # driver has brought its working copy up to date). The promoter is updated in place: the MLflow callback
-        # holds the same object.
+        # Tuner.restore unpickles the scheduler as it was when the sweep started; the saved state is newer. The
+        # driver restoring it has brought its own working copies up to date and attached them
+        # (:func:`restoring_into`). The promoter is updated in place: the MLflow callback holds the same object.
         self.__dict__.update(state)
+        self.files = _RESTORING[-1] if _RESTORING else None
         text = self.files.working_copy(PROMOTER) if self.files is not None else None
         if text is not None:
             saved = json.loads(text)
