@@ -10,6 +10,7 @@ downloading it once into a cache directory when it is remote; :func:`copy_file` 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import os
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
@@ -78,18 +79,22 @@ def _failures() -> tuple[type[BaseException], ...]:
     return OSError, ValueError, pyarrow.lib.ArrowException
 
 
-@functools.lru_cache(maxsize=256)
-def _from_uri(location: str) -> tuple[Any, str]:
+@functools.lru_cache(maxsize=16)
+def _filesystem(base: str) -> tuple[Any, str]:
     import pyarrow.fs
 
-    return pyarrow.fs.FileSystem.from_uri(location)
+    if _filesystem.cache_info().currsize == 0:  # pyarrow's own exit handler is in place by now: ours runs first
+        atexit.register(_filesystem.cache_clear)  # a filesystem alive at pyarrow's S3 finalizer can hang the exit
+    return pyarrow.fs.FileSystem.from_uri(base)
 
 
 def _open(location: str) -> tuple[Any, str]:
-    """The filesystem and path of a remote location; each location is parsed once per process (on S3 without a
-    region in the URI, parsing looks the bucket's region up over the network)."""
+    """The filesystem and path of a remote location. One filesystem per storage (scheme, bucket, credentials and
+    query) and process: on S3 without a region in the URI, making one looks the bucket's region up."""
+    parts = urlsplit(location)
     try:
-        return _from_uri(location)
+        fs, root = _filesystem(urlunsplit((parts.scheme, parts.netloc, "", parts.query, "")))
+        return fs, root.rstrip("/") + unquote(parts.path)
     except _failures() as e:
         raise DataError(
             f"{redact(location)}: cannot open this storage ({redact(str(e))}); check the URI and credentials"

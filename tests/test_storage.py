@@ -148,7 +148,7 @@ def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_fr
 
     from geopose_ray.sweep.files import PROMOTER, RESULTS, TRIALS, SweepFiles
     from geopose_ray.sweep.promoter import Promoter
-    from geopose_ray.sweep.tune import PromoterScheduler, restoring_into
+    from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, SweepTable, restoring_into
 
     home = join(s3, "own")
     first = SweepFiles(home, tmp_path / "head0" / "runs" / "own")
@@ -156,7 +156,12 @@ def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_fr
     # The second head saw the sweep once, at its start: its working copies are stale.
     later.write(PROMOTER, json.dumps({"promoter": Promoter([1, 2], 2).to_dict(), "resume": []}))
     later.write(RESULTS, "trial\n")
-    scheduler = pickle.dumps(PromoterScheduler(Promoter([1, 2], 2), files=first))  # as Tune keeps it
+    # As Tune keeps them: the scheduler and the MLflow callback with its results table, sharing the promoter.
+    at_start = Promoter([1, 2], 2)
+    old_table = SweepTable(first.local / RESULTS, [1, 2], files=first)
+    scheduler = pickle.dumps(
+        (PromoterScheduler(at_start, files=first), MlflowCallback(None, at_start, "screen", old_table))  # type: ignore[arg-type]
+    )
 
     promoter = Promoter([1, 2], 2, min_results=1)
     promoter.on_result("a", 1, 0.5, 0.1)  # paused at rung 1
@@ -169,9 +174,11 @@ def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_fr
     shutil.rmtree(tmp_path / "head0")  # the first head is gone
     later.pull()
     assert later.working_copy(TRIALS) == '{"round": 0}' and later.working_copy(RESULTS) is None
-    with restoring_into(later):
-        restored: PromoterScheduler = pickle.loads(scheduler)
-    assert restored.files is later
+    table = SweepTable(later.local / RESULTS, [1, 2], files=later)
+    with restoring_into(later, table=table) as driver:
+        restored, callback = pickle.loads(scheduler)
+    assert restored.files is later and callback.table is table and driver.callbacks == [callback]
+    assert callback.promoter is restored.promoter
     assert restored.promoter.paused == {"a": 0} and restored._resume == ["a"]
     assert restored.promoter.spent_gpu_hours == pytest.approx(0.1)
     restored.promoter.on_result("b", 1, 0.7, 0.2)
@@ -211,6 +218,7 @@ def test_a_sweeps_files_are_kept_locally_when_its_storage_cannot_be_written_and_
         down.write(PROMOTER, "1", required=False)
         down.write(PROMOTER, "2", required=False)
     assert down.working_copy(PROMOTER) == "2" and tries == ["0", "1"]  # the second change waited for the backoff
+    assert (local / ".promoter.json.pending").exists()  # a driver killed now leaves it to go up later
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "cannot write it" in warned[0] and "secret" not in warned[0]
     with pytest.raises(GeoposeError) as e:
@@ -222,24 +230,32 @@ def test_a_sweeps_files_are_kept_locally_when_its_storage_cannot_be_written_and_
     assert good.read(PROMOTER) == "0"  # the store is back: it still has the old state
     good.pull()  # this directory's copy never reached it: it goes up, it is not replaced
     assert good.read(PROMOTER) == good.working_copy(PROMOTER) == "3"
+    assert not (local / ".promoter.json.pending").exists()
     good.write(PROMOTER, "4")
     SweepFiles(join(s3, "later"), tmp_path / "elsewhere").write(PROMOTER, "5")  # another head goes on
     good.pull()  # nothing pending here now: the storage's newer file wins
     assert good.working_copy(PROMOTER) == "5"
 
+    time.sleep(1.1)  # the store keeps modification times to the second
+    with caplog.at_level("WARNING", logger="geopose_ray.sweep.files"):
+        down.write(PROMOTER, "6", required=False)  # this head's write fails again (pending) ...
+        time.sleep(1.1)
+        SweepFiles(join(s3, "later"), tmp_path / "elsewhere").write(PROMOTER, "7")  # ... and the sweep goes on
+        good.pull()  # elsewhere: the newer file is kept, this head's older one set aside
+    assert good.read(PROMOTER) == good.working_copy(PROMOTER) == "7"
+    (aside,) = local.glob("promoter.json.unsent-*")
+    assert aside.read_text() == "6" and "newer promoter.json" in caplog.records[-1].getMessage()
 
-def test_a_sweep_named_with_spaces_and_hashes_keeps_its_files_beside_tunes(s3: str, tmp_path: Path) -> None:
+
+def test_a_sweep_on_an_object_store_needs_a_name_tune_can_restore_there(s3: str, tmp_path: Path) -> None:
     from geopose_ray.errors import ConfigError
     from geopose_ray.sweep.config import SweepConfig
-    from geopose_ray.sweep.files import TRIALS
 
-    cfg = SweepConfig(name="my sweep#2", cache=str(tmp_path), storage_path=s3)
-    cfg.files.write(TRIALS, "{}")
-    fs, root = pyarrow.fs.FileSystem.from_uri(s3)
-    assert fs.get_file_info(f"{root}/my sweep#2/{TRIALS}").size == 2  # the directory Tune names after it
-    assert cfg.files.read(TRIALS) == "{}" and "secret" not in redact(cfg.files.home)
-    with pytest.raises(ConfigError, match=r"The value of `name` is '\.\.'"):
-        SweepConfig(name="..", cache=str(tmp_path), storage_path=s3).validate()
+    for name in ("my sweep#2", "..", "ü"):
+        with pytest.raises(ConfigError, match="The value of `name` is"):
+            SweepConfig(name=name, cache=str(tmp_path), storage_path=s3).validate()
+    with pytest.raises(ConfigError, match="not a training cache"):  # a name like this is fine
+        SweepConfig(name="screen-t4_v1.2", cache=str(tmp_path), storage_path=s3).validate()
 
 
 def test_text_that_is_not_utf8_is_a_clear_error(s3: str) -> None:

@@ -276,6 +276,7 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
     monkeypatch.chdir(heads[1])
     again = run_sweep(cfg, resume=True)
     assert again.checkpoints == first.checkpoints and again.finalists == []
+    assert not (heads[0] / "runs").exists()  # the restored scheduler and callback write to this head's files
     assert all(epochs("t-screen", t) == [1] for t in first.checkpoints)  # nothing trained again
 
     monkeypatch.chdir(heads[2])

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,11 @@ class SweepConfig:
         """Check everything that can be checked before Ray starts; returns notes (resolved names)."""
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"The value of `name` is {self.name!r}: use a plain, non-empty name")
+        if is_remote(self.storage_path) and not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            raise ConfigError(
+                f"The value of `name` is {self.name!r}: a sweep on an object store is named with letters, digits, "
+                "'.', '_' and '-' only (Ray Tune cannot restore experiments under other names there)"
+            )
         if not Path(self.cache, "cache.json").exists():
             raise ConfigError(f"`cache` {self.cache!r} is not a training cache; run geopose-ray prepare first")
         g = self.grid

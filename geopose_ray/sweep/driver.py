@@ -22,10 +22,10 @@ import ray
 from ray import tune
 
 from geopose_ray.data.cache import TrainingCache
-from geopose_ray.errors import ConfigError, GeoposeError
+from geopose_ray.errors import ConfigError, DataError, GeoposeError
 from geopose_ray.storage import checkpoint_location, join, redact
 from geopose_ray.sweep.config import SweepConfig
-from geopose_ray.sweep.files import PROMOTER, RESULTS, TRIALS
+from geopose_ray.sweep.files import PROMOTER, RESULTS, STATE, TRIALS
 from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
 from geopose_ray.sweep.tune import (
@@ -108,6 +108,15 @@ def _records(grid: Any, stage: str, storage_path: str) -> dict[str, TrialRecord]
     return out
 
 
+def _can_restore(path: str) -> bool:
+    """Tune has an experiment at ``path`` to restore (an error reaching its storage is a clear one, without the
+    storage's credentials)."""
+    try:
+        return bool(tune.Tuner.can_restore(path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{redact(path)}: cannot look for the sweep's experiment there ({redact(str(e))})") from e
+
+
 def _tuner(
     cfg: SweepConfig,
     name: str,
@@ -122,7 +131,7 @@ def _tuner(
     trainable = tune.with_resources(train_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     storage = str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path
     path = join(storage, name)  # a URI's query (an endpoint, say) stays at its end
-    if resume and tune.Tuner.can_restore(path):
+    if resume and _can_restore(path):
         # Finished trials keep their results; unfinished and errored ones continue from their checkpoints.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     private: dict[str, Any] = {"_threads": max(1, int(cfg.cpus_per_trial)), "_gpus": cfg.gpus_per_trial}
@@ -225,8 +234,10 @@ class _Sweep:
         callbacks: list[Any] = [callback]
         if "kill_after_result" in self.cfg.faults:
             callbacks.append(KillAfterResult(int(self.cfg.faults["kill_after_result"])))
-        with pending_trials(self.cfg.pending_trials if guided or configs is None else None), restoring_into(self.files):
+        pending = pending_trials(self.cfg.pending_trials if guided or configs is None else None)
+        with pending, restoring_into(self.files, self.tracker, self.table) as restored:
             grid = _tuner(self.cfg, name, configs, scheduler, callbacks, resume, guided).fit()
+        self.callbacks += restored.callbacks
         # A restored Tuner has its own copy of the scheduler: the state it saved rules. Its last save reaches
         # the sweep's home now, if one while it ran did not.
         saved = self.files.working_copy(PROMOTER)
@@ -265,7 +276,9 @@ class _Sweep:
         todo = [todo[i] for i in longest_first(cost)]
         callback = MlflowCallback(self.tracker, None, "fold", self.table)
         self.callbacks.append(callback)
-        grid = _tuner(self.cfg, f"{self.cfg.name}-folds{self._suffix()}", todo, None, [callback], resume).fit()
+        with restoring_into(self.files, self.tracker, self.table) as restored:
+            grid = _tuner(self.cfg, f"{self.cfg.name}-folds{self._suffix()}", todo, None, [callback], resume).fit()
+        self.callbacks += restored.callbacks
         self.records.update(_records(grid, "fold", self.cfg.storage_path))
 
     def status(self, rec: TrialRecord) -> str:
@@ -342,7 +355,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     if resume:
         cfg.files.pull()  # the state as the last driver left it, on whichever head that was
     else:
-        cfg.files.remove((PROMOTER, TRIALS))
+        cfg.files.remove(STATE)
     sweep = _Sweep(cfg, Promoter(cfg.rungs, cfg.eta, cfg.mode, cfg.min_results, cfg.budget_gpu_hours), {}, 0)
     configs = cfg.trial_configs() if cfg.search != "optuna" else None
     sweep.screen(configs, resume, f"{cfg.name}-screen", guided=cfg.search == "guided")

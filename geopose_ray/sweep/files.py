@@ -9,8 +9,9 @@ date from the home when a driver that continues the sweep starts (:meth:`SweepFi
 A write to the home that fails while the sweep runs (the store unreachable for a while) is logged once and
 tried again at a later change, at most every :data:`BACKOFF_S` seconds, so that the sweep does not wait on the
 store at every result; one at the end of a stage must succeed, or the driver stops with an error that names the
-working copy to upload. Until a working copy has reached the home it is marked pending, and the next driver
-that continues the sweep on this directory uploads it instead of taking the home's older file.
+working copy to upload. Until a working copy has reached the home it is marked pending: the next driver that
+continues the sweep from that directory uploads it, unless the home's file is newer (the sweep went on
+elsewhere), which is kept, the working copy set aside beside it with a warning.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from geopose_ray.errors import DataError, GeoposeError
 from geopose_ray.fsutil import atomic_write_text
-from geopose_ray.storage import is_remote, join, read_text, redact, remove, write_text
+from geopose_ray.storage import is_remote, join, read_text, redact, remove, stat, write_text
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class SweepFiles:
     def pull(self) -> None:
         """Bring the working copies up to date before a driver continues the sweep: from the home (another job or
         head may have changed it since this directory last saw it; a file the home no longer has is dropped), or,
-        for a working copy that never reached the home, the other way round.
+        for a working copy that never reached the home, the other way round unless the home's is newer.
 
         Raises:
             GeoposeError: a pending working copy cannot be uploaded.
@@ -76,15 +77,24 @@ class SweepFiles:
             return
         self.local.mkdir(parents=True, exist_ok=True)
         for name in STATE:
-            mine = self.working_copy(name)
-            if mine is not None and self._pending(name).exists():
-                self.write(name, mine)
-                continue
+            mine, pending = self.local / name, self._pending(name)
+            if mine.is_file() and pending.exists():
+                theirs = stat(self.location(name))
+                if theirs is None or theirs[1] < mine.stat().st_mtime_ns:
+                    self.write(name, mine.read_text(encoding="utf-8"))
+                    continue
+                aside = mine.with_name(f"{name}.unsent-{time.strftime('%Y%m%dT%H%M%S')}")
+                mine.replace(aside)
+                pending.unlink()
+                log.warning(
+                    "%s was never uploaded, and the sweep has a newer %s (it went on elsewhere): that one is kept, "
+                    "this one set aside as %s", mine, name, aside,
+                )  # fmt: skip
             text = self.read(name)
             if text is None:
-                (self.local / name).unlink(missing_ok=True)
+                mine.unlink(missing_ok=True)
             else:
-                atomic_write_text(self.local / name, text)
+                atomic_write_text(mine, text)
 
     def write(self, name: str, text: str, required: bool = True) -> None:
         """Write file ``name``: the working copy, then the home. ``required=False`` (the writes while a sweep
@@ -93,42 +103,53 @@ class SweepFiles:
         Raises:
             GeoposeError: ``required`` and the file could not be written, after retries for the home.
         """
+        if required:
+            self._write(name, text, RETRIES)
+            return
+        try:
+            self._write(name, text, ())
+        except Exception as e:  # Tune's event loop calls this: nothing may escape
+            if name not in self._retry_at:
+                log.warning("%s; the sweep goes on, and writes it again at a later change", e)
+            self._retry_at[name] = time.monotonic() + BACKOFF_S
+
+    def _write(self, name: str, text: str, waits: tuple[float, ...]) -> None:
+        pending = self._pending(name)
         try:
             self.local.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.local / name, text)
+            copied = True
         except OSError as e:
-            if required:
+            if waits and not self.remote:
                 raise GeoposeError(f"{self.local / name}: cannot write the sweep's {name} ({e})") from e
             log.warning("%s: cannot write the sweep's %s (%s)", self.local / name, name, e)
+            copied = False
+            with contextlib.suppress(OSError):  # an older working copy must not go up later
+                pending.unlink(missing_ok=True)
         if not self.remote:
             return
-        if not required and time.monotonic() < self._retry_at.get(name, -1.0):
+        if copied:
+            pending.touch()  # until the home has it
+        if not waits and time.monotonic() < self._retry_at.get(name, -1.0):
             return  # the home failed a moment ago: the working copy stays pending, a later write catches up
-        pending = self._pending(name)
-        with contextlib.suppress(OSError):  # the working copy could not be written either: nothing newer to mark
-            pending.touch()
-        waits = RETRIES if required else ()
-        error: DataError | None = None
         for attempt in range(len(waits) + 1):
             try:
                 write_text(self.location(name), text)
-                pending.unlink(missing_ok=True)
-                if self._retry_at.pop(name, None) is not None:
-                    log.warning("the sweep's storage is writable again: %s is current", redact(self.location(name)))
-                return
+                break
             except DataError as e:
-                error = e
-                if attempt < len(waits):
-                    time.sleep(waits[attempt])
-        if required:
-            raise GeoposeError(
-                f"{error}. The sweep's current {name} is {(self.local / name).resolve()}: copy it to "
-                f"{redact(self.location(name))} before another job reads the sweep (a driver that continues the "
-                "sweep from this directory uploads it first)"
-            )
-        if name not in self._retry_at:
-            log.warning("%s; the sweep goes on, and writes it again at a later change", error)
-        self._retry_at[name] = time.monotonic() + BACKOFF_S
+                if attempt == len(waits):
+                    if not waits:
+                        raise
+                    raise GeoposeError(
+                        f"{e}. The sweep's current {name} is {(self.local / name).resolve()}: copy it to "
+                        f"{redact(self.location(name))} before another job reads the sweep (a driver that "
+                        "continues the sweep from this directory uploads it first)"
+                    ) from e
+                time.sleep(waits[attempt])
+        with contextlib.suppress(OSError):
+            pending.unlink(missing_ok=True)
+        if self._retry_at.pop(name, None) is not None:
+            log.warning("the sweep's storage is writable again: %s is current", redact(self.location(name)))
 
     def remove(self, names: tuple[str, ...]) -> None:
         """Delete files ``names``, working copies and home (a sweep started afresh)."""

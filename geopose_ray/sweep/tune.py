@@ -198,16 +198,29 @@ def _pid(trial: Trial) -> str:
     return _PIDS[trial.trial_id]
 
 
-_RESTORING: list[SweepFiles] = []  # the files of the driver whose Tuner is being built and run (restoring_into)
+@dataclasses.dataclass
+class Restoring:
+    """What the driver whose Tuner is being built and run gives the scheduler and callbacks that Tune restores from
+    the pickle an earlier driver left (maybe on another head, in another directory): its own files, MLflow client
+    and results table, in place of the pickled ones. The callbacks restored are listed, for the driver to flush."""
+
+    files: SweepFiles
+    tracker: Tracker | None = None
+    table: SweepTable | None = None
+    callbacks: list[MlflowCallback] = dataclasses.field(default_factory=list)
+
+
+_RESTORING: list[Restoring] = []
 
 
 @contextmanager
-def restoring_into(files: SweepFiles) -> Iterator[None]:
-    """While a driver builds and runs a Tuner: a :class:`PromoterScheduler` that Tune restores from the pickle an
-    earlier driver left (maybe on another head, in another directory) reads and writes this driver's ``files``."""
-    _RESTORING.append(files)
+def restoring_into(
+    files: SweepFiles, tracker: Tracker | None = None, table: SweepTable | None = None
+) -> Iterator[Restoring]:
+    """While a driver builds and runs a Tuner (Tune unpickles what it restores in ``Tuner.restore``)."""
+    _RESTORING.append(Restoring(files, tracker, table))
     try:
-        yield
+        yield _RESTORING[-1]
     finally:
         _RESTORING.pop()
 
@@ -241,7 +254,7 @@ class PromoterScheduler(FIFOScheduler):
         # driver restoring it has brought its own working copies up to date and attached them
         # (:func:`restoring_into`). The promoter is updated in place: the MLflow callback holds the same object.
         self.__dict__.update(state)
-        self.files = _RESTORING[-1] if _RESTORING else None
+        self.files = _RESTORING[-1].files if _RESTORING else None
         text = self.files.working_copy(PROMOTER) if self.files is not None else None
         if text is not None:
             saved = json.loads(text)
@@ -583,6 +596,15 @@ class MlflowCallback(Callback):
         self._end: dict[str, bool] = {}  # trial -> failed, for runs to end once their data is sent
         self._cfgs: dict[str, dict[str, Any]] = {}
         self._last: dict[str, dict[str, Any]] = {}  # trial key -> its last result
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Restored by Tune from an earlier driver's pickle: log through this driver's client into its table.
+        self.__dict__.update(state)
+        if _RESTORING:
+            driver = _RESTORING[-1]
+            self.tracker = driver.tracker or self.tracker
+            self.table = driver.table or self.table
+            driver.callbacks.append(self)
 
     def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
         return trial_key(trial.trial_id, resolve_config(trial.config or {}))
