@@ -602,8 +602,8 @@ class MlflowCallback(Callback):
         self.__dict__.update(state)
         if _RESTORING:
             driver = _RESTORING[-1]
-            self.tracker = driver.tracker or self.tracker
-            self.table = driver.table or self.table
+            self.tracker = driver.tracker if driver.tracker is not None else self.tracker
+            self.table = driver.table if driver.table is not None else self.table
             driver.callbacks.append(self)
 
     def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
