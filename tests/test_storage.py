@@ -158,7 +158,7 @@ def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_fr
     later.write(RESULTS, "trial\n")
     # As Tune keeps them: the scheduler and the MLflow callback with its results table, sharing the promoter.
     at_start = Promoter([1, 2], 2)
-    old_table = SweepTable(first.local / RESULTS, [1, 2], files=first)
+    old_table = SweepTable(first, [1, 2])
     scheduler = pickle.dumps(
         (PromoterScheduler(at_start, files=first), MlflowCallback(None, at_start, "screen", old_table))  # type: ignore[arg-type]
     )
@@ -174,7 +174,7 @@ def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_fr
     shutil.rmtree(tmp_path / "head0")  # the first head is gone
     later.pull()
     assert later.working_copy(TRIALS) == '{"round": 0}' and later.working_copy(RESULTS) is None
-    table = SweepTable(later.local / RESULTS, [1, 2], files=later)
+    table = SweepTable(later, [1, 2])
     with restoring_into(later, table=table) as driver:
         restored, callback = pickle.loads(scheduler)
     assert restored.files is later and callback.table is table and driver.callbacks == [callback]

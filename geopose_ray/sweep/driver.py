@@ -25,7 +25,7 @@ from geopose_ray.data.cache import TrainingCache
 from geopose_ray.errors import ConfigError, DataError, GeoposeError
 from geopose_ray.storage import checkpoint_location, join, redact
 from geopose_ray.sweep.config import SweepConfig
-from geopose_ray.sweep.files import PROMOTER, RESULTS, STATE, TRIALS
+from geopose_ray.sweep.files import PROMOTER, STATE, TRIALS
 from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
 from geopose_ray.sweep.tune import (
@@ -217,7 +217,7 @@ class _Sweep:
                 "MLflow at %s unavailable (%s); the sweep runs and logs when it is back", redact(cfg.mlflow_uri), e
             )
         self.files = cfg.files
-        self.table = SweepTable(self.files.local / RESULTS, list(cfg.rungs), cfg.name, files=self.files)
+        self.table = SweepTable(self.files, list(cfg.rungs), cfg.name)
         self.callbacks: list[MlflowCallback] = []
         for row in self.rows():
             self.table.rows[row["trial"]] = row
@@ -367,8 +367,8 @@ def load_records(cfg: SweepConfig) -> tuple[dict[str, Any], Promoter]:
     """A finished sweep's trials.json and promoter, as the sweep's home has them (a working copy here that never
     reached it goes up first); a clear error when there is none."""
     files = cfg.files
-    files.pull()
-    trials, promoter = files.read(TRIALS), files.read(PROMOTER)
+    files.pull()  # the working copies are now the home's files
+    trials, promoter = files.working_copy(TRIALS), files.working_copy(PROMOTER)
     if trials is None or promoter is None:
         raise GeoposeError(
             f"no finished sweep {cfg.name!r} under {redact(files.home)} ({TRIALS} or {PROMOTER} missing): run "

@@ -542,11 +542,8 @@ class SweepTable:
     a plot of every screening curve with the finalists bold) at most every ``refresh_s`` seconds, as trials
     pause, finish or fail; the driver writes it once more at the end."""
 
-    def __init__(
-        self, path: Path, rungs: list[int], title: str = "", refresh_s: float = 30.0, files: SweepFiles | None = None
-    ) -> None:
-        self.path = path  # the local file (MLflow's artifact is uploaded from it)
-        self.files = files  # also written to the sweep's home there, if given (``path`` is then its working copy)
+    def __init__(self, files: SweepFiles, rungs: list[int], title: str = "", refresh_s: float = 30.0) -> None:
+        self.files = files  # the table is written there as results.csv
         self.rungs = rungs
         self.title = title
         self.refresh_s = refresh_s
@@ -555,16 +552,17 @@ class SweepTable:
         self.finalists: list[str] = []
         self._written = -math.inf
 
+    @property
+    def path(self) -> Path:
+        """The local file (the working copy, for a remote home): MLflow's artifact is uploaded from it."""
+        return self.files.local / RESULTS
+
     def write(self, tracker: Tracker, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._written < self.refresh_s:
             return
         self._written = now
-        text = rows_csv(list(self.rows.values()))
-        if self.files is not None:
-            self.files.write(RESULTS, text, required=force)
-        else:
-            atomic_write_text(self.path, text)
+        self.files.write(RESULTS, rows_csv(list(self.rows.values())), required=force)
         screen = {k: v for k, v in self.curves.items() if self.rows.get(k, {}).get("stage") == "screen"}
         try:
             parent = tracker.parent()
