@@ -16,6 +16,7 @@ from geopose_ray.simulate import (
     GridPolicy,
     PromoterPolicy,
     RandomPolicy,
+    Run,
     draw_curves,
     evaluate,
     replay,
@@ -23,6 +24,7 @@ from geopose_ray.simulate import (
     simulate_seed,
 )
 from geopose_ray.simulate.curves import DECODERS, ENCODERS, SEED_ENCODERS, curve
+from geopose_ray.simulate.engine import RESUME_H
 from geopose_ray.simulate.measure import POLICIES
 from geopose_ray.sweep.promoter import Promoter
 
@@ -171,6 +173,45 @@ def test_the_longest_fold_runs_start_first(longest: bool, makespan: float) -> No
     run = replay(curves, 2, policy, fold_runs=1)
     assert run.screen_h == pytest.approx(4.0) and run.makespan_h == pytest.approx(makespan)
     assert run.fold_gpu_hours == pytest.approx(5.0)
+
+
+def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_running_one() -> None:
+    """Three workers, four epochs, three runs per finalist. Trials 0 and 1 cost 0.75 h an epoch (3 h a run) and
+    end screening at hour 3; trial 2 costs 2 h an epoch and screens until hour 8. Trials 0 and 1's six runs take
+    two workers from hour 3: two at a time, 3-6, then 6-9. Without pre-emption trial 2's other two runs wait for
+    hour 9 and end at 17, and the last cheap run ends at 20. With it, at hour 8.25 (an epoch before their end, 0.75
+    h left, less than 8 h / 1.5) both cheap runs yield: trial 2's runs end at 16 and 16.25, the two cheap runs not
+    yet started take 16-19 and 16.25-19.25, and the two pre-empted ones restart (RESUME_H each) on the third
+    worker. Two runs of one architecture never pre-empt each other (none does before hour 8 here)."""
+    curves = hand_curves([[0.8] * 4, [0.8] * 4, [0.9] * 4], minutes=[45, 45, 120])
+
+    def pipeline(preempt: bool) -> Run:
+        policy = FoldRuns(GridPolicy(curves, [0, 1, 2]), curves, 3, True, preempt=preempt)
+        return replay(curves, 3, policy, fold_runs=3)
+
+    plain, pre = pipeline(False), pipeline(True)
+    assert plain.makespan_h == pytest.approx(20.0) and plain.fold_restarts == 0
+    assert pre.makespan_h == pytest.approx(19.25) and pre.fold_restarts == 2
+    assert pre.fold_gpu_hours == pytest.approx(6 * 3.0 + 3 * 8.0 + 2 * RESUME_H)
+    assert np.array_equal(pre.epochs, plain.epochs) and len(pre.fold_finishes) == len(plain.fold_finishes) == 9
+
+
+def test_pre_empted_fold_runs_train_every_epoch_once_and_end_no_later() -> None:
+    curves = draw_curves(240, seed=6)
+    order = [int(i) for i in np.random.default_rng(6).permutation(240)]
+
+    def pipeline(preempt: bool) -> Run:
+        inner = PromoterPolicy(curves, order, (20, 40, 100, 200), 3, 9)
+        return replay(curves, 16, FoldRuns(inner, curves, 4, True, preempt=preempt), fold_runs=4)
+
+    plain, pre = pipeline(False), pipeline(True)
+    assert pre.fold_restarts > 0
+    finalists = [t for _, _, t in pre.finishes]
+    assert pre.fold_gpu_hours == pytest.approx(
+        sum(4 * curves.hours(t, 200) for t in finalists) + pre.fold_restarts * RESUME_H
+    )
+    assert sorted(j for _, _, j in pre.fold_finishes) == sorted(j for _, _, j in plain.fold_finishes)
+    assert pre.makespan_h < plain.makespan_h and pre.utilisation > plain.utilisation
 
 
 def test_random_search_stays_within_its_budget() -> None:

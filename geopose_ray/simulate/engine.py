@@ -60,6 +60,7 @@ class Run:
     fold_gpu_hours: float = 0.0  # GPU-hours of fold runs
     held_idle_h: float = 0.0  # idle worker-hours an autoscaling pool pays for (see :func:`replay`)
     fold_finishes: list[tuple[float, float, int]] = field(default_factory=list)  # (hour, GPU-hours, job) of fold runs
+    fold_restarts: int = 0  # pre-empted fold runs taken up again, each costing RESUME_H
 
     @property
     def utilisation(self) -> float:
@@ -79,6 +80,8 @@ class Run:
 
 IDLE_TIMEOUT_H = 5 / 60  # launch/*-t4.yaml's idle_timeout_minutes: an idle worker is released after this
 START_H = 5 / 60  # assumed: a released worker's replacement takes this long to start (held, not busy)
+PREEMPT_RATIO = 1.5  # a margin: two fold runs with about equal hours left would otherwise swap every epoch
+RESUME_H = 3 / 60  # assumed: a pre-empted fold run's restart (checkpoint, process, model and data) on a worker
 
 
 def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> Run:
@@ -90,7 +93,8 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
     again costs min(end − t, IDLE_TIMEOUT_H).
 
     With ``fold_runs`` = K − 1, job ids n + t·(K − 1) + k (k < K − 1) are trial t's runs on its other folds: the
-    top rung's epochs at the trial's cost, never erroring, not counted as screening (see :class:`FoldRuns`).
+    top rung's epochs at the trial's cost, never erroring, not counted as screening (see :class:`FoldRuns`). A
+    fold run a free worker takes up part-way (it was pre-empted) first spends :data:`RESUME_H` restarting, busy.
     """
     if workers < 1:
         raise ConfigError(f"The value of `workers` is {workers}, but must be `workers >= 1`")
@@ -108,16 +112,21 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
     fold_finishes: list[tuple[float, float, int]] = []
     freed: list[float] = []  # when each free worker of the autoscaling pool was freed (none yet at the start)
     held_idle = 0.0
+    restarts = 0  # fold runs taken up part-way
 
-    def launch(job: int, stop: int) -> None:
-        nonlocal seq, held_idle
+    def launch(job: int, stop: int, taken_up: bool) -> None:
+        nonlocal seq, held_idle, restarts
         if not (0 <= job < size and at[job] < stop <= top):
             raise ConfigError(f"{policy.name} asked job {job} to run from epoch {at[job]} to {stop}")
-        if freed:
+        if freed and taken_up:
             gap = now - freed.pop()
             held_idle += min(gap, IDLE_TIMEOUT_H) + (START_H if gap > IDLE_TIMEOUT_H else 0.0)
         end = min(stop, int(fail[job]))
-        heapq.heappush(heap, (now + curves.hours(int(base[job]), end - at[job]), seq, job, end))
+        hours = curves.hours(int(base[job]), end - at[job])
+        if taken_up and job >= n and at[job] > 0:
+            hours += RESUME_H
+            restarts += 1
+        heapq.heappush(heap, (now + hours, seq, job, end))
         seq += 1
 
     while True:
@@ -125,7 +134,7 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
             job = policy.next_job()
             if job is None:
                 break
-            launch(*job)
+            launch(*job, taken_up=True)
             free -= 1
         if not heap:
             if policy.on_idle():
@@ -150,12 +159,12 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
             free += 1
             freed.append(now)
         else:
-            launch(trial, nxt)
+            launch(trial, nxt, taken_up=False)
     held_idle += sum(min(now - t, IDLE_TIMEOUT_H) for t in freed)
-    fold_hours = float(np.sum(epochs[n:] * curves.minutes[base[n:]]) / 60.0)
+    fold_hours = float(np.sum(epochs[n:] * curves.minutes[base[n:]]) / 60.0) + restarts * RESUME_H
     return Run(
         policy.name, workers, epochs[:n], at[:n].copy(), spent, now, finishes, screen_h, screen_busy, fold_hours,
-        held_idle_h=held_idle, fold_finishes=fold_finishes,
+        held_idle_h=held_idle, fold_finishes=fold_finishes, fold_restarts=restarts,
     )  # fmt: skip
 
 
@@ -387,14 +396,30 @@ class FoldRuns:
     promoter's ``close``) runs as soon as no screening trial runs, fold runs or not. ``longest_first`` starts
     the waiting fold run of the most expensive architecture first, as the driver does
     (:func:`~geopose_ray.sweep.order.longest_first`); without it they start in the order their finalists finished.
+
+    ``preempt`` (the driver does not do this yet) runs fold runs an epoch at a time and lets a waiting fold run of
+    a costlier architecture (more minutes per epoch) with more than :data:`PREEMPT_RATIO` times the hours left of a
+    running one take its worker; the pre-empted run waits with its epochs kept, and a free worker takes the
+    waiting fold run with the most hours left. Runs of equally costly architectures never pre-empt each other,
+    so a finalist's runs are not interleaved with its peers' and restarts stay few.
     """
 
     def __init__(
-        self, inner: Policy, curves: Curves, fold_runs: int, backfill: bool, longest_first: bool = True
+        self,
+        inner: Policy,
+        curves: Curves,
+        fold_runs: int,
+        backfill: bool,
+        longest_first: bool = True,
+        preempt: bool = False,
     ) -> None:
         self.name = f"{inner.name} + folds {'backfilled' if backfill else 'after'}"
-        if not longest_first:
+        if preempt:
+            self.name += ", pre-empted"
+        elif not longest_first:
             self.name += ", in finishing order"
+        self.preempt = preempt
+        self.done: dict[int, int] = {}  # fold run -> epochs it has trained (pre-emption only)
         self.inner = inner
         self.minutes = curves.minutes
         self.longest_first = longest_first
@@ -418,15 +443,32 @@ class FoldRuns:
                 return None
         if not self.queue:
             return None
+        if self.preempt:
+            fold = max(self.queue, key=self._hours_left)
+            self.queue.remove(fold)
+            return fold, self.done.get(fold, 0) + 1
         if self.longest_first:
             fold = self.queue[longest_first([self.minutes[(j - self.n) // self.fold_runs] for j in self.queue])[0]]
             self.queue.remove(fold)
             return fold, self.top
         return self.queue.popleft(), self.top
 
+    def _minutes(self, job: int) -> float:
+        return float(self.minutes[(job - self.n) // self.fold_runs])
+
+    def _hours_left(self, job: int) -> float:
+        return (self.top - self.done.get(job, 0)) * self._minutes(job) / 60.0
+
     def on_stop(self, trial: int, epoch: int) -> int | None:
         if trial >= self.n:
-            return None
+            if not self.preempt or epoch == self.top:
+                return None
+            self.done[trial] = epoch
+            costlier = [j for j in self.queue if self._minutes(j) > self._minutes(trial)]
+            if costlier and max(map(self._hours_left, costlier)) > PREEMPT_RATIO * self._hours_left(trial):
+                self.queue.append(trial)  # pre-empted: its worker goes to the waiting run with more hours left
+                return None
+            return epoch + 1
         nxt = self.inner.on_stop(trial, epoch)
         if epoch == self.top:
             self.queue.extend(self.n + trial * self.fold_runs + k for k in range(self.fold_runs))

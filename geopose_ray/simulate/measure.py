@@ -347,7 +347,8 @@ def fold_pipeline(
     """The promoter followed by its finalists' runs on the other ``folds − 1`` folds, the fold runs started after
     screening (``search: grid``: a second Tuner) or backfilling idle workers during it (``search: guided``, also
     measured with the listed order), the most expensive fold run first (and, guided, in the order the finalists
-    finished, for comparison). Per variant: utilisation while screening, screening hours, hours and
+    finished, for comparison; and with fold runs pre-empted for longer ones, which the driver does not do yet).
+    Per variant: utilisation while screening, screening hours, hours and
     utilisation of the whole pipeline, fold-run GPU-hours, the regret of the screening pick, and the pick after
     the fold stage (:func:`fold_pick`): its regret, and whether it came within :data:`TOLERANCE` of the best by
     :data:`GRID_SHARE` of the grid's GPU-hours, fold runs counted."""
@@ -357,14 +358,15 @@ def fold_pipeline(
         order = [int(i) for i in np.random.default_rng(np.random.SeedSequence([seed, 11])).permutation(trials)]
         scores = fold_scores(curves, folds - 1, seed)
         grid = grid_gpu_hours(curves)
-        for guided, backfill, longest in (
-            (False, False, True),
-            (False, True, True),
-            (True, True, True),
-            (True, True, False),
+        for guided, backfill, longest, preempt in (
+            (False, False, True, False),
+            (False, True, True, False),
+            (True, True, True, False),
+            (True, True, False, False),
+            (True, True, True, True),
         ):
             inner = PromoterPolicy(curves, order, rungs, eta, min_results, guided=guided, lag=PENDING)
-            policy = FoldRuns(inner, curves, folds - 1, backfill, longest)
+            policy = FoldRuns(inner, curves, folds - 1, backfill, longest, preempt)
             run = replay(curves, workers, policy, fold_runs=folds - 1)
             near, regret = fold_pick(run, curves, folds, scores)
             rows.setdefault(policy.name, []).append(
@@ -374,6 +376,7 @@ def fold_pipeline(
                     "pipeline_h": run.makespan_h,
                     "pipeline_utilisation": run.utilisation,
                     "fold_gpu_hours": run.fold_gpu_hours,
+                    "fold_restarts": float(run.fold_restarts),
                     "regret": evaluate(run, curves, math.inf).regret,
                     "fold_pick_regret": regret,
                     "fold_pick_near_by_share": float(near is not None and near <= GRID_SHARE * grid),
