@@ -80,7 +80,7 @@ class Run:
 
 IDLE_TIMEOUT_H = 5 / 60  # launch/*-t4.yaml's idle_timeout_minutes: an idle worker is released after this
 START_H = 5 / 60  # assumed: a released worker's replacement takes this long to start (held, not busy)
-PREEMPT_RATIO = 1.5  # a margin: two fold runs with about equal hours left would otherwise swap every epoch
+PREEMPT_RATIO = 1.5  # a margin: a run nearly done keeps its worker against one only a little longer
 RESUME_H = 3 / 60  # assumed: a pre-empted fold run's restart (checkpoint, process, model and data) on a worker
 
 
