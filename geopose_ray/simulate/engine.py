@@ -448,7 +448,7 @@ class FoldRuns:
             self.queue.remove(fold)
             return fold, self.done.get(fold, 0) + 1
         if self.longest_first:
-            fold = self.queue[longest_first([self.minutes[(j - self.n) // self.fold_runs] for j in self.queue])[0]]
+            fold = self.queue[longest_first([self._minutes(j) for j in self.queue])[0]]
             self.queue.remove(fold)
             return fold, self.top
         return self.queue.popleft(), self.top
