@@ -56,6 +56,7 @@ def _cfg(cache_dir: Path, tmp_path: Path, **over: Any) -> SweepConfig:
         ({"gridd": {}}, r"unknown key\(s\) \['gridd'\]"),
         ({"search": "tpe"}, r"`search` is 'tpe', but must be 'grid', 'guided' or 'optuna'"),
         ({"search": "guided", "pending_trials": 0}, r"`pending_trials` is 0, but must be an integer >= 1"),
+        ({"preempt_fold_runs": "yes"}, r"`preempt_fold_runs` is 'yes', but must be true or false"),
         ({"search": "optuna", "lr_range": [1e-3, 1e-5]}, r"`lr_range` is \[0.001, 1e-05\], but must be \[low, high\]"),
         ({"lr_range": [1e-5, 1e-3]}, r"`lr_range` is for `search: optuna`"),
     ],
@@ -361,6 +362,107 @@ def test_guided_search_starts_every_grid_point_once_and_learns_from_the_first_ru
     first = {trial: searcher["order"].scores[i] for trial, i in searcher["index"].items()}
     assert len(first) == 6 and first == pytest.approx(promoter.results[0])
     assert searcher["queue"] == [] and searcher["ended"] == set(first)
+
+
+class _FoldRunsArriving:
+    """A Ray Tune searcher handing out two fold runs of a cheap finalist, then, once both have reported an epoch,
+    one of a finalist whose architecture took three times as long an epoch when screened: as ``search: guided``
+    hands out a costly finalist's runs when it reaches the top rung while cheaper ones hold the workers. Every
+    result it is told of is appended to ``log`` (one JSON line: run, epoch), in the order Tune processed them."""
+
+    @staticmethod
+    def make(cheap: list[dict[str, Any]], costly: dict[str, Any], log: Path) -> Any:
+        from ray.tune.search import Searcher
+
+        class Arriving(Searcher):  # type: ignore[misc]
+            def __init__(self) -> None:
+                super().__init__(metric="score", mode="max")
+                self.todo, self.costly, self.names = list(cheap), dict(costly), {}
+
+            def suggest(self, trial_id: str) -> dict[str, Any] | None:
+                if self.todo:
+                    cfg = self.todo.pop(0)
+                elif self.costly and log.is_file() and len({run for run, _ in map(json.loads, log.open())}) == 2:
+                    cfg, self.costly = self.costly, {}
+                else:
+                    return None if self.costly else Searcher.FINISHED  # type: ignore[return-value]
+                self.names[trial_id] = f"{cfg['_finalist']}/fold{cfg['val_fold']}"
+                return {"cfg": cfg}
+
+            def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+                with log.open("a") as f:
+                    f.write(json.dumps([self.names[trial_id], int(result["epoch"])]) + "\n")
+
+            def on_trial_complete(self, trial_id: str, result: Any = None, error: bool = False) -> None:
+                pass
+
+        return Arriving()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preempt", [True, False])
+def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_cheaper_one(
+    ray_cluster: None, cache: Path, tmp_path: Path, preempt: bool
+) -> None:
+    """Two workers run a cheap finalist's two fold runs (6 epochs each) when a run of an architecture three times
+    as costly an epoch arrives: 18 epoch-units left against at most 5. With pre-emption one cheap run pauses at its
+    epoch's end, the costly run starts on its worker, and the cheap one resumes from its checkpoint once a worker is
+    free, no epoch trained twice; without, the costly run waits for a cheap run to end."""
+    from ray import tune
+
+    from geopose_ray.sweep.promoter import Promoter
+    from geopose_ray.sweep.tune import PromoterScheduler, train_trial
+
+    sweep = _cfg(cache, tmp_path)
+    # Every epoch 3 s longer, so that both cheap runs still run when the costly one arrives (the second worker
+    # process starts several seconds after the first).
+    top = 6
+    slow = {"slow": {"lr": 1e-3, "accumulation": 1, "seconds": 3, "folds": True}}
+    private = {"_threads": 1, "_gpus": 0.0, "_faults": slow, "epochs": top}
+    cheap = [
+        {**sweep.trial_config("tu-test_resnet", "Unet", 1e-3, 1), **private, "val_fold": k, "_finalist": "cheap",
+         "_epoch_hours": 0.01}
+        for k in (1, 2)
+    ]  # fmt: skip
+    costly = {**sweep.trial_config("tu-test_resnet", "FPN", 1e-3, 1), **private, "val_fold": 1,
+              "_finalist": "costly", "_epoch_hours": 0.03}  # fmt: skip
+    log = tmp_path / "results.jsonl"
+    tuner = tune.Tuner(
+        tune.with_resources(train_trial, {"cpu": 1}),
+        tune_config=tune.TuneConfig(
+            scheduler=PromoterScheduler(Promoter(rungs=[top], eta=2), preempt_folds=preempt),
+            search_alg=_FoldRunsArriving.make(cheap, costly, log),
+            num_samples=-1,
+            metric="score",
+            mode="max",
+            trial_dirname_creator=lambda t: t.trial_id,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name="folds",
+            storage_path=str(tmp_path / "runs"),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+    assert not grid.errors
+    for r in grid:
+        assert epochs_once(Path(r.path)) == list(range(1, top + 1))  # every epoch once: a pause loses none
+    order = [tuple(x) for x in map(json.loads, log.read_text().splitlines())]
+    first_costly = order.index(("costly/fold1", 1))
+    ends = [order.index((f"cheap/fold{k}", top)) for k in (1, 2)]
+    if preempt:
+        # The costly run started while both cheap runs had epochs left; one of them trained none meanwhile.
+        # The costly run started while both cheap runs had epochs left; the one to end last had yielded its
+        # worker: it trained no epoch from then until the other ended, and then went on from where it was.
+        assert first_costly < min(ends)
+        late = f"cheap/fold{1 + ends.index(max(ends))}"
+        before = [e for run, e in order[:first_costly] if run == late]
+        assert before and max(before) < top
+        assert not any(run == late for run, _ in order[first_costly : min(ends)])
+    else:
+        assert first_costly > min(ends)
 
 
 def test_a_worker_lost_before_tune_registers_its_checkpoint_costs_no_retrained_epoch(

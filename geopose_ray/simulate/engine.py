@@ -20,7 +20,7 @@ import numpy as np
 
 from geopose_ray.errors import ConfigError
 from geopose_ray.simulate.curves import Curves
-from geopose_ray.sweep.order import GuidedOrder, longest_first
+from geopose_ray.sweep.order import GuidedOrder, longest_first, pre_empts
 from geopose_ray.sweep.promoter import Decision, Promoter
 
 
@@ -80,7 +80,6 @@ class Run:
 
 IDLE_TIMEOUT_H = 5 / 60  # launch/*-t4.yaml's idle_timeout_minutes: an idle worker is released after this
 START_H = 5 / 60  # assumed: a released worker's replacement takes this long to start (held, not busy)
-PREEMPT_RATIO = 1.5  # a margin: a run nearly done keeps its worker against one only a little longer
 RESUME_H = 3 / 60  # assumed: a pre-empted fold run's restart (checkpoint, process, model and data) on a worker
 
 
@@ -397,11 +396,12 @@ class FoldRuns:
     the waiting fold run of the most expensive architecture first, as the driver does
     (:func:`~geopose_ray.sweep.order.longest_first`); without it they start in the order their finalists finished.
 
-    ``preempt`` (the driver does not do this yet) runs fold runs an epoch at a time and lets a waiting fold run of
-    a costlier architecture (more minutes per epoch) with more than :data:`PREEMPT_RATIO` times the hours left of a
-    running one take its worker; the pre-empted run waits with its epochs kept, and a free worker takes the
-    waiting fold run with the most hours left. Runs of equally costly architectures never pre-empt each other,
-    so a finalist's runs are not interleaved with its peers' and restarts stay few.
+    ``preempt`` is the driver's rule (:func:`~geopose_ray.sweep.order.pre_empts`, as the guided driver's scheduler
+    applies it): fold runs train an epoch at a time, and a waiting fold run of a costlier architecture (more minutes
+    per epoch) with more than ``PREEMPT_RATIO`` times the hours left of a running one takes its worker; the
+    pre-empted run waits with its epochs kept, and a free worker takes the waiting fold run with the most hours
+    left. Runs of equally costly architectures never pre-empt each other, so a finalist's runs are not interleaved
+    with its peers' and restarts stay few.
     """
 
     def __init__(
@@ -464,8 +464,8 @@ class FoldRuns:
             if not self.preempt or epoch == self.top:
                 return None
             self.done[trial] = epoch
-            costlier = [j for j in self.queue if self._minutes(j) > self._minutes(trial)]
-            if costlier and max(map(self._hours_left, costlier)) > PREEMPT_RATIO * self._hours_left(trial):
+            waiting = [(self._minutes(j), self._hours_left(j)) for j in self.queue]
+            if pre_empts(self._minutes(trial), self._hours_left(trial), waiting):
                 self.queue.append(trial)  # pre-empted: its worker goes to the waiting run with more hours left
                 return None
             return epoch + 1

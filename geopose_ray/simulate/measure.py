@@ -347,7 +347,7 @@ def fold_pipeline(
     """The promoter followed by its finalists' runs on the other ``folds − 1`` folds, the fold runs started after
     screening (``search: grid``: a second Tuner) or backfilling idle workers during it (``search: guided``, also
     measured with the listed order), the most expensive fold run first (and, guided, in the order the finalists
-    finished, for comparison; and with fold runs pre-empted by costlier ones, which the driver does not do yet).
+    finished, for comparison; and with fold runs pre-empted by costlier ones, as the guided driver does).
     Per variant: utilisation while screening, screening hours, hours and
     utilisation of the whole pipeline, fold-run GPU-hours, the regret of the screening pick, and the pick after
     the fold stage (:func:`fold_pick`): its regret, and whether it came within :data:`TOLERANCE` of the best by

@@ -61,6 +61,8 @@ class SweepConfig:
     lr_range: list[float] | None = None  # optuna: [low, high] log-uniform learning rate (else grid.lrs as choices)
     search_seed: int = 0  # guided, optuna: the searcher's seed
     pending_trials: int = 16  # guided, optuna: trials suggested ahead of free workers (what the autoscaler sees)
+    # guided: a running fold run yields its worker to a waiting one of a costlier architecture (sweep/order.py)
+    preempt_fold_runs: bool = True
     faults: dict[str, Any] = field(default_factory=dict)  # fault injection for reliability tests; leave empty
 
     @staticmethod
@@ -178,6 +180,10 @@ class SweepConfig:
             raise ConfigError(f"The value of `search` is {self.search!r}, but must be 'grid', 'guided' or 'optuna'")
         if not (isinstance(self.pending_trials, int) and self.pending_trials >= 1):
             raise ConfigError(f"The value of `pending_trials` is {self.pending_trials!r}, but must be an integer >= 1")
+        if not isinstance(self.preempt_fold_runs, bool):
+            raise ConfigError(
+                f"The value of `preempt_fold_runs` is {self.preempt_fold_runs!r}, but must be true or false"
+            )
         if self.search == "optuna" and not (isinstance(self.num_samples, int) and self.num_samples >= 1):
             raise ConfigError(f"The value of `num_samples` is {self.num_samples!r}, but must be `num_samples >= 1`")
         if self.lr_range is not None:

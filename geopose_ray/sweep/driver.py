@@ -228,7 +228,7 @@ class _Sweep:
     def screen(self, configs: list[dict[str, Any]] | None, resume: bool, name: str, guided: bool = False) -> None:
         """Run screening trials under the promoter (``configs`` in a guided order if ``guided``; None: Optuna draws
         them); records and promoter state are updated from the result."""
-        scheduler = PromoterScheduler(self.promoter, self.cfg.metric, self.files)
+        scheduler = PromoterScheduler(self.promoter, self.cfg.metric, self.files, self.cfg.preempt_fold_runs)
         callback = MlflowCallback(self.tracker, self.promoter, "screen", self.table)
         self.callbacks.append(callback)
         callbacks: list[Any] = [callback]

@@ -22,7 +22,7 @@ simulator calls it directly.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,3 +138,16 @@ def longest_first(costs: Sequence[float]) -> list[int]:
     by architecture) this is what keeps a fixed pool busy to the end (BENCHMARKS.md: fold runs). Unknown costs
     (NaN) go last; equal costs keep their order."""
     return sorted(range(len(costs)), key=lambda i: (costs[i] != costs[i], -costs[i] if costs[i] == costs[i] else 0))
+
+
+PREEMPT_RATIO = 1.5  # a margin: a run nearly done keeps its worker against one only a little longer
+
+
+def pre_empts(cost: float, hours_left: float, waiting: Iterable[tuple[float, float]]) -> bool:
+    """Whether a running fold run (its architecture's hours per epoch, its hours left) gives up its worker at
+    an epoch's end to a waiting one (``waiting``: the same pair for each): to one of a costlier architecture with
+    more than :data:`PREEMPT_RATIO` times its hours left. The run that yields keeps its epochs and waits; the
+    worker goes to the waiting run with the most hours left (BENCHMARKS.md: pre-empting fold runs). Runs of
+    equally costly architectures never pre-empt each other, so a finalist's runs are not interleaved with its
+    peers' and restarts stay few; an unknown cost (NaN) pre-empts nothing and is never pre-empted."""
+    return any(c > cost and left > PREEMPT_RATIO * hours_left for c, left in waiting)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 from ray.tune import Callback
@@ -35,7 +36,7 @@ from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.storage import copy_file, join
 from geopose_ray.sweep.files import PROMOTER, RESULTS, SweepFiles
-from geopose_ray.sweep.order import GuidedOrder, longest_first
+from geopose_ray.sweep.order import GuidedOrder, longest_first, pre_empts
 from geopose_ray.sweep.plots import curves_plot
 from geopose_ray.sweep.promoter import Decision, Promoter
 from geopose_ray.tracking import Tracker, result_row, rows_csv
@@ -85,9 +86,10 @@ class GuidedSearch(Searcher):
     ``pending_trials``); each answer is the grid point the order picks with what the first rung has shown by
     then. Once every grid point has started, the answers are fold runs (``folds``: the other validation folds;
     trained to ``top`` epochs) of the trials that have finished the top rung, the most expensive finalist's
-    first (its hours per epoch; :func:`~geopose_ray.sweep.order.longest_first`). The scheduler ranks them after every
-    promotion and new trial, so they fill the workers screening leaves idle (Tune starts pending trials as
-    resources free up: the ranking is a priority, and a running fold run is never pre-empted). None means
+    first (its hours per epoch, which each fold run's config carries as ``_epoch_hours``;
+    :func:`~geopose_ray.sweep.order.longest_first`). The scheduler ranks them after every promotion and new trial,
+    so they fill the workers screening leaves idle (Tune starts pending trials as resources free up: the ranking is
+    a priority), and lets a waiting one of a costlier architecture pre-empt a running one. None means
     "nothing yet" (a finalist may still come); FINISHED once screening is over and every fold run has been
     handed out. Its state is pickled with the experiment, so a restarted driver goes on where it stopped.
     """
@@ -145,7 +147,10 @@ class GuidedSearch(Searcher):
         if not error and result and self.top is not None and int(result.get("epoch", 0)) >= self.top:
             point = self.points[self.index[trial_id]]
             self.cost[trial_id] = per_epoch_hours(result)
-            self.queue += [{**point, "val_fold": k, "epochs": self.top, "_finalist": trial_id} for k in self.folds]
+            self.queue += [
+                {**point, "val_fold": k, "epochs": self.top, "_finalist": trial_id, EPOCH_HOURS: self.cost[trial_id]}
+                for k in self.folds
+            ]
             costs = [self.cost.get(str(q["_finalist"]), math.nan) for q in self.queue]
             self.queue = [self.queue[i] for i in longest_first(costs)]
 
@@ -191,6 +196,34 @@ def is_fold_run(pid: str) -> bool:
     return "/fold" in pid
 
 
+EPOCH_HOURS = "_epoch_hours"  # in a fold run's config: its finalist's device hours per epoch when screened
+
+
+def fold_costs(folds: list[Trial]) -> dict[str, float]:
+    """Each fold run's hours per epoch (by Tune trial id): the mean of what the screening runs of its
+    architecture's finalists took (``_epoch_hours`` in each fold run's config). By architecture (encoder and
+    decoder), so that runs of one architecture cost the same and never pre-empt each other on measurement noise;
+    NaN where none is known (a fold run handed out before its config carried the figure)."""
+    by_arch: dict[tuple[str, str], list[float]] = {}
+    arch = {}
+    for t in folds:
+        cfg = resolve_config(t.config or {})
+        model = cfg.get("model") or {}
+        arch[t.trial_id] = (str(model.get("encoder")), str(model.get("decoder")))
+        hours = float(cfg.get(EPOCH_HOURS, math.nan))
+        if hours == hours:
+            by_arch.setdefault(arch[t.trial_id], []).append(hours)
+    mean = {a: sum(v) / len(v) for a, v in by_arch.items()}
+    return {i: mean.get(a, math.nan) for i, a in arch.items()}
+
+
+def _hours_left(trial: Trial, cost: float, epoch: int | None = None) -> float:
+    """A fold run's hours to its last epoch, from ``epoch`` (default: the last it reported)."""
+    if epoch is None:
+        epoch = int((trial.last_result or {}).get("epoch", 0) or 0)
+    return (int(resolve_config(trial.config or {}).get("epochs", 0)) - epoch) * cost
+
+
 def _pid(trial: Trial) -> str:
     """The promoter's name for a Tune trial."""
     if trial.trial_id not in _PIDS:
@@ -225,17 +258,42 @@ def restoring_into(
         _RESTORING.pop()
 
 
+def _room_for_one_more(trials: list[Trial], like: Trial) -> bool:
+    """Whether the cluster's nodes have room for one more trial like ``like`` beside the running ones: a waiting
+    trial is then starting on a free worker (or on a node the autoscaler has just added), not waiting for one."""
+
+    def needs(t: Trial) -> dict[str, float]:
+        return dict(t.placement_group_factory.required_resources) if t.placement_group_factory else {}
+
+    free = dict(ray.cluster_resources())
+    for t in trials:
+        if t.status == Trial.RUNNING:
+            for k, v in needs(t).items():
+                free[k] = free.get(k, 0.0) - v
+    return all(free.get(k, 0.0) >= v for k, v in needs(like).items() if v > 0)
+
+
 class PromoterScheduler(FIFOScheduler):
     """A Ray Tune scheduler that asks a :class:`Promoter`: CONTINUE, PAUSE (checkpointed) or STOP (a finalist).
 
-    Paused trials the promoter promotes go first, resumed by Tune from their last checkpoints; then new trials.
-    When nothing runs or waits, the rungs are closed and whatever can never be promoted is stopped, so the
-    sweep ends.
+    Paused trials the promoter promotes go first, resumed by Tune from their last checkpoints; then new trials;
+    then finalists' fold runs (``search: guided`` hands them out during screening), the one with the most hours
+    left first. When nothing runs or waits, the rungs are closed and whatever can never be promoted is stopped,
+    so the sweep ends.
+
+    With ``preempt_folds``, a running fold run pauses at an epoch's end when a waiting one of a costlier
+    architecture has more than ``PREEMPT_RATIO`` times its hours left
+    (:func:`~geopose_ray.sweep.order.pre_empts`): the costly run starts on its worker, and it resumes from its
+    checkpoint when a worker is free, no epoch lost. This keeps a costly finalist that arrives late in screening
+    from waiting behind cheaper fold runs while the rest of the pool runs dry (BENCHMARKS.md: fold runs).
     """
 
-    def __init__(self, promoter: Promoter, metric: str = "score", files: SweepFiles | None = None) -> None:
+    def __init__(
+        self, promoter: Promoter, metric: str = "score", files: SweepFiles | None = None, preempt_folds: bool = True
+    ) -> None:
         super().__init__()
         self.promoter = promoter
+        self.preempt_folds = preempt_folds
         self._score_key = metric
         self._resume: list[str] = []  # promoted, not yet running again
         self.files = files  # where the promoter's state is rewritten after every change (Tune keeps none)
@@ -254,6 +312,7 @@ class PromoterScheduler(FIFOScheduler):
         # driver restoring it has brought its own working copies up to date and attached them
         # (:func:`restoring_into`). The promoter is updated in place: the MLflow callback holds the same object.
         self.__dict__.update(state)
+        self.__dict__.setdefault("preempt_folds", True)  # pickled before fold runs could be pre-empted
         self.files = _RESTORING[-1].files if _RESTORING else None
         text = self.files.working_copy(PROMOTER) if self.files is not None else None
         if text is not None:
@@ -274,8 +333,8 @@ class PromoterScheduler(FIFOScheduler):
             trial.set_status(Trial.PAUSED)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
-        if is_fold_run(_pid(trial)):
-            return TrialScheduler.CONTINUE  # a finalist's fold run trains to the top rung; the promoter never sees it
+        if is_fold_run(_pid(trial)):  # a finalist's fold run trains to the top rung; the promoter never sees it
+            return TrialScheduler.PAUSE if self._yields(tune_controller, trial, result) else TrialScheduler.CONTINUE
         value = result.get(self._score_key, math.nan)
         had_budget = self.promoter.budget_left
         decision = self.promoter.on_result(
@@ -297,7 +356,7 @@ class PromoterScheduler(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
         by_pid = {_pid(t): t for t in trials if not is_fold_run(_pid(t))}
-        folds = [t for t in trials if is_fold_run(_pid(t)) and t.status == Trial.PENDING]
+        folds = [t for t in trials if is_fold_run(_pid(t)) and t.status in (Trial.PENDING, Trial.PAUSED)]
         # After a driver restart Tune may bring a paused trial back as PENDING: it still waits for promotion.
         waiting = {
             pid: t
@@ -324,7 +383,7 @@ class PromoterScheduler(FIFOScheduler):
         new = [t for pid, t in by_pid.items() if t.status == Trial.PENDING and pid not in waiting]
         if new:
             return new[0]
-        folds = self._costliest_first(folds)
+        folds = self._most_hours_left(folds, trials)
         if any(t.status == Trial.RUNNING for t in by_pid.values()):
             # Screening goes on; a worker it leaves free takes a finalist's fold run, if one waits.
             return folds[0] if folds else None
@@ -338,16 +397,29 @@ class PromoterScheduler(FIFOScheduler):
             tune_controller.stop_trial(trial)
         return folds[0] if folds else None
 
-    def _costliest_first(self, folds: list[Trial]) -> list[Trial]:
-        """Pending fold runs, the one whose finalist cost the most GPU-hours per epoch first (they all train to
-        the top rung): long runs started last would hold the sweep's end back (BENCHMARKS.md: fold runs)."""
+    def _most_hours_left(self, folds: list[Trial], trials: list[Trial]) -> list[Trial]:
+        """Waiting fold runs, the one with the most hours left first: of those not started, the costliest
+        architecture's first (they all train to the top rung), since a long run started last would hold the sweep's
+        end back (BENCHMARKS.md: fold runs); a pre-empted run by what it has left. Unknown costs go last."""
+        cost = fold_costs([t for t in trials if is_fold_run(_pid(t))])
+        return [folds[i] for i in longest_first([_hours_left(t, cost[t.trial_id]) for t in folds])]
 
-        def cost(t: Trial) -> float:
-            parent = _pid(t).rpartition("/fold")[0]
-            reached, hours = self.promoter.reached(parent), self.promoter.gpu_hours.get(parent)
-            return hours / self.promoter.rungs[reached - 1] if hours and reached else math.nan
-
-        return [folds[i] for i in longest_first([cost(t) for t in folds])]
+    def _yields(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> bool:
+        """Whether a running fold run, at the end of the epoch it reported, gives up its worker to a waiting one
+        (:func:`~geopose_ray.sweep.order.pre_empts`)."""
+        if not self.preempt_folds or result.get("replayed"):
+            return False
+        trials = tune_controller.get_trials()
+        folds = [t for t in trials if is_fold_run(_pid(t))]
+        cost = fold_costs(folds)
+        waiting = [(cost[t.trial_id], _hours_left(t, cost[t.trial_id]))
+                   for t in folds if t is not trial and t.status in (Trial.PENDING, Trial.PAUSED)]  # fmt: skip
+        left = _hours_left(trial, cost[trial.trial_id], int(result.get("epoch", 0)))
+        if left <= 0 or not pre_empts(cost[trial.trial_id], left, waiting) or _room_for_one_more(trials, trial):
+            return False
+        log.info("fold run %s yields its worker at epoch %s (%.3g hours left) to a costlier one waiting",
+                 _pid(trial), result.get("epoch"), left)  # fmt: skip
+        return True
 
     def debug_string(self) -> str:
         p = self.promoter
@@ -520,9 +592,9 @@ class KillAfterResult(Callback):
 
 def _injected_delay(raw: dict[str, Any], cfg: TrainConfig) -> float:
     """Fault injection (tests): ``faults: {slow: {lr, accumulation, seconds}}`` makes that screening trial's every
-    epoch take ``seconds`` longer (its fold runs are not slowed)."""
+    epoch take ``seconds`` longer (its fold runs too with ``folds: true``)."""
     slow = raw.get("_faults", {}).get("slow")
-    if not slow or raw.get("_finalist"):
+    if not slow or (raw.get("_finalist") and not slow.get("folds")):
         return 0.0
     matches = math.isclose(cfg.lr, float(slow["lr"])) and cfg.accumulation == int(slow["accumulation"])
     return float(slow["seconds"]) if matches else 0.0
