@@ -404,8 +404,8 @@ class _FoldRunsArriving:
 def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_cheaper_one(
     ray_cluster: None, cache: Path, tmp_path: Path, preempt: bool
 ) -> None:
-    """Two workers run a cheap finalist's two fold runs (6 epochs each) when a run of an architecture three times
-    as costly an epoch arrives: 18 epoch-units left against at most 5. With pre-emption one cheap run pauses at its
+    """Two workers run a cheap finalist's two fold runs (7 epochs each) when a run of an architecture three times
+    as costly an epoch arrives: 21 epoch-units left against at most 6. With pre-emption one cheap run pauses at its
     epoch's end, the costly run starts on its worker, and the cheap one resumes from its checkpoint once a worker is
     free, no epoch trained twice; without, the costly run waits for a cheap run to end."""
     from ray import tune
@@ -416,7 +416,7 @@ def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_cheaper_one(
     sweep = _cfg(cache, tmp_path)
     # Every epoch 3 s longer, so that both cheap runs still run when the costly one arrives (the second worker
     # process starts several seconds after the first).
-    top = 6
+    top = 7
     slow = {"slow": {"lr": 1e-3, "accumulation": 1, "seconds": 3, "folds": True}}
     private = {"_threads": 1, "_gpus": 0.0, "_faults": slow, "epochs": top}
     cheap = [
@@ -430,13 +430,15 @@ def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_cheaper_one(
     tuner = tune.Tuner(
         tune.with_resources(train_trial, {"cpu": 1}),
         tune_config=tune.TuneConfig(
-            scheduler=PromoterScheduler(Promoter(rungs=[top], eta=2), preempt_folds=preempt),
+            # A waiting run pre-empts at once here; on a cluster only after PREEMPT_AFTER_S (a node's start).
+            scheduler=PromoterScheduler(Promoter(rungs=[top], eta=2), preempt_folds=preempt, preempt_after_s=0),
             search_alg=_FoldRunsArriving.make(cheap, costly, log),
             num_samples=-1,
             metric="score",
             mode="max",
             trial_dirname_creator=lambda t: t.trial_id,
             reuse_actors=True,
+            time_budget_s=600,  # a paused run that never resumes ends the run, and the test fails, not hangs
         ),
         run_config=tune.RunConfig(
             name="folds",
@@ -463,6 +465,72 @@ def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_cheaper_one(
         assert not any(run == late for run, _ in order[first_costly : min(ends)])
     else:
         assert first_costly > min(ends)
+
+
+def test_a_fold_run_pauses_only_when_the_worker_it_frees_goes_to_the_costlier_run(ray_cluster: None) -> None:
+    """The scheduler's answers to fold-run results (real Trial objects; the local cluster's 2 CPUs): cheap runs a
+    and b (0.01 h an epoch, 10 epochs) hold both workers while c (0.03 h) waits."""
+    import pickle
+
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from geopose_ray.sweep.files import SweepFiles
+    from geopose_ray.sweep.promoter import Promoter
+    from geopose_ray.sweep.tune import PREEMPT_AFTER_S, PromoterScheduler, restoring_into
+
+    def trial(name: str, status: str, hours: float | None = None, decoder: str = "Unet") -> Trial:
+        cfg: dict[str, Any] = {"model": {"encoder": "e", "decoder": decoder}, "epochs": 10, "val_fold": 1}
+        if hours is not None:
+            cfg.update(_finalist=name, _epoch_hours=hours)
+        t = Trial("train_trial", config={"cfg": cfg}, trial_id=name, stub=True)
+        t.placement_group_factory = PlacementGroupFactory([{"CPU": 1}])  # what Tune gives a trial it runs
+        t.set_status(status)
+        return t
+
+    class Controller:
+        def __init__(self, *trials: Trial) -> None:
+            self.trials = list(trials)
+
+        def get_trials(self) -> list[Trial]:
+            return self.trials
+
+    def answer(s: PromoterScheduler, c: Controller, name: str, epoch: int, **extra: Any) -> str:
+        [t] = [t for t in c.trials if t.trial_id == name]
+        return str(s.on_trial_result(c, t, {"epoch": epoch, **extra}))
+
+    pause, go = TrialScheduler.PAUSE, TrialScheduler.CONTINUE
+    a, b = trial("a", Trial.RUNNING, 0.01), trial("b", Trial.RUNNING, 0.01)
+    c = trial("c", Trial.PENDING, 0.03, decoder="FPN")
+    s = PromoterScheduler(Promoter(rungs=[10], eta=2), preempt_after_s=0)
+    ctl = Controller(a, b, c)
+    assert answer(s, ctl, "a", 10) == go  # its last epoch
+    assert answer(s, ctl, "a", 2, replayed=1.0) == go  # an epoch taken up again, not trained
+    assert answer(s, ctl, "a", 2) == pause  # 0.08 h left; c has 0.30 > 1.5 x 0.08
+    assert answer(s, ctl, "b", 2) == go  # a's worker is c's already: b keeps its own
+    # Once c runs and a is paused, the scheduler starts a when a worker frees.
+    a.set_status(Trial.PAUSED)
+    c.set_status(Trial.RUNNING)
+    b.set_status(Trial.TERMINATED)
+    assert s.choose_trial_to_run(ctl) is a
+
+    def fresh(**over: Any) -> PromoterScheduler:
+        return PromoterScheduler(Promoter(rungs=[10], eta=2), **{"preempt_after_s": 0, **over})
+
+    a, b, c = trial("a", Trial.RUNNING, 0.01), trial("b", Trial.RUNNING, 0.01), trial("c", Trial.PENDING, 0.03, "FPN")
+    assert answer(fresh(), Controller(a, b, c), "a", 7) == pause  # 0.03 h left: c has 10 times that
+    assert answer(fresh(), Controller(a, b, trial("c", Trial.PENDING, 0.01)), "a", 2) == go  # not costlier
+    assert answer(fresh(), Controller(a, c), "a", 2) == go  # a worker is free for c
+    assert answer(fresh(), Controller(a, b, c, trial("s", Trial.PENDING)), "a", 2) == go  # screening goes first
+    assert answer(fresh(preempt_folds=False), Controller(a, b, c), "a", 2) == go
+    waits = fresh(preempt_after_s=PREEMPT_AFTER_S)
+    assert answer(waits, Controller(a, b, c), "a", 2) == go  # c may be waiting for a node the autoscaler starts
+    waits._waiting_since["c"] -= PREEMPT_AFTER_S
+    assert answer(waits, Controller(a, b, c), "a", 3) == pause
+    # A restarted driver runs with its own config's preempt_fold_runs, not the one pickled when the sweep began.
+    with restoring_into(SweepFiles(home="/nonexistent", local=Path("/nonexistent")), preempt_folds=False):
+        assert pickle.loads(pickle.dumps(fresh())).preempt_folds is False
 
 
 def test_a_worker_lost_before_tune_registers_its_checkpoint_costs_no_retrained_epoch(

@@ -235,7 +235,7 @@ class _Sweep:
         if "kill_after_result" in self.cfg.faults:
             callbacks.append(KillAfterResult(int(self.cfg.faults["kill_after_result"])))
         pending = pending_trials(self.cfg.pending_trials if guided or configs is None else None)
-        with pending, restoring_into(self.files, self.tracker, self.table) as restored:
+        with pending, restoring_into(self.files, self.tracker, self.table, self.cfg.preempt_fold_runs) as restored:
             grid = _tuner(self.cfg, name, configs, scheduler, callbacks, resume, guided).fit()
         self.callbacks += restored.callbacks
         # A restored Tuner has its own copy of the scheduler: the state it saved rules. Its last save reaches

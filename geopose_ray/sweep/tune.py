@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -199,11 +199,12 @@ def is_fold_run(pid: str) -> bool:
 EPOCH_HOURS = "_epoch_hours"  # in a fold run's config: its finalist's device hours per epoch when screened
 
 
-def fold_costs(folds: list[Trial]) -> dict[str, float]:
+def fold_costs(folds: list[Trial], fallback: Callable[[str], float] | None = None) -> dict[str, float]:
     """Each fold run's hours per epoch (by Tune trial id): the mean of what the screening runs of its
     architecture's finalists took (``_epoch_hours`` in each fold run's config). By architecture (encoder and
     decoder), so that runs of one architecture cost the same and never pre-empt each other on measurement noise;
-    NaN where none is known (a fold run handed out before its config carried the figure)."""
+    ``fallback(finalist)`` for a fold run whose config lacks the figure (handed out before configs carried it);
+    NaN where none is known."""
     by_arch: dict[tuple[str, str], list[float]] = {}
     arch = {}
     for t in folds:
@@ -211,6 +212,8 @@ def fold_costs(folds: list[Trial]) -> dict[str, float]:
         model = cfg.get("model") or {}
         arch[t.trial_id] = (str(model.get("encoder")), str(model.get("decoder")))
         hours = float(cfg.get(EPOCH_HOURS, math.nan))
+        if hours != hours and fallback is not None:
+            hours = fallback(str(cfg.get("_finalist", "")))
         if hours == hours:
             by_arch.setdefault(arch[t.trial_id], []).append(hours)
     mean = {a: sum(v) / len(v) for a, v in by_arch.items()}
@@ -240,6 +243,7 @@ class Restoring:
     files: SweepFiles
     tracker: Tracker | None = None
     table: SweepTable | None = None
+    preempt_folds: bool | None = None  # the config's preempt_fold_runs (None: as pickled)
     callbacks: list[MlflowCallback] = dataclasses.field(default_factory=list)
 
 
@@ -248,29 +252,38 @@ _RESTORING: list[Restoring] = []
 
 @contextmanager
 def restoring_into(
-    files: SweepFiles, tracker: Tracker | None = None, table: SweepTable | None = None
+    files: SweepFiles,
+    tracker: Tracker | None = None,
+    table: SweepTable | None = None,
+    preempt_folds: bool | None = None,
 ) -> Iterator[Restoring]:
     """While a driver builds and runs a Tuner (Tune unpickles what it restores in ``Tuner.restore``)."""
-    _RESTORING.append(Restoring(files, tracker, table))
+    _RESTORING.append(Restoring(files, tracker, table, preempt_folds))
     try:
         yield _RESTORING[-1]
     finally:
         _RESTORING.pop()
 
 
-def _room_for_one_more(trials: list[Trial], like: Trial) -> bool:
-    """Whether the cluster's nodes have room for one more trial like ``like`` beside the running ones: a waiting
-    trial is then starting on a free worker (or on a node the autoscaler has just added), not waiting for one."""
+def _room_for_one_more(trials: list[Trial], like: Trial, leaving: Collection[str] = ()) -> bool:
+    """Whether the cluster's nodes have room for one more trial like ``like`` beside the running ones (those in
+    ``leaving``, asked to pause, not counted): a waiting trial is then starting on a free worker, not waiting for
+    one. Only nodes that have joined count: one the autoscaler is still starting does not (see PREEMPT_AFTER_S)."""
 
     def needs(t: Trial) -> dict[str, float]:
         return dict(t.placement_group_factory.required_resources) if t.placement_group_factory else {}
 
     free = dict(ray.cluster_resources())
     for t in trials:
-        if t.status == Trial.RUNNING:
+        if t.status == Trial.RUNNING and t.trial_id not in leaving:
             for k, v in needs(t).items():
                 free[k] = free.get(k, 0.0) - v
     return all(free.get(k, 0.0) >= v for k, v in needs(like).items() if v > 0)
+
+
+# A fold run must have waited this long for a worker before it pre-empts one: longer than a cloud node takes to
+# start and join, so that a run waiting for a node the autoscaler is bringing up takes nobody's worker.
+PREEMPT_AFTER_S = 900.0
 
 
 class PromoterScheduler(FIFOScheduler):
@@ -283,17 +296,27 @@ class PromoterScheduler(FIFOScheduler):
 
     With ``preempt_folds``, a running fold run pauses at an epoch's end when a waiting one of a costlier
     architecture has more than ``PREEMPT_RATIO`` times its hours left
-    (:func:`~geopose_ray.sweep.order.pre_empts`): the costly run starts on its worker, and it resumes from its
-    checkpoint when a worker is free, no epoch lost. This keeps a costly finalist that arrives late in screening
-    from waiting behind cheaper fold runs while the rest of the pool runs dry (BENCHMARKS.md: fold runs).
+    (:func:`~geopose_ray.sweep.order.pre_empts`), has waited ``preempt_after_s`` for a worker, and would get the
+    one freed: no screening trial waits for a worker (screening goes first), no worker is free and no other run is
+    already pausing for it. The costly run starts on its worker; the paused run resumes from its checkpoint when a
+    worker is free, no epoch lost. This keeps a costly finalist that arrives late in screening from waiting behind
+    cheaper fold runs while the rest of the pool runs dry (BENCHMARKS.md: fold runs).
     """
 
     def __init__(
-        self, promoter: Promoter, metric: str = "score", files: SweepFiles | None = None, preempt_folds: bool = True
+        self,
+        promoter: Promoter,
+        metric: str = "score",
+        files: SweepFiles | None = None,
+        preempt_folds: bool = True,
+        preempt_after_s: float = PREEMPT_AFTER_S,
     ) -> None:
         super().__init__()
         self.promoter = promoter
         self.preempt_folds = preempt_folds
+        self.preempt_after_s = preempt_after_s
+        self._waiting_since: dict[str, float] = {}  # fold run -> when it was first seen waiting for a worker
+        self._leaving: set[str] = set()  # fold runs asked to pause, not yet resumed
         self._score_key = metric
         self._resume: list[str] = []  # promoted, not yet running again
         self.files = files  # where the promoter's state is rewritten after every change (Tune keeps none)
@@ -312,8 +335,13 @@ class PromoterScheduler(FIFOScheduler):
         # driver restoring it has brought its own working copies up to date and attached them
         # (:func:`restoring_into`). The promoter is updated in place: the MLflow callback holds the same object.
         self.__dict__.update(state)
-        self.__dict__.setdefault("preempt_folds", True)  # pickled before fold runs could be pre-empted
+        self.__dict__.setdefault("preempt_after_s", PREEMPT_AFTER_S)  # pickled before fold runs could be pre-empted
+        self._waiting_since, self._leaving = {}, set()  # the waits start again; nobody is pausing any more
         self.files = _RESTORING[-1].files if _RESTORING else None
+        # The config the driver runs with now, not the one pickled when the sweep started.
+        if _RESTORING and _RESTORING[-1].preempt_folds is not None:
+            self.preempt_folds = _RESTORING[-1].preempt_folds
+        self.__dict__.setdefault("preempt_folds", True)
         text = self.files.working_copy(PROMOTER) if self.files is not None else None
         if text is not None:
             saved = json.loads(text)
@@ -383,7 +411,12 @@ class PromoterScheduler(FIFOScheduler):
         new = [t for pid, t in by_pid.items() if t.status == Trial.PENDING and pid not in waiting]
         if new:
             return new[0]
+        now = time.time()
+        for t in folds:
+            self._waiting_since.setdefault(t.trial_id, now)
         folds = self._most_hours_left(folds, trials)
+        if folds:
+            self._leaving.discard(folds[0].trial_id)  # resumed, if it was paused
         if any(t.status == Trial.RUNNING for t in by_pid.values()):
             # Screening goes on; a worker it leaves free takes a finalist's fold run, if one waits.
             return folds[0] if folds else None
@@ -401,24 +434,54 @@ class PromoterScheduler(FIFOScheduler):
         """Waiting fold runs, the one with the most hours left first: of those not started, the costliest
         architecture's first (they all train to the top rung), since a long run started last would hold the sweep's
         end back (BENCHMARKS.md: fold runs); a pre-empted run by what it has left. Unknown costs go last."""
-        cost = fold_costs([t for t in trials if is_fold_run(_pid(t))])
+        cost = fold_costs([t for t in trials if is_fold_run(_pid(t))], self._screened_cost)
         return [folds[i] for i in longest_first([_hours_left(t, cost[t.trial_id]) for t in folds])]
+
+    def _screened_cost(self, finalist: str) -> float:
+        """A finalist's GPU-hours per epoch as the promoter recorded them (NaN if unknown or none)."""
+        reached, hours = self.promoter.reached(finalist), self.promoter.gpu_hours.get(finalist)
+        return hours / self.promoter.rungs[reached - 1] if hours and reached else math.nan
+
+    def _screening_waits(self, trials: list[Trial]) -> bool:
+        """Whether a screening trial waits for a worker: it would take one a pre-empted fold run frees."""
+        if self._resume:
+            return True
+        held = {pid for t in trials if not is_fold_run(pid := _pid(t)) and t.status in (Trial.PAUSED, Trial.PENDING)}
+        if set(self.promoter.promotable()) & held:
+            return True
+        return any(t.status == Trial.PENDING and pid not in self.promoter.paused
+                   for t in trials if not is_fold_run(pid := _pid(t)))  # fmt: skip
 
     def _yields(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> bool:
         """Whether a running fold run, at the end of the epoch it reported, gives up its worker to a waiting one
-        (:func:`~geopose_ray.sweep.order.pre_empts`)."""
+        (:func:`~geopose_ray.sweep.order.pre_empts`, and the conditions in the class's docstring)."""
         if not self.preempt_folds or result.get("replayed"):
             return False
+        now = time.time()
         trials = tune_controller.get_trials()
         folds = [t for t in trials if is_fold_run(_pid(t))]
-        cost = fold_costs(folds)
+        for t in folds:  # how long each waiting fold run has waited
+            if t.status in (Trial.PENDING, Trial.PAUSED):
+                self._waiting_since.setdefault(t.trial_id, now)
+            else:
+                self._waiting_since.pop(t.trial_id, None)
+        cost = fold_costs(folds, self._screened_cost)
         waiting = [(cost[t.trial_id], _hours_left(t, cost[t.trial_id]))
-                   for t in folds if t is not trial and t.status in (Trial.PENDING, Trial.PAUSED)]  # fmt: skip
+                   for t in folds
+                   if t is not trial and t.status in (Trial.PENDING, Trial.PAUSED)
+                   and now - self._waiting_since[t.trial_id] >= self.preempt_after_s]  # fmt: skip
         left = _hours_left(trial, cost[trial.trial_id], int(result.get("epoch", 0)))
-        if left <= 0 or not pre_empts(cost[trial.trial_id], left, waiting) or _room_for_one_more(trials, trial):
+        if (
+            left <= 0
+            or not pre_empts(cost[trial.trial_id], left, waiting)
+            or _room_for_one_more(trials, trial, self._leaving)
+            or self._screening_waits(trials)
+        ):
             return False
         log.info("fold run %s yields its worker at epoch %s (%.3g hours left) to a costlier one waiting",
                  _pid(trial), result.get("epoch"), left)  # fmt: skip
+        self._leaving.add(trial.trial_id)
+        self._waiting_since[trial.trial_id] = now
         return True
 
     def debug_string(self) -> str:
