@@ -533,6 +533,34 @@ def test_a_fold_run_pauses_only_when_the_worker_it_frees_goes_to_the_costlier_ru
         assert pickle.loads(pickle.dumps(fresh())).preempt_folds is False
 
 
+def test_a_trial_whose_results_tune_lost_is_recorded_from_its_checkpoints(tmp_path: Path) -> None:
+    """A driver SIGKILLed after a trial's first checkpoints were persisted but before Tune's own files caught up
+    (result.json empty, no checkpoint registered), then restored: the trial's Result has neither metrics (nor so
+    its config) nor a checkpoint. It is recorded from what it reported with its latest complete checkpoint on
+    storage and the config Tune wrote at its start, not dropped from the table; one that never reported is
+    still skipped."""
+    from ray import tune
+
+    from geopose_ray.sweep.driver import _records
+
+    cfg = {"model": {"encoder": "tu-test_resnet", "decoder": "Unet"}, "lr": 0.003, "accumulation": 2, "_threads": 1}
+    lost, never = tmp_path / "t" / "c37147b8", tmp_path / "t" / "0e4b05d7"
+    for d in (lost, never):
+        (d / "checkpoint_000000").mkdir(parents=True)
+        (d / "params.json").write_text(json.dumps({"cfg": cfg}))
+        (d / "result.json").write_text("")
+    (lost / "checkpoint_000000" / "reported.json").write_text(json.dumps({"epoch": 1, "score": 0.61}))
+    (lost / "checkpoint_000001").mkdir()
+    (lost / "checkpoint_000001" / "reported.json").write_text(json.dumps({"epoch": 2, "score": 0.64}))
+    (lost / "checkpoint_000002").mkdir()  # torn: persisted without its metrics
+    results = [tune.Result(metrics={}, checkpoint=None, error=None, path=str(d)) for d in (lost, never)]
+    records = _records(results, "screen", str(tmp_path))
+    assert list(records) == ["c37147b8"]
+    rec = records["c37147b8"]
+    assert rec.metrics == {"epoch": 2, "score": 0.64} and rec.cfg["lr"] == 0.003 and rec.cfg["accumulation"] == 2
+    assert rec.stage == "screen" and rec.checkpoint == str(lost / "checkpoint_000001")
+
+
 def test_a_worker_lost_before_tune_registers_its_checkpoint_costs_no_retrained_epoch(
     ray_cluster: None, cache: Path, tmp_path: Path
 ) -> None:

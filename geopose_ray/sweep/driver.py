@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 from ray import tune
 
@@ -29,6 +30,8 @@ from geopose_ray.sweep.files import PROMOTER, STATE, TRIALS
 from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
 from geopose_ray.sweep.tune import (
+    CHECKPOINT_DIR,
+    REPORTED,
     GuidedSearch,
     KillAfterResult,
     MlflowCallback,
@@ -96,16 +99,57 @@ def _records(grid: Any, stage: str, storage_path: str) -> dict[str, TrialRecord]
     out = {}
     for i in range(len(grid)):
         result = grid[i]
-        key, cfg = trial_key(Path(result.path).name, resolve_config(result.config or {}))
-        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float | str)}
-        if "epoch" not in metrics and result.error is None:
-            continue  # never ran (a paused trial that was not promoted in a reopened sweep)
+        key, cfg = trial_key(Path(result.path).name, resolve_config(result.config or _params(result)))
         ckpt = None
         if result.checkpoint is not None:
             ckpt = checkpoint_location(result.checkpoint.filesystem, result.checkpoint.path, storage_path)
+        reported = result.metrics or {}
+        if "epoch" not in reported:
+            # Tune lost the trial's results (a driver killed after the trial's first checkpoint, before Tune's
+            # files caught up, then restored): what it reported with its latest checkpoint on storage.
+            found, reported = _last_reported(result)
+            if found is not None:
+                ckpt = checkpoint_location(result.filesystem, found, storage_path)
+        metrics = {k: v for k, v in reported.items() if isinstance(v, int | float | str)}
+        if "epoch" not in metrics and result.error is None:
+            continue  # never ran (a paused trial that was not promoted in a reopened sweep)
         error = _last_line(result.error) if result.error is not None else None
         out[key] = TrialRecord(key, "fold" if is_fold_run(key) else stage, cfg, metrics, ckpt, error)
     return out
+
+
+def _params(result: Any) -> dict[str, Any]:
+    """A trial's config as Tune wrote it when the trial started (``params.json``), for a result whose metrics
+    (which carry the config) were lost; empty if it cannot be read."""
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+            params = json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def _last_reported(result: Any) -> tuple[str | None, dict[str, Any]]:
+    """A trial's checkpoint directory on storage with the highest epoch among those with their reported metrics
+    (``reported.json``, written by the trial beside ``last.pt``), and those metrics; (None, {}) if none."""
+    fs = result.filesystem
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(result.path))
+    except OSError:
+        return None, {}
+    best: tuple[str | None, dict[str, Any]] = (None, {})
+    for info in found:
+        if info.type != pyarrow.fs.FileType.Directory or not CHECKPOINT_DIR.fullmatch(info.base_name):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{REPORTED}") as f:
+                metrics = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        epoch = metrics.get("epoch") if isinstance(metrics, dict) else None
+        if isinstance(epoch, int | float) and (best[0] is None or epoch > best[1]["epoch"]):
+            best = (info.path, metrics)
+    return best
 
 
 def _can_restore(path: str) -> bool:
