@@ -524,6 +524,20 @@ def test_a_fold_run_pauses_only_when_the_worker_it_frees_goes_to_the_costlier_ru
     assert answer(fresh(), Controller(a, c), "a", 2) == go  # a worker is free for c
     assert answer(fresh(), Controller(a, b, c, trial("s", Trial.PENDING)), "a", 2) == go  # screening goes first
     assert answer(fresh(preempt_folds=False), Controller(a, b, c), "a", 2) == go
+    # The worker would go to the waiting run with the most hours left, a fresh run e of a's own architecture
+    # (0.10 h), not the costlier c, paused at epoch 9 of 10 (0.03 h, enough against a's last 0.01 h): no pause.
+    c9, e = trial("c", Trial.PAUSED, 0.03, "FPN"), trial("e", Trial.PENDING, 0.01)
+    c9.update_last_result({"epoch": 9})
+    assert answer(fresh(), Controller(a, b, c9), "a", 9) == pause
+    assert answer(fresh(), Controller(a, b, c9, e), "a", 9) == go
+    # A run asked to pause that is requeued instead (its node lost during the save) is running again, not pausing.
+    s = fresh()
+    ctl = Controller(a, b, c)
+    assert answer(s, ctl, "a", 2) == pause
+    a.set_status(Trial.PENDING)
+    s.choose_trial_to_run(ctl)
+    a.set_status(Trial.RUNNING)
+    assert answer(s, ctl, "b", 3) == pause  # a holds its worker again: b's pause is c's worker
     waits = fresh(preempt_after_s=PREEMPT_AFTER_S)
     assert answer(waits, Controller(a, b, c), "a", 2) == go  # c may be waiting for a node the autoscaler starts
     waits._waiting_since["c"] -= PREEMPT_AFTER_S
@@ -544,17 +558,26 @@ def test_a_trial_whose_results_tune_lost_is_recorded_from_its_checkpoints(tmp_pa
     from geopose_ray.sweep.driver import _records
 
     cfg = {"model": {"encoder": "tu-test_resnet", "decoder": "Unet"}, "lr": 0.003, "accumulation": 2, "_threads": 1}
-    lost, never = tmp_path / "t" / "c37147b8", tmp_path / "t" / "0e4b05d7"
-    for d in (lost, never):
+    lost, never, unknown = tmp_path / "t" / "c37147b8", tmp_path / "t" / "0e4b05d7", tmp_path / "t" / "3a9e7c21"
+    for d in (lost, never, unknown):
         (d / "checkpoint_000000").mkdir(parents=True)
-        (d / "params.json").write_text(json.dumps({"cfg": cfg}))
         (d / "result.json").write_text("")
+        if d != unknown:  # its config never reached storage: what it trained is unknown, so it is not recorded
+            (d / "params.json").write_text(json.dumps({"cfg": cfg}))
+    (unknown / "checkpoint_000000" / "reported.json").write_text(json.dumps({"epoch": 1, "score": 0.5}))
+    (unknown / "checkpoint_000000" / "last.pt").write_bytes(b"model")
     (lost / "checkpoint_000000" / "reported.json").write_text(json.dumps({"epoch": 1, "score": 0.61}))
     (lost / "checkpoint_000001").mkdir()
     (lost / "checkpoint_000001" / "reported.json").write_text(json.dumps({"epoch": 2, "score": 0.64}))
+    for k in (0, 1):
+        (lost / f"checkpoint_00000{k}" / "last.pt").write_bytes(b"model")
     (lost / "checkpoint_000002").mkdir()  # torn: persisted without its metrics
-    results = [tune.Result(metrics={}, checkpoint=None, error=None, path=str(d)) for d in (lost, never)]
-    records = _records(results, "screen", str(tmp_path))
+    (lost / "checkpoint_000003").mkdir()  # torn: its metrics, but no model
+    (lost / "checkpoint_000003" / "reported.json").write_text(json.dumps({"epoch": 4, "score": 0.7}))
+    results = [tune.Result(metrics={}, checkpoint=None, error=None, path=str(d)) for d in (lost, never, unknown)]
+    # Only for a Tuner restored after a killed driver: a fresh one's leftovers are not its trials'.
+    assert _records(results, "screen", str(tmp_path)) == {}
+    records = _records(results, "screen", str(tmp_path), restored=True)
     assert list(records) == ["c37147b8"]
     rec = records["c37147b8"]
     assert rec.metrics == {"epoch": 2, "score": 0.64} and rec.cfg["lr"] == 0.003 and rec.cfg["accumulation"] == 2

@@ -23,6 +23,7 @@ import ray
 from ray import tune
 
 from geopose_ray.data.cache import TrainingCache
+from geopose_ray.engine.trainer import LAST
 from geopose_ray.errors import ConfigError, DataError, GeoposeError
 from geopose_ray.storage import checkpoint_location, join, redact
 from geopose_ray.sweep.config import SweepConfig
@@ -93,18 +94,20 @@ def _last_line(error: Exception | None) -> str:
     return lines[-1][:300] if lines else type(error).__name__
 
 
-def _records(grid: Any, stage: str, storage_path: str) -> dict[str, TrialRecord]:
+def _records(grid: Any, stage: str, storage_path: str, restored: bool = False) -> dict[str, TrialRecord]:
     """A record per trial of a ResultGrid that reported at least once or failed (a fold run backfilled during
-    screening is recorded as a fold run); checkpoints by their location on ``storage_path``."""
+    screening is recorded as a fold run); checkpoints by their location on ``storage_path``. ``restored``: the
+    grid's Tuner was restored after a killed driver, whose trials may have checkpoints Tune lost track of."""
     out = {}
     for i in range(len(grid)):
         result = grid[i]
-        key, cfg = trial_key(Path(result.path).name, resolve_config(result.config or _params(result)))
+        params = result.config or (_params(result) if restored else {})
+        key, cfg = trial_key(Path(result.path).name, resolve_config(params))
         ckpt = None
         if result.checkpoint is not None:
             ckpt = checkpoint_location(result.checkpoint.filesystem, result.checkpoint.path, storage_path)
         reported = result.metrics or {}
-        if "epoch" not in reported:
+        if "epoch" not in reported and restored and params:
             # Tune lost the trial's results (a driver killed after the trial's first checkpoint, before Tune's
             # files caught up, then restored): what it reported with its latest checkpoint on storage.
             found, reported = _last_reported(result)
@@ -130,8 +133,9 @@ def _params(result: Any) -> dict[str, Any]:
 
 
 def _last_reported(result: Any) -> tuple[str | None, dict[str, Any]]:
-    """A trial's checkpoint directory on storage with the highest epoch among those with their reported metrics
-    (``reported.json``, written by the trial beside ``last.pt``), and those metrics; (None, {}) if none."""
+    """A trial's checkpoint directory on storage with the highest epoch among those complete enough to use (their
+    reported metrics, ``reported.json``, and a non-empty ``last.pt`` beside them), and those metrics; (None, {})
+    if none."""
     fs = result.filesystem
     try:
         found = fs.get_file_info(pyarrow.fs.FileSelector(result.path))
@@ -144,8 +148,11 @@ def _last_reported(result: Any) -> tuple[str | None, dict[str, Any]]:
         try:
             with fs.open_input_stream(f"{info.path}/{REPORTED}") as f:
                 metrics = json.loads(f.read())
+            model = fs.get_file_info(f"{info.path}/{LAST}")
         except (OSError, ValueError):
             continue
+        if model.type != pyarrow.fs.FileType.File or not model.size:
+            continue  # torn: the worker was lost while it persisted the checkpoint
         epoch = metrics.get("epoch") if isinstance(metrics, dict) else None
         if isinstance(epoch, int | float) and (best[0] is None or epoch > best[1]["epoch"]):
             best = (info.path, metrics)
@@ -288,7 +295,7 @@ class _Sweep:
         if saved is not None:
             self.promoter = Promoter.from_dict(json.loads(saved)["promoter"])
             self.files.write(PROMOTER, saved)
-        found = _records(grid, "screen", self.cfg.storage_path)
+        found = _records(grid, "screen", self.cfg.storage_path, restored=resume)
         failed = [r for r in found.values() if r.error is not None]
         if found and len(failed) == len(found) and not self.round:
             raise GeoposeError(
@@ -323,7 +330,7 @@ class _Sweep:
         with restoring_into(self.files, self.tracker, self.table) as restored:
             grid = _tuner(self.cfg, f"{self.cfg.name}-folds{self._suffix()}", todo, None, [callback], resume).fit()
         self.callbacks += restored.callbacks
-        self.records.update(_records(grid, "fold", self.cfg.storage_path))
+        self.records.update(_records(grid, "fold", self.cfg.storage_path, restored=resume))
 
     def status(self, rec: TrialRecord) -> str:
         if rec.stage == "fold":

@@ -203,19 +203,21 @@ def fold_costs(folds: list[Trial], fallback: Callable[[str], float] | None = Non
     """Each fold run's hours per epoch (by Tune trial id): the mean of what the screening runs of its
     architecture's finalists took (``_epoch_hours`` in each fold run's config). By architecture (encoder and
     decoder), so that runs of one architecture cost the same and never pre-empt each other on measurement noise;
-    ``fallback(finalist)`` for a fold run whose config lacks the figure (handed out before configs carried it);
-    NaN where none is known."""
+    ``fallback(finalist)`` where no fold run's config carries the figure (a sweep whose fold runs were handed out
+    before configs carried it; all or none, as its figure is in other units); NaN where none is known."""
+    configs = {t.trial_id: resolve_config(t.config or {}) for t in folds}
+    carried = any(EPOCH_HOURS in cfg for cfg in configs.values())
     by_arch: dict[tuple[str, str], list[float]] = {}
     arch = {}
-    for t in folds:
-        cfg = resolve_config(t.config or {})
+    for i, cfg in configs.items():
         model = cfg.get("model") or {}
-        arch[t.trial_id] = (str(model.get("encoder")), str(model.get("decoder")))
-        hours = float(cfg.get(EPOCH_HOURS, math.nan))
-        if hours != hours and fallback is not None:
+        arch[i] = (str(model.get("encoder")), str(model.get("decoder")))
+        if carried or fallback is None:
+            hours = float(cfg.get(EPOCH_HOURS, math.nan))
+        else:
             hours = fallback(str(cfg.get("_finalist", "")))
         if hours == hours:
-            by_arch.setdefault(arch[t.trial_id], []).append(hours)
+            by_arch.setdefault(arch[i], []).append(hours)
     mean = {a: sum(v) / len(v) for a, v in by_arch.items()}
     return {i: mean.get(a, math.nan) for i, a in arch.items()}
 
@@ -281,6 +283,8 @@ def _room_for_one_more(trials: list[Trial], like: Trial, leaving: Collection[str
     return all(free.get(k, 0.0) >= v for k, v in needs(like).items() if v > 0)
 
 
+WAITING = (Trial.PENDING, Trial.PAUSED)  # a trial waiting for a worker (PAUSED: until the scheduler starts it)
+
 # A fold run must have waited this long for a worker before it pre-empts one: longer than a cloud node takes to
 # start and join, so that a run waiting for a node the autoscaler is bringing up takes nobody's worker.
 PREEMPT_AFTER_S = 900.0
@@ -294,13 +298,13 @@ class PromoterScheduler(FIFOScheduler):
     left first. When nothing runs or waits, the rungs are closed and whatever can never be promoted is stopped,
     so the sweep ends.
 
-    With ``preempt_folds``, a running fold run pauses at an epoch's end when a waiting one of a costlier
-    architecture has more than ``PREEMPT_RATIO`` times its hours left
-    (:func:`~geopose_ray.sweep.order.pre_empts`), has waited ``preempt_after_s`` for a worker, and would get the
-    one freed: no screening trial waits for a worker (screening goes first), no worker is free and no other run is
-    already pausing for it. The costly run starts on its worker; the paused run resumes from its checkpoint when a
-    worker is free, no epoch lost. This keeps a costly finalist that arrives late in screening from waiting behind
-    cheaper fold runs while the rest of the pool runs dry (BENCHMARKS.md: fold runs).
+    With ``preempt_folds``, a running fold run pauses at an epoch's end when the waiting fold run with the most
+    hours left (the one this scheduler starts next) is of a costlier architecture, has more than ``PREEMPT_RATIO``
+    times its hours left (:func:`~geopose_ray.sweep.order.pre_empts`), has waited ``preempt_after_s`` for a
+    worker, and would get the one freed: no screening trial waits for a worker (screening goes first), no worker is
+    free and no other fold run is already pausing. The costly run starts on its worker; the paused run resumes from
+    its checkpoint when a worker is free, no epoch lost. This keeps a costly finalist that arrives late in screening
+    from waiting behind cheaper fold runs while the rest of the pool runs dry (BENCHMARKS.md: fold runs).
     """
 
     def __init__(
@@ -384,7 +388,7 @@ class PromoterScheduler(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
         by_pid = {_pid(t): t for t in trials if not is_fold_run(_pid(t))}
-        folds = [t for t in trials if is_fold_run(_pid(t)) and t.status in (Trial.PENDING, Trial.PAUSED)]
+        folds = [t for t in trials if is_fold_run(_pid(t)) and t.status in WAITING]
         # After a driver restart Tune may bring a paused trial back as PENDING: it still waits for promotion.
         waiting = {
             pid: t
@@ -411,9 +415,7 @@ class PromoterScheduler(FIFOScheduler):
         new = [t for pid, t in by_pid.items() if t.status == Trial.PENDING and pid not in waiting]
         if new:
             return new[0]
-        now = time.time()
-        for t in folds:
-            self._waiting_since.setdefault(t.trial_id, now)
+        self._note([t for t in trials if is_fold_run(_pid(t))])
         folds = self._most_hours_left(folds, trials)
         if folds:
             self._leaving.discard(folds[0].trial_id)  # resumed, if it was paused
@@ -457,32 +459,40 @@ class PromoterScheduler(FIFOScheduler):
         (:func:`~geopose_ray.sweep.order.pre_empts`, and the conditions in the class's docstring)."""
         if not self.preempt_folds or result.get("replayed"):
             return False
-        now = time.time()
+        self._leaving.discard(trial.trial_id)  # it reports a result: it is running, not pausing
         trials = tune_controller.get_trials()
         folds = [t for t in trials if is_fold_run(_pid(t))]
-        for t in folds:  # how long each waiting fold run has waited
-            if t.status in (Trial.PENDING, Trial.PAUSED):
-                self._waiting_since.setdefault(t.trial_id, now)
-            else:
-                self._waiting_since.pop(t.trial_id, None)
+        self._note(folds)
+        # The run the freed worker would go to (choose_trial_to_run's pick), and only it, must justify the pause.
+        waiting = self._most_hours_left([t for t in folds if t is not trial and t.status in WAITING], folds)
+        if not waiting or time.time() - self._waiting_since[waiting[0].trial_id] < self.preempt_after_s:
+            return False
         cost = fold_costs(folds, self._screened_cost)
-        waiting = [(cost[t.trial_id], _hours_left(t, cost[t.trial_id]))
-                   for t in folds
-                   if t is not trial and t.status in (Trial.PENDING, Trial.PAUSED)
-                   and now - self._waiting_since[t.trial_id] >= self.preempt_after_s]  # fmt: skip
+        head = waiting[0].trial_id
         left = _hours_left(trial, cost[trial.trial_id], int(result.get("epoch", 0)))
         if (
             left <= 0
-            or not pre_empts(cost[trial.trial_id], left, waiting)
+            or not pre_empts(cost[trial.trial_id], left, [(cost[head], _hours_left(waiting[0], cost[head]))])
             or _room_for_one_more(trials, trial, self._leaving)
             or self._screening_waits(trials)
         ):
             return False
-        log.info("fold run %s yields its worker at epoch %s (%.3g hours left) to a costlier one waiting",
-                 _pid(trial), result.get("epoch"), left)  # fmt: skip
+        log.info("fold run %s yields its worker at epoch %s (%.3g hours left) to %s",
+                 _pid(trial), result.get("epoch"), left, _pid(waiting[0]))  # fmt: skip
         self._leaving.add(trial.trial_id)
-        self._waiting_since[trial.trial_id] = now
         return True
+
+    def _note(self, folds: list[Trial]) -> None:
+        """Keep when each waiting fold run began to wait, and which runs asked to pause have not yet resumed,
+        ended or been requeued (only a RUNNING run is still pausing; a PAUSED one holds no worker)."""
+        now = time.time()
+        for t in folds:
+            if t.status in WAITING:
+                self._waiting_since.setdefault(t.trial_id, now)
+            else:
+                self._waiting_since.pop(t.trial_id, None)
+            if t.status not in (Trial.RUNNING, Trial.PAUSED):
+                self._leaving.discard(t.trial_id)
 
     def debug_string(self) -> str:
         p = self.promoter
