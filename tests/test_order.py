@@ -144,7 +144,7 @@ def test_the_scheduler_starts_the_waiting_fold_run_with_most_hours_left_first() 
     from ray.tune.experiment import Trial
 
     from geopose_ray.sweep.promoter import Promoter
-    from geopose_ray.sweep.tune import PromoterScheduler
+    from geopose_ray.sweep.tune import PromoterScheduler, fold_costs
 
     def fold(finalist: str, k: int, hours: float) -> Trial:
         cfg = {"model": {"encoder": finalist, "decoder": "Unet"}, "epochs": 200, "val_fold": k, "_finalist": finalist,
@@ -153,7 +153,8 @@ def test_the_scheduler_starts_the_waiting_fold_run_with_most_hours_left_first() 
 
     folds = [fold("a", 1, 1.0), fold("b", 1, 3.0), fold("c", 1, 2.0), fold("b", 2, 3.0)]
     folds[3].update_last_result({"epoch": 150})
-    ranked = PromoterScheduler(Promoter((1, 2), 3, "max", 1))._most_hours_left(folds, folds)
+    scheduler = PromoterScheduler(Promoter((1, 2), 3, "max", 1))
+    ranked = scheduler._most_hours_left(folds, fold_costs(folds, scheduler._screened_cost))
     assert [t.trial_id for t in ranked] == ["b1", "c1", "a1", "b2"]
 
 

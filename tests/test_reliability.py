@@ -211,3 +211,30 @@ def test_unregistered_checkpoints_are_the_complete_contiguous_epochs_after_the_r
     ]  # fmt: skip
     (two / REPORTED).unlink()
     assert _unregistered(registered) == []
+
+
+def test_a_trial_removes_the_scratch_directories_that_paused_or_killed_trials_left(tmp_path: Path) -> None:
+    """A trial's scratch directory (its last.pt and best.pt) outlives a worker killed or an actor ended while the
+    training thread waited in tune.report. The next trial on the node removes those of processes that are gone and
+    of its own process (a reused actor), and keeps a live process's and anything not named by a process id."""
+    from geopose_ray.sweep.tune import WORK_PREFIX, _work_dir
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        left = {name: tmp_path / f"{WORK_PREFIX}{name}" for name in
+                (f"{gone.pid}-a1", f"{os.getpid()}-b2", f"{live.pid}-c3", "x7k_q2ab")}  # fmt: skip
+        for d in left.values():
+            d.mkdir()
+            (d / "last.pt").write_bytes(b"\0" * 1024)
+        new = _work_dir(tmp_path)
+        assert not left[f"{gone.pid}-a1"].exists()
+        assert not left[f"{os.getpid()}-b2"].exists()
+        assert (left[f"{live.pid}-c3"] / "last.pt").is_file()
+        assert (left["x7k_q2ab"] / "last.pt").is_file()
+        assert new.is_dir() and new.parent == tmp_path and new.name.startswith(f"{WORK_PREFIX}{os.getpid()}-")
+        assert _work_dir(tmp_path) != new and not new.exists()  # the next trial in this process
+    finally:
+        live.kill()
+        live.wait()

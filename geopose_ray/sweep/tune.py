@@ -415,8 +415,9 @@ class PromoterScheduler(FIFOScheduler):
         new = [t for pid, t in by_pid.items() if t.status == Trial.PENDING and pid not in waiting]
         if new:
             return new[0]
-        self._note([t for t in trials if is_fold_run(_pid(t))])
-        folds = self._most_hours_left(folds, trials)
+        every_fold = [t for t in trials if is_fold_run(_pid(t))]
+        self._note(every_fold)
+        folds = self._most_hours_left(folds, fold_costs(every_fold, self._screened_cost))
         if folds:
             self._leaving.discard(folds[0].trial_id)  # resumed, if it was paused
         if any(t.status == Trial.RUNNING for t in by_pid.values()):
@@ -432,11 +433,12 @@ class PromoterScheduler(FIFOScheduler):
             tune_controller.stop_trial(trial)
         return folds[0] if folds else None
 
-    def _most_hours_left(self, folds: list[Trial], trials: list[Trial]) -> list[Trial]:
-        """Waiting fold runs, the one with the most hours left first: of those not started, the costliest
-        architecture's first (they all train to the top rung), since a long run started last would hold the sweep's
-        end back (BENCHMARKS.md: fold runs); a pre-empted run by what it has left. Unknown costs go last."""
-        cost = fold_costs([t for t in trials if is_fold_run(_pid(t))], self._screened_cost)
+    @staticmethod
+    def _most_hours_left(folds: list[Trial], cost: dict[str, float]) -> list[Trial]:
+        """Waiting fold runs, the one with the most hours left first (``cost``: :func:`fold_costs` of every fold
+        run): of those not started, the costliest architecture's first (they all train to the top rung), since a
+        long run started last would hold the sweep's end back (BENCHMARKS.md: fold runs); a pre-empted run by what
+        it has left. Unknown costs go last."""
         return [folds[i] for i in longest_first([_hours_left(t, cost[t.trial_id]) for t in folds])]
 
     def _screened_cost(self, finalist: str) -> float:
@@ -463,11 +465,11 @@ class PromoterScheduler(FIFOScheduler):
         trials = tune_controller.get_trials()
         folds = [t for t in trials if is_fold_run(_pid(t))]
         self._note(folds)
+        cost = fold_costs(folds, self._screened_cost)
         # The run the freed worker would go to (choose_trial_to_run's pick), and only it, must justify the pause.
-        waiting = self._most_hours_left([t for t in folds if t is not trial and t.status in WAITING], folds)
+        waiting = self._most_hours_left([t for t in folds if t is not trial and t.status in WAITING], cost)
         if not waiting or time.time() - self._waiting_since[waiting[0].trial_id] < self.preempt_after_s:
             return False
-        cost = fold_costs(folds, self._screened_cost)
         head = waiting[0].trial_id
         left = _hours_left(trial, cost[trial.trial_id], int(result.get("epoch", 0)))
         if (
@@ -510,7 +512,7 @@ def train_trial(config: dict[str, Any]) -> None:
     gpus = float(raw.get("_gpus", 0.0))  # GPUs the trial holds: what a bill (and the budget) counts
     _, config = trial_key("", raw)
     cfg = TrainConfig.from_dict(config)
-    work = Path(tempfile.mkdtemp(prefix="geopose-trial-"))
+    work = _work_dir()
     checkpoint = tune.get_checkpoint()
     unregistered: list[tuple[Path, int]] = []
     if checkpoint is not None:
@@ -558,6 +560,34 @@ def train_trial(config: dict[str, Any]) -> None:
             _fit(smaller, work, report_with_retry, raw, trainers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+WORK_PREFIX = "geopose-trial-"  # a trial's scratch directory in the node's temp dir: geopose-trial-<pid>-<random>
+
+
+def _work_dir(root: Path | None = None) -> Path:
+    """A new scratch directory for the trial this process starts, after removing those that earlier trials left.
+
+    A trial removes its own when it ends, but one that Tune pauses or stops may not get to (its actor ends while
+    the training thread still waits in ``tune.report``), and a killed worker never does: each leftover holds the
+    trial's last.pt and best.pt. Left by a process that is gone, or by this one (Tune reuses the process for the
+    next trial only once the last one's thread has ended), they are removed; those of live processes are kept."""
+    root = Path(tempfile.gettempdir()) if root is None else root
+    for d in root.glob(f"{WORK_PREFIX}*"):
+        owner = d.name[len(WORK_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and (int(owner) == os.getpid() or not _alive(int(owner))):
+            shutil.rmtree(d, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 REPORTED = "reported.json"  # beside last.pt in every trial checkpoint: the metrics reported with it
