@@ -695,6 +695,44 @@ def test_the_whole_demo_with_its_sweep(ray_cluster: None, tmp_path: Path, monkey
     assert any("out of fold" in line for line in lines) and any("submission archive:" in line for line in lines)
 
 
+def test_a_torn_tune_state_is_mended_from_the_killed_drivers_staging_copy_or_refused(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    """A driver killed while Tune copies its state to the storage path leaves a torn file there. Restored as it
+    is, Tune starts the experiment over with an empty config and its trials drop out of the results. The state is
+    mended from the staging copy on this machine, and Tune then restores every trial with its results; with no
+    staging copy here the resume is refused, naming the files, and nothing is changed."""
+    from ray import tune
+
+    from geopose_ray.errors import DataError
+    from geopose_ray.sweep import tune_state
+
+    def trainable(config: dict[str, Any]) -> None:
+        for epoch in (1, 2):
+            tune.report({"score": config["cfg"]["a"] * epoch, "epoch": epoch})
+
+    name = f"torn-{os.getpid()}-{time.time_ns()}"
+    grid = {"cfg": tune.grid_search([{"a": 1}, {"a": 2}, {"a": 3}])}
+    tune.Tuner(trainable, param_space=grid, run_config=tune.RunConfig(name=name, storage_path=str(tmp_path))).fit()
+    experiment = tmp_path / name
+    assert tune_state.mend(experiment) == []  # whole: nothing to do
+    kept = {p.name: p.read_bytes() for p in tune_state.newest(experiment)}
+    searcher = next(experiment.glob("basic-variant-state-*.json"))
+    state = next(experiment.glob("experiment_state-*.json"))
+    searcher.write_bytes(b"")
+    state.write_bytes(kept[state.name][: len(kept[state.name]) // 2])
+    assert not tune_state.intact(searcher) and not tune_state.intact(state)
+    with pytest.raises(DataError, match=f"torn \\({state.name}, {searcher.name}|torn \\({searcher.name}, {state.name}"):
+        tune_state.mend(experiment, roots=[tmp_path / "another-head"])
+    assert searcher.read_bytes() == b""  # refused: nothing changed
+
+    assert {searcher.name, state.name} <= set(tune_state.mend(experiment))
+    assert {p.name: p.read_bytes() for p in tune_state.newest(experiment)} == kept
+    results = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True).fit()
+    assert not results.errors
+    assert sorted((r.config["cfg"]["a"], r.metrics["score"]) for r in results) == [(1, 2), (2, 4), (3, 6)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("search", ["grid", "guided"])
 def test_a_killed_driver_resumes_without_retraining_or_duplicate_runs(cache: Path, tmp_path: Path, search: str) -> None:
@@ -726,6 +764,10 @@ def test_a_killed_driver_resumes_without_retraining_or_duplicate_runs(cache: Pat
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "runs" / "t" / "promoter.json").exists()
+    # A kill while Tune copied its state to the storage path leaves a torn file there: tear the searcher's state
+    # as such a kill would; --resume mends it from the killed driver's staging copy on this machine.
+    searcher = max(screen_dir.glob("*-state-*.json"), key=lambda p: (not p.name.startswith("experiment"), p.name))
+    searcher.write_bytes(searcher.read_bytes()[:7])
     # The results table is refreshed while the sweep runs (at the first pause), not only at its end.
     partial = (tmp_path / "runs" / "t" / "results.csv").read_text().splitlines()
     assert len(partial) >= 2 and ",paused," in "\n".join(partial)

@@ -25,7 +25,8 @@ from ray import tune
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.engine.trainer import LAST
 from geopose_ray.errors import ConfigError, DataError, GeoposeError
-from geopose_ray.storage import checkpoint_location, join, redact
+from geopose_ray.storage import checkpoint_location, is_remote, join, redact
+from geopose_ray.sweep import tune_state
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.files import PROMOTER, STATE, TRIALS
 from geopose_ray.sweep.order import longest_first
@@ -182,6 +183,8 @@ def _tuner(
     trainable = tune.with_resources(train_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     storage = str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path
     path = join(storage, name)  # a URI's query (an endpoint, say) stays at its end
+    if resume and not is_remote(path) and Path(path).is_dir():
+        tune_state.mend(path)  # a torn state file, left by a driver killed while Tune copied it, is not restored
     if resume and _can_restore(path):
         # Finished trials keep their results; unfinished and errored ones continue from their checkpoints.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
