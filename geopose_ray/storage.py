@@ -71,7 +71,7 @@ def _local(location: str) -> Path:
     return Path(location.removeprefix("file://"))
 
 
-def _failures() -> tuple[type[BaseException], ...]:
+def storage_errors() -> tuple[type[BaseException], ...]:
     """What pyarrow's filesystems raise when a storage cannot be reached or refuses: I/O errors, and Arrow's own
     (``ArrowInvalid`` is also a ValueError; others, like ``ArrowNotImplementedError``, are not)."""
     import pyarrow.lib
@@ -95,7 +95,7 @@ def _open(location: str) -> tuple[Any, str]:
     try:
         fs, root = _filesystem(urlunsplit((parts.scheme, parts.netloc, "", parts.query, "")))
         return fs, root.rstrip("/") + unquote(parts.path)
-    except _failures() as e:
+    except storage_errors() as e:
         raise DataError(
             f"{redact(location)}: cannot open this storage ({redact(str(e))}); check the URI and credentials"
         ) from e
@@ -109,7 +109,7 @@ def _remote(location: str) -> tuple[Any, str, tuple[int, int] | None]:
     fs, path = _open(location)
     try:
         info = fs.get_file_info(path)
-    except _failures() as e:
+    except storage_errors() as e:
         raise DataError(
             f"{redact(location)}: cannot read this storage ({redact(str(e))}); check its credentials, network"
         ) from e
@@ -197,7 +197,7 @@ def _download(location: str, fs: Any, path: str, found: tuple[int, int], dest: P
             raise DataError(f"{redact(location)}: downloaded {tmp.stat().st_size} of {size} bytes; try again")
         os.utime(tmp, ns=(mtime, mtime))
         os.replace(tmp, dest)
-    except _failures() as e:
+    except storage_errors() as e:
         raise DataError(
             f"{redact(location)}: cannot download it ({redact(str(e))}); check the storage's credentials and network"
         ) from e
@@ -227,7 +227,7 @@ def read_text(location: str | os.PathLike[str]) -> str | None:
     try:
         with fs.open_input_stream(path) as f:
             data = bytes(f.read())
-    except _failures() as e:
+    except storage_errors() as e:
         raise DataError(f"{redact(text)}: cannot read it ({redact(str(e))}); check the storage's network") from e
     try:
         return data.decode("utf-8")
@@ -251,7 +251,7 @@ def write_text(location: str | os.PathLike[str], content: str) -> None:
     try:
         with fs.open_output_stream(path) as out:
             out.write(data)
-    except _failures() as e:
+    except storage_errors() as e:
         raise DataError(
             f"{redact(text)}: cannot write it ({redact(str(e))}); check the storage's credentials and network"
         ) from e
@@ -272,5 +272,5 @@ def remove(location: str | os.PathLike[str]) -> None:
         return
     try:
         fs.delete_file(path)
-    except _failures() as e:
+    except storage_errors() as e:
         raise DataError(f"{redact(text)}: cannot delete it ({redact(str(e))}); check the storage's credentials") from e

@@ -467,6 +467,46 @@ def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_cheaper_one(
         assert first_costly > min(ends)
 
 
+def test_a_fold_run_paused_for_a_costlier_one_shows_as_paused_until_it_reports_again(tmp_path: Path) -> None:
+    """The results table, results.csv and the run's MLflow tag (real MLflow on SQLite) say "paused" for a fold run
+    Tune paused (the scheduler's pre-emption), "running" once it reports again, "done" when it ends; a waiting run
+    that never reported has no row, and nothing else changes."""
+    from ray.tune.experiment import Trial
+
+    from geopose_ray.sweep.files import SweepFiles
+    from geopose_ray.sweep.tune import MlflowCallback, SweepTable
+    from geopose_ray.tracking import Tracker
+
+    def fold(name: str, status: str) -> Trial:
+        cfg = {"model": {"encoder": "e", "decoder": "Unet"}, "epochs": 10, "val_fold": 1, "_finalist": name}
+        t = Trial("train_trial", config={"cfg": cfg}, trial_id=name, stub=True)
+        t.set_status(status)
+        return t
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", "t", artifact_dir=str(tmp_path / "artifacts"))
+    table = SweepTable(SweepFiles(str(tmp_path), tmp_path), [10], refresh_s=0.0)
+    callback = MlflowCallback(tracker, None, "fold", table)
+    ran, waits = fold("a", Trial.RUNNING), fold("b", Trial.PENDING)
+
+    def status() -> tuple[str, str, str]:
+        [run] = tracker.runs()
+        csv = (tmp_path / "results.csv").read_text().splitlines()
+        return table.rows["a/fold1"]["status"], csv[1].split(",")[2], run.data.tags["status"]
+
+    callback.on_trial_result(0, [ran, waits], ran, {"epoch": 2, "score": 0.5})
+    callback.on_step_end(1, [ran, waits])
+    assert table.rows["a/fold1"]["status"] == "running" and set(table.rows) == {"a/fold1"}
+    ran.set_status(Trial.PAUSED)
+    callback.on_step_end(2, [ran, waits])
+    assert status() == ("paused", "paused", "paused") and set(table.rows) == {"a/fold1"}
+    ran.set_status(Trial.RUNNING)
+    callback.on_trial_result(3, [ran, waits], ran, {"epoch": 3, "score": 0.6})
+    callback.on_step_end(4, [ran, waits])
+    assert status() == ("running", "running", "running")
+    callback.on_trial_complete(5, [ran, waits], ran)
+    assert status() == ("done", "done", "done")
+
+
 def test_a_fold_run_pauses_only_when_the_worker_it_frees_goes_to_the_costlier_run(ray_cluster: None) -> None:
     """The scheduler's answers to fold-run results (real Trial objects; the local cluster's 2 CPUs): cheap runs a
     and b (0.01 h an epoch, 10 epochs) hold both workers while c (0.03 h) waits."""

@@ -25,7 +25,7 @@ from ray import tune
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.engine.trainer import LAST
 from geopose_ray.errors import ConfigError, DataError, GeoposeError
-from geopose_ray.storage import checkpoint_location, is_remote, join, redact
+from geopose_ray.storage import checkpoint_location, is_remote, join, redact, storage_errors
 from geopose_ray.sweep import tune_state
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.files import PROMOTER, STATE, TRIALS
@@ -165,7 +165,7 @@ def _can_restore(path: str) -> bool:
     storage's credentials)."""
     try:
         return bool(tune.Tuner.can_restore(path))
-    except (OSError, ValueError) as e:
+    except storage_errors() as e:
         raise DataError(f"{redact(path)}: cannot look for the sweep's experiment there ({redact(str(e))})") from e
 
 

@@ -841,8 +841,9 @@ class MlflowCallback(Callback):
                 self.table.curves.setdefault(key, []).append((epoch, float(result["score"])))
         self._last[key] = numbers
         status = self._status(trial)
+        before = self.table.rows.get(key, {}).get("status")
         self._row(key, cfg, status)
-        if status["status"] in ("paused", "finalist"):
+        if status["status"] in ("paused", "finalist") or status["status"] != before:  # paused, or running again
             self.table.write(self.tracker)
         tags = {**status, "stage": self._stage(key)}
         if result.get("oom_retry"):
@@ -850,6 +851,25 @@ class MlflowCallback(Callback):
         self._tags[key] = {**self._tags.get(key, {}), **tags}
         if self._deliver(key):
             self.flush()  # the server answers: anything kept from an outage goes now
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        """A fold run the scheduler paused for a costlier one (pre-emption) shows as paused, in the table and its
+        run's tags, until it reports again. Tune pauses it after the result that asked for the pause, so it is
+        seen here, at the end of a step of Tune's loop."""
+        paused = False
+        for trial in trials:
+            if trial.status != Trial.PAUSED or not is_fold_run(_pid(trial)):
+                continue
+            if self.table.rows.get(_pid(trial), {}).get("status") != "running":
+                continue
+            key, cfg = self._key(trial)
+            self._cfgs[key] = cfg
+            self._row(key, cfg, {"status": "paused"})
+            self._tags[key] = {**self._tags.get(key, {}), "status": "paused"}
+            self._deliver(key)
+            paused = True
+        if paused:
+            self.table.write(self.tracker)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         key, cfg = self._key(trial)
