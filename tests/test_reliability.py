@@ -215,25 +215,34 @@ def test_unregistered_checkpoints_are_the_complete_contiguous_epochs_after_the_r
 
 def test_a_trial_removes_the_scratch_directories_that_paused_or_killed_trials_left(tmp_path: Path) -> None:
     """A trial's scratch directory (its last.pt and best.pt) outlives a worker killed or an actor ended while the
-    training thread waited in tune.report. The next trial on the node removes those of processes that are gone and
-    of its own process (a reused actor), and keeps a live process's and anything not named by a process id."""
+    training thread waited in tune.report. The next trial on the node removes those of processes of this host that
+    are gone and of its own process (a reused actor), and keeps a live process's, another host's (a temp dir
+    shared by containers) and anything not named by a host and process id."""
+    import socket
+
     from geopose_ray.sweep.tune import WORK_PREFIX, _work_dir
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    host = socket.gethostname()
     try:
-        left = {name: tmp_path / f"{WORK_PREFIX}{name}" for name in
-                (f"{gone.pid}-a1", f"{os.getpid()}-b2", f"{live.pid}-c3", "x7k_q2ab")}  # fmt: skip
+        names = {
+            "gone": f"{host}.{gone.pid}-a1",
+            "mine": f"{host}.{os.getpid()}-b2",
+            "live": f"{host}.{live.pid}-c3",
+            "other host": f"{host}x.{gone.pid}-d4",
+            "unknown": "x7k_q2ab",
+        }
+        left = {k: tmp_path / f"{WORK_PREFIX}{name}" for k, name in names.items()}
         for d in left.values():
             d.mkdir()
             (d / "last.pt").write_bytes(b"\0" * 1024)
         new = _work_dir(tmp_path)
-        assert not left[f"{gone.pid}-a1"].exists()
-        assert not left[f"{os.getpid()}-b2"].exists()
-        assert (left[f"{live.pid}-c3"] / "last.pt").is_file()
-        assert (left["x7k_q2ab"] / "last.pt").is_file()
-        assert new.is_dir() and new.parent == tmp_path and new.name.startswith(f"{WORK_PREFIX}{os.getpid()}-")
+        assert not left["gone"].exists() and not left["mine"].exists()
+        for kept in ("live", "other host", "unknown"):
+            assert (left[kept] / "last.pt").is_file(), kept
+        assert new.is_dir() and new.parent == tmp_path and new.name.startswith(f"{WORK_PREFIX}{host}.{os.getpid()}-")
         assert _work_dir(tmp_path) != new and not new.exists()  # the next trial in this process
     finally:
         live.kill()

@@ -484,7 +484,7 @@ def test_a_fold_run_paused_for_a_costlier_one_shows_as_paused_until_it_reports_a
         return t
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", "t", artifact_dir=str(tmp_path / "artifacts"))
-    table = SweepTable(SweepFiles(str(tmp_path), tmp_path), [10], refresh_s=0.0)
+    table = SweepTable(SweepFiles(str(tmp_path), tmp_path), [10], refresh_s=30.0)
     callback = MlflowCallback(tracker, None, "fold", table)
     ran, waits = fold("a", Trial.RUNNING), fold("b", Trial.PENDING)
 
@@ -497,13 +497,21 @@ def test_a_fold_run_paused_for_a_costlier_one_shows_as_paused_until_it_reports_a
     callback.on_step_end(1, [ran, waits])
     assert table.rows["a/fold1"]["status"] == "running" and set(table.rows) == {"a/fold1"}
     ran.set_status(Trial.PAUSED)
+    table._written = time.monotonic()  # the table was written a moment ago: the pause waits for refresh_s
     callback.on_step_end(2, [ran, waits])
+    assert status() == ("paused", "running", "paused")
+    callback.on_step_end(3, [ran, waits])
+    assert status() == ("paused", "running", "paused")
+    table._written -= 30.0  # refresh_s has passed: the next step of Tune's loop writes it
+    callback.on_step_end(4, [ran, waits])
     assert status() == ("paused", "paused", "paused") and set(table.rows) == {"a/fold1"}
     ran.set_status(Trial.RUNNING)
-    callback.on_trial_result(3, [ran, waits], ran, {"epoch": 3, "score": 0.6})
-    callback.on_step_end(4, [ran, waits])
+    table._written -= 30.0
+    callback.on_trial_result(5, [ran, waits], ran, {"epoch": 3, "score": 0.6})
+    callback.on_step_end(6, [ran, waits])
     assert status() == ("running", "running", "running")
-    callback.on_trial_complete(5, [ran, waits], ran)
+    table._written -= 30.0
+    callback.on_trial_complete(7, [ran, waits], ran)
     assert status() == ("done", "done", "done")
 
 
@@ -753,7 +761,8 @@ def test_a_torn_tune_state_is_mended_from_the_killed_drivers_staging_copy_or_ref
 
     name = f"torn-{os.getpid()}-{time.time_ns()}"
     grid = {"cfg": tune.grid_search([{"a": 1}, {"a": 2}, {"a": 3}])}
-    tune.Tuner(trainable, param_space=grid, run_config=tune.RunConfig(name=name, storage_path=str(tmp_path))).fit()
+    first = tune.Tuner(trainable, param_space=grid, run_config=tune.RunConfig(name=name, storage_path=str(tmp_path)))
+    trial_ids = sorted(r.metrics["trial_id"] for r in first.fit())
     experiment = tmp_path / name
     assert tune_state.mend(experiment) == []  # whole: nothing to do
     kept = {p.name: p.read_bytes() for p in tune_state.newest(experiment)}
@@ -771,6 +780,7 @@ def test_a_torn_tune_state_is_mended_from_the_killed_drivers_staging_copy_or_ref
     results = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True).fit()
     assert not results.errors
     assert sorted((r.config["cfg"]["a"], r.metrics["score"]) for r in results) == [(1, 2), (2, 4), (3, 6)]
+    assert sorted(r.metrics["trial_id"] for r in results) == trial_ids  # restored, not started over
 
 
 @pytest.mark.slow
@@ -806,7 +816,10 @@ def test_a_killed_driver_resumes_without_retraining_or_duplicate_runs(cache: Pat
     assert (tmp_path / "runs" / "t" / "promoter.json").exists()
     # A kill while Tune copied its state to the storage path leaves a torn file there: tear the searcher's state
     # as such a kill would; --resume mends it from the killed driver's staging copy on this machine.
-    searcher = max(screen_dir.glob("*-state-*.json"), key=lambda p: (not p.name.startswith("experiment"), p.name))
+    searcher = max(
+        (p for pattern in ("basic-variant-state-*.json", "search_gen_state-*.json") for p in screen_dir.glob(pattern)),
+        key=lambda p: p.name,
+    )
     searcher.write_bytes(searcher.read_bytes()[:7])
     # The results table is refreshed while the sweep runs (at the first pause), not only at its end.
     partial = (tmp_path / "runs" / "t" / "results.csv").read_text().splitlines()

@@ -14,6 +14,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -562,7 +563,7 @@ def train_trial(config: dict[str, Any]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-WORK_PREFIX = "geopose-trial-"  # a trial's scratch directory in the node's temp dir: geopose-trial-<pid>-<random>
+WORK_PREFIX = "geopose-trial-"  # a trial's scratch directory in the node's temp dir: <prefix><host>.<pid>-<random>
 
 
 def _work_dir(root: Path | None = None) -> Path:
@@ -570,14 +571,16 @@ def _work_dir(root: Path | None = None) -> Path:
 
     A trial removes its own when it ends, but one that Tune pauses or stops may not get to (its actor ends while
     the training thread still waits in ``tune.report``), and a killed worker never does: each leftover holds the
-    trial's last.pt and best.pt. Left by a process that is gone, or by this one (Tune reuses the process for the
-    next trial only once the last one's thread has ended), they are removed; those of live processes are kept."""
+    trial's last.pt and best.pt. Those of this host (a temp dir shared by containers holds others' too) left by a
+    process that is gone, or by this one (Tune reuses the process for the next trial only once the last one's
+    thread has ended), are removed; those of live processes, other hosts and unknown owners are kept."""
     root = Path(tempfile.gettempdir()) if root is None else root
+    host = socket.gethostname().replace("/", "_")
     for d in root.glob(f"{WORK_PREFIX}*"):
-        owner = d.name[len(WORK_PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and (int(owner) == os.getpid() or not _alive(int(owner))):
+        owner_host, _, pid = d.name[len(WORK_PREFIX) :].rpartition("-")[0].rpartition(".")
+        if owner_host == host and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(d, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{host}.{os.getpid()}-", dir=root))
 
 
 def _alive(pid: int) -> bool:
@@ -715,7 +718,10 @@ class SweepTable:
     """The sweep's results table as it stands: a row per trial (screening and fold runs) and each trial's
     curve. While the sweep runs it is rewritten (``results.csv`` and the parent run's artifacts: the table and
     a plot of every screening curve with the finalists bold) at most every ``refresh_s`` seconds, as trials
-    pause, finish or fail; the driver writes it once more at the end."""
+    pause, finish or fail (a change that comes sooner is written once ``refresh_s`` has passed, at the next
+    step of Tune's loop); the driver writes it once more at the end."""
+
+    _behind = False  # a change not yet written, as it came within refresh_s of the last write (also if unpickled)
 
     def __init__(self, files: SweepFiles, rungs: list[int], title: str = "", refresh_s: float = 30.0) -> None:
         self.files = files  # the table is written there as results.csv
@@ -733,10 +739,12 @@ class SweepTable:
         return self.files.local / RESULTS
 
     def write(self, tracker: Tracker, force: bool = False) -> None:
+        """Write the table now, or, within ``refresh_s`` of the last write, at the first :meth:`catch_up` after."""
         now = time.monotonic()
         if not force and now - self._written < self.refresh_s:
+            self._behind = True
             return
-        self._written = now
+        self._written, self._behind = now, False
         self.files.write(RESULTS, rows_csv(list(self.rows.values())), required=force)
         screen = {k: v for k, v in self.curves.items() if self.rows.get(k, {}).get("stage") == "screen"}
         try:
@@ -748,6 +756,11 @@ class SweepTable:
             )  # fmt: skip
         except Exception as e:  # the table on disk is current; MLflow gets it at the next refresh
             log.warning("MLflow unavailable (%s); the results table is at %s", e, self.path)
+
+    def catch_up(self, tracker: Tracker) -> None:
+        """Write a change that came too soon after the last write, once ``refresh_s`` has passed."""
+        if self._behind:
+            self.write(tracker)
 
 
 class MlflowCallback(Callback):
@@ -870,6 +883,8 @@ class MlflowCallback(Callback):
             paused = True
         if paused:
             self.table.write(self.tracker)
+        else:
+            self.table.catch_up(self.tracker)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         key, cfg = self._key(trial)

@@ -1,13 +1,13 @@
 """Tune's saved experiment state on a local or shared storage path, checked before a driver restores it.
 
-Tune writes its state (``tuner.pkl``, ``experiment_state-<session>.json``, the searcher's and the callbacks'
-``*-state-<session>`` files) to the driver's staging directory, each file renamed into place, and then copies the
-staging directory to the storage path. That copy writes in place: a driver killed during it leaves a torn file on
-storage (seen: an empty ``basic-variant-state-*.json``). Tune, given a torn file, logs the error and starts the
-experiment over with an empty configuration, and the sweep's trials drop out of its results. So a driver that
-resumes checks the newest file of each kind first (the one Tune loads), and mends a torn one from the staging copy
-the killed driver left on this machine, or refuses, naming the file. An object store keeps an object only once its
-upload is complete, so on a bucket there is nothing to check.
+Tune writes its state (``experiment_state-<session>.json``, the searcher's and the callbacks' ``*-state-<session>``
+files) to the driver's staging directory on the head, and then copies the staging directory to the storage path;
+``tuner.pkl`` goes to the storage path when the sweep starts. The copy writes each file in place: a driver killed
+during it leaves a torn file on storage (seen: an empty ``basic-variant-state-*.json``). Tune, given a torn file,
+logs the error and starts the experiment over (seen: one trial with an empty configuration), and the sweep's
+trials drop out of its results. So a driver that resumes checks the newest file of each kind first (the one Tune
+loads), and mends a torn one from the staging copy the killed driver left on this head, or refuses, naming the
+file. An object store keeps an object only once its upload is complete, so on a bucket there is nothing to check.
 """
 
 from __future__ import annotations
@@ -86,48 +86,53 @@ def staging_roots() -> list[Path]:
 
 
 def mend(experiment: str | os.PathLike[str], roots: list[Path] | None = None) -> list[str]:
-    """Check Tune's newest state files in the local ``experiment`` directory; replace torn ones, and every state
-    file staged with them, from the intact staging copy a killed driver left on this machine (the newest). Returns
-    the names of the files replaced (none if all were whole).
+    """Check Tune's newest state files in the local ``experiment`` directory; if one is torn, replace the whole
+    set from the staging copy a killed driver left on this head. Returns the names of the files replaced (none if
+    all were whole).
+
+    A staging directory qualifies only if it holds the newest file of every kind on storage by name (the same
+    driver sessions, not another sweep's of the same name or an older set) and an intact copy of each torn one.
 
     Raises:
-        DataError: a file is torn and no intact staging copy of it is left here; nothing was changed.
+        DataError: a file is torn and no staging copy qualifies, or the copy failed; the files on storage are
+            then as they were, or whole copies of the staging set.
     """
     directory = Path(os.fspath(experiment).removeprefix("file://"))
     files = newest(directory)
     torn = [p for p in files if not intact(p)]
     if not torn:
         return []
-    # The killed driver's own staging copy: it holds the newest experiment state by name (the driver's session
-    # time, to the second), not another sweep's of the same name; and intact copies of every torn file.
-    session = [p.name for p in files if p.name.startswith("experiment_state-")]
     roots = staging_roots() if roots is None else roots
     staged = [
         d
         for root in roots
         for d in root.glob(f"session_*/artifacts/*/{directory.name}/driver_artifacts")
-        if session and (d / session[0]).is_file() and all(intact(d / p.name) for p in torn)
+        if all((d / p.name).is_file() for p in files if p.name != "tuner.pkl") and all(intact(d / p.name) for p in torn)
     ]
+    names = ", ".join(p.name for p in torn)
     if not staged:
-        names = ", ".join(p.name for p in torn)
         raise DataError(
             f"{directory}: Tune's saved state of this sweep stage is torn ({names}: empty or cut short), as a driver "
-            "killed while Tune copied it there leaves it, and no intact copy is staged on this machine. Nothing was "
+            "killed while Tune copied it there leaves it, and no intact copy is staged on this head. Nothing was "
             "changed; the trials' checkpoints are intact. Run --resume on the head the killed driver ran on, or "
             "copy an intact file there from its staging directory (under /tmp/ray/session_*/artifacts), or start "
             "the sweep over without --resume"
         )
     source = max(staged, key=lambda d: max((d / p.name).stat().st_mtime_ns for p in torn))
     replaced = []
-    for pattern in STATE_FILES:
-        for copy in source.glob(pattern):
-            if copy.is_file() and intact(copy):
-                tmp = directory / f".{copy.name}.mending"
-                shutil.copyfile(copy, tmp)
-                os.replace(tmp, directory / copy.name)
-                replaced.append(copy.name)
-    log.warning(
-        "%s: Tune's saved state was torn (%s); restored %s from the staging copy in %s",
-        directory, ", ".join(p.name for p in torn), ", ".join(replaced), source,
-    )  # fmt: skip
+    try:
+        for pattern in STATE_FILES:
+            for copy in sorted(source.glob(pattern)):
+                if copy.is_file() and intact(copy):
+                    tmp = directory / f".{copy.name}.mending"
+                    shutil.copyfile(copy, tmp)
+                    os.replace(tmp, directory / copy.name)
+                    replaced.append(copy.name)
+    except OSError as e:
+        raise DataError(f"{directory}: cannot mend Tune's torn state ({names}) from {source} ({e})") from e
+    still = [p.name for p in newest(directory) if not intact(p)]
+    if still:
+        raise DataError(f"{directory}: Tune's state is still torn ({', '.join(still)}) after mending it from {source}")
+    log.warning("%s: Tune's saved state was torn (%s); restored %s from the staging copy in %s",
+                directory, names, ", ".join(replaced), source)  # fmt: skip
     return replaced
