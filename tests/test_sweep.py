@@ -826,6 +826,7 @@ def test_a_killed_driver_resumes_without_retraining_or_duplicate_runs(cache: Pat
     assert len(partial) >= 2 and ",paused," in "\n".join(partial)
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"Tune's saved state was torn ({searcher.name})" in resumed.stderr
     rows = list(__import__("csv").DictReader((tmp_path / "runs" / "t" / "results.csv").open()))
     screen = [r for r in rows if r["stage"] == "screen"]
     assert len(screen) == 6 and any(r["status"] == "finalist" for r in screen)
