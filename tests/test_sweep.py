@@ -468,9 +468,10 @@ def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_cheaper_one(
 
 
 def test_a_fold_run_paused_for_a_costlier_one_shows_as_paused_until_it_reports_again(tmp_path: Path) -> None:
-    """The results table, results.csv and the run's MLflow tag (real MLflow on SQLite) say "paused" for a fold run
-    Tune paused (the scheduler's pre-emption), "running" once it reports again, "done" when it ends; a waiting run
-    that never reported has no row, and nothing else changes."""
+    """The results table and the run's MLflow tag (real MLflow on SQLite) say "paused" at once for a fold run Tune
+    paused (the scheduler's pre-emption), and results.csv too once the refresh interval since its last write has
+    passed (not dropped); "running" once it reports again, "done" when it ends. A waiting run that never reported
+    gets no row."""
     from ray.tune.experiment import Trial
 
     from geopose_ray.sweep.files import SweepFiles
