@@ -17,11 +17,11 @@ import json
 import logging
 import os
 import pickletools
-import shutil
 import tempfile
 from pathlib import Path
 
 from geopose_ray.errors import DataError
+from geopose_ray.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,14 @@ def intact(path: Path) -> bool:
         data = path.read_bytes()
     except OSError:
         return False
+    return _whole(path.name, data)
+
+
+def _whole(name: str, data: bytes) -> bool:
+    """:func:`intact` of a state file named ``name`` holding ``data``."""
     if not data:
         return False
-    if path.name.startswith("experiment_state-"):
+    if name.startswith("experiment_state-"):
         try:
             json.loads(data)
         except ValueError:
@@ -123,10 +128,9 @@ def mend(experiment: str | os.PathLike[str], roots: list[Path] | None = None) ->
     try:
         for pattern in STATE_FILES:
             for copy in sorted(source.glob(pattern)):
-                if copy.is_file() and intact(copy):
-                    tmp = directory / f".{copy.name}.mending"
-                    shutil.copyfile(copy, tmp)
-                    os.replace(tmp, directory / copy.name)
+                data = copy.read_bytes() if copy.is_file() else b""
+                if _whole(copy.name, data):
+                    atomic_write_bytes(directory / copy.name, data)
                     replaced.append(copy.name)
     except OSError as e:
         raise DataError(f"{directory}: cannot mend Tune's torn state ({names}) from {source} ({e})") from e
