@@ -4,7 +4,7 @@ Counts what must match (every epoch a trial reported to Ray Tune is in MLflow, o
 per trial) and records how long MLflow calls took. A tiny cache (8 px tiles would be too small for the encoder:
 32 px) keeps epochs short so that the scheduler and the tracking, not training, are what is loaded.
 
-    .venv/bin/python bench/bench_load.py [--trials 300] [--json]
+    .venv/bin/python bench/bench_load.py [--trials 300] [--mlflow-jobs]
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_load(trials: int, root: Path) -> dict[str, Any]:
-    """Run the load sweep under ``root`` and return its counts; raises if the MLflow server does not start."""
+def run_load(trials: int, root: Path, mlflow_jobs: bool = False) -> dict[str, Any]:
+    """Run the load sweep under ``root`` and return its counts; raises if the MLflow server does not start.
+    ``mlflow_jobs``: start the server with MLflow's job execution on (MLflow's default; ``launch/local.sh`` turns
+    it off)."""
     import yaml
 
     from geopose_ray.data.cache import prepare_cache
@@ -49,6 +51,7 @@ def run_load(trials: int, root: Path) -> dict[str, Any]:
         [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
          (root / "art").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(mlflow_jobs).lower()},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 90
@@ -116,9 +119,10 @@ def run_load(trials: int, root: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=300)
+    ap.add_argument("--mlflow-jobs", action="store_true", help="the server with MLflow's job execution on")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps(run_load(args.trials, Path(tmp)), indent=1))
+        print(json.dumps(run_load(args.trials, Path(tmp), args.mlflow_jobs), indent=1))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@
 #   MLFLOW_ARTIFACTS_DESTINATION  default <state>/mlartifacts
 #   MLFLOW_APP_NAME               e.g. basic-auth (then also set MLFLOW_AUTH_ADMIN_PASSWORD and
 #                                 MLFLOW_FLASK_SERVER_SECRET_KEY in the environment)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  default false: no MLflow background-job runner (eight processes that
+#                                 the sweep never uses and that cost an idle head over half a core: BENCHMARKS.md,
+#                                 "The MLflow server"); true turns it back on
 set -euo pipefail
 set -m # every background job gets its own process group: `stop` signals the group, children included
 
@@ -146,7 +149,8 @@ start_mlflow() {
 	if [[ -n "${MLFLOW_APP_NAME:-}" ]]; then
 		args+=(--app-name "$MLFLOW_APP_NAME")
 	fi
-	nohup "$mlflow" "${args[@]}" >"$STATE/mlflow.log" 2>&1 &
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
+		nohup "$mlflow" "${args[@]}" >"$STATE/mlflow.log" 2>&1 &
 	echo "$!" >"$(pidfile mlflow)"
 	STARTED+=(mlflow)
 	wait_for_http mlflow "http://$HOST:$MLFLOW_PORT/health"

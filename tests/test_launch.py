@@ -597,6 +597,7 @@ def test_mlflow_server_uses_postgres_an_object_store_and_basic_auth() -> None:
     env = {e["name"]: e for e in container["env"]}
     for name in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"  # no idle job runner and consumers
     (auth,) = [d for d in of_kind("ConfigMap") if d["metadata"]["name"] == "mlflow-auth-config"]
     ini = auth["data"]["basic_auth.ini"]
     assert "postgresql://mlflow@mlflow-db" in ini and "admin_username = admin" in ini
@@ -932,6 +933,13 @@ def _group_alive(pgid: int) -> bool:
     return any(line.split()[0] == str(pgid) and not line.split()[1].startswith("Z") for line in ps.splitlines())
 
 
+def _group_commands(pgid: int) -> list[str]:
+    """The command lines of the live processes in process group ``pgid``."""
+    ps = subprocess.run(["ps", "-A", "-o", "pgid=", "-o", "stat=", "-o", "args="], capture_output=True, text=True)
+    rows = [line.split(None, 2) for line in ps.stdout.splitlines()]
+    return [r[2] for r in rows if len(r) == 3 and r[0] == str(pgid) and not r[1].startswith("Z")]
+
+
 def _http_status(request: urllib.request.Request, wait_s: float = 60.0) -> int:
     """The HTTP status a request gets. Connection errors are retried for ``wait_s``: on a loaded machine Ray's
     dashboard can refuse connections for a while after it first answered (a module restarting)."""
@@ -965,6 +973,7 @@ def test_local_stack_listens_on_loopback_and_stop_ends_only_what_start_started()
         "GEOPOSE_RAY_CPUS": "1",
         "GEOPOSE_STOP_GRACE_S": "5",
     }
+    env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", None)  # the script's default
     bystander = subprocess.Popen(["sleep", "600"], start_new_session=True)  # someone else's process group
     try:
         started = local_sh(env, "start")
@@ -972,6 +981,9 @@ def test_local_stack_listens_on_loopback_and_stop_ends_only_what_start_started()
         groups = {name: int((state / f"{name}.pid").read_text()) for name in ("ray", "mlflow")}
         with urllib.request.urlopen(f"http://127.0.0.1:{mlflow}/health", timeout=10) as r:
             assert r.status == 200
+        # MLflow's job runner starts as the server does (before /health answers) unless turned off, as here.
+        assert not [c for c in _group_commands(groups["mlflow"]) if "mlflow.server.jobs" in c]
+        assert any("uvicorn" in c for c in _group_commands(groups["mlflow"]))
         jobs = f"http://127.0.0.1:{dashboard}/api/jobs/"
         assert _http_status(urllib.request.Request(jobs)) == 401  # token authentication is on
         token = (state / "ray_auth_token").read_text().strip()

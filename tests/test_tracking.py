@@ -66,6 +66,7 @@ class Server:
              "--default-artifact-root", self.art.as_uri(), "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as launch/local.sh starts it
         )  # fmt: skip
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
