@@ -87,3 +87,14 @@ def s3() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray for the session: 2 CPUs, 1 per trial, and 2 GPUs as logical resources (none is real: a
+    trial that holds one trains on the CPU, and counts GPU-hours as a GPU trial would)."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

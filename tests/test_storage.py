@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from geopose_ray.engine import TrainConfig, Trainer
-from geopose_ray.engine.checkpoint import load_checkpoint
+from geopose_ray.engine.checkpoint import load_checkpoint, save_checkpoint
 from geopose_ray.engine.predict import load_model
 from geopose_ray.ensemble.members import check_members, find_members
 from geopose_ray.errors import DataError
@@ -95,8 +95,8 @@ def test_names_that_need_escaping_a_rewritten_file_and_pyarrow_errors(s3: str, t
 def test_the_ensemble_reads_its_members_from_remote_storage(
     s3: str, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A finished sweep whose checkpoints live on the bucket: the members are found, every checkpoint checked
-    and loaded through its URI, as the ensemble's workers on other nodes will."""
+    """A finished sweep whose checkpoints live on the bucket: the members are found and every checkpoint loads
+    through its URI, as the ensemble's workers on other nodes will; the head downloads none to check them."""
     cfg = TrainConfig.from_dict(
         {"cache": str(cache), "model": {"encoder": "tu-test_resnet"}, "epochs": 1, "batch_size": 4, "val_fold": 0}
     )
@@ -121,19 +121,71 @@ def test_the_ensemble_reads_its_members_from_remote_storage(
     (member,) = find_members(tmp_path)
     assert [f.checkpoint.split("?")[0].split("/")[-1] for f in member.folds] == ["best.pt"] * 3 + ["last.pt"]
     assert all(f.checkpoint.startswith("s3://key:secret@bucket/sweeps/s-screen/") for f in member.folds)
-    configs = check_members([member], downsample=load_checkpoint(tmp_path / "trained" / "best.pt")["downsample"])
-    assert sorted(configs) == ["a", "a/fold1", "a/fold2", "a/fold3"]
+    # The head does not download remote fold models to check them: the workers that load them do.
+    assert check_members([member], downsample=load_checkpoint(tmp_path / "trained" / "best.pt")["downsample"]) == {}
+    assert not (tmp_path / "fetched").exists()
     model, loaded_cfg, _ = load_model(member.folds[1].checkpoint, torch.device("cpu"))
     reference, _, _ = load_model(tmp_path / "trained" / "best.pt", torch.device("cpu"))
     assert loaded_cfg == cfg
     for (k, v), (_, w) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
-    assert len(list((tmp_path / "fetched").rglob("*.pt"))) == 4  # each fetched once, into the configured cache
+    load_model(member.folds[1].checkpoint, torch.device("cpu"))
+    assert len(list((tmp_path / "fetched").rglob("*.pt"))) == 1  # the one loaded, fetched once into the cache
 
     fs.delete_dir(f"{root}/s-screen/a_fold2")
     with pytest.raises(DataError, match=r"no best.pt or last.pt for fold model a/fold2") as e:
         find_members(tmp_path)
     assert "secret" not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("other resolution", r"fold model a/fold2 was trained at 1/4 resolution, the others and the cache at 1/2"),
+        ("corrupt checkpoint", r"cannot read fold model a/fold2 \(.*not a readable checkpoint"),
+    ],
+)
+def test_a_bad_remote_fold_model_stops_the_ensemble_job_with_the_workers_error(
+    ray_cluster: None, s3: str, cache: Path, dataset: Path, tmp_path: Path, case: str, message: str
+) -> None:
+    """The ensemble job on a sweep stored on the bucket, one of whose fold models is bad: the Ray worker that
+    loads it finds it, and the job stops with that error, naming the checkpoint without credentials (not Ray's
+    task error and the worker's traceback), before any submission is written."""
+    from geopose_ray.ensemble.job import run_ensemble
+    from geopose_ray.sweep.config import SweepConfig
+
+    cfg = TrainConfig.from_dict(
+        {"cache": str(cache), "model": {"encoder": "tu-test_resnet"}, "epochs": 1, "batch_size": 4, "val_fold": 0}
+    )
+    torch.manual_seed(0)
+    Trainer(cfg, tmp_path / "trained").fit()
+    good = (tmp_path / "trained" / "best.pt").read_bytes()
+    if case == "other resolution":
+        state = load_checkpoint(tmp_path / "trained" / "best.pt")
+        assert state["downsample"] == 2
+        save_checkpoint(tmp_path / "other.pt", {**state, "downsample": 4})
+        bad = (tmp_path / "other.pt").read_bytes()
+    else:
+        bad = b"not a checkpoint"
+    fs, root = pyarrow.fs.FileSystem.from_uri(s3)
+    trials = {}
+    for key, fold in (("a", 0), ("a/fold1", 1), ("a/fold2", 2), ("a/fold3", 3)):
+        relative = f"s-screen/{key.replace('/', '_')}/checkpoint_000001"
+        _upload(s3, relative, {"best.pt": bad if key == "a/fold2" else good})
+        trials[key] = {
+            "key": key, "stage": "fold" if "/" in key else "screen", "cfg": {**cfg.to_dict(), "val_fold": fold},
+            "metrics": {"epoch": 1}, "checkpoint": checkpoint_location(fs, f"{root}/{relative}", s3), "error": None,
+        }  # fmt: skip
+    _upload(s3, "s", {"trials.json": json.dumps({"sweep": "s", "finalists": ["a"], "trials": trials}).encode()})
+    sweep = SweepConfig.from_dict({"name": "s", "cache": str(cache), "storage_path": s3})
+    out = tmp_path / "ens"
+    with pytest.raises(DataError, match=message) as e:
+        run_ensemble(sweep, dataset / "test", out_dir=out)
+    assert type(e.value) is DataError  # the worker's own error, not Ray's wrapper of it
+    assert "s3://***@bucket/sweeps/s-screen/a_fold2/checkpoint_000001/best.pt" in str(e.value)
+    assert "secret" not in str(e.value) and "Traceback" not in str(e.value)
+    assert not (out / "submission").exists() and not list(out.glob("oof-*"))
 
 
 def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_from_them(

@@ -10,7 +10,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +86,6 @@ def test_the_seed_grid_resolves() -> None:
     configs = [c for c in cfg.trial_configs() if c["model"]["encoder"] == "resnext50_32x4d"]
     assert configs[0]["model"]["weights"] == "swsl" and configs[0]["batch_size"] == 4
     assert configs[0]["epochs"] == 200 and {c["accumulation"] for c in configs} == {1, 4, 16}
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray for the session: 2 CPUs, 1 per trial, and 2 GPUs as logical resources (none is real: a
-    trial that holds one trains on the CPU, and counts GPU-hours as a GPU trial would)."""
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _epochs(trial_dir: Path) -> list[int]:

@@ -23,12 +23,13 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no code is unpickled). ``path`` may be a location on a
-    sweep's remote storage (``s3://...``): it is downloaded first (:func:`geopose_ray.storage.local_file`)."""
+    sweep's remote storage (``s3://...``): it is downloaded first (:func:`geopose_ray.storage.local_file`).
+    ``mmap``: map the tensors' storage from the file instead of reading it, for a look at the metadata."""
     shown = redact(path)  # messages name the location, not a downloaded copy, and never its credentials
     try:
-        state: dict[str, Any] = torch.load(local_file(path), map_location=map_location, weights_only=True)
+        state: dict[str, Any] = torch.load(local_file(path), map_location=map_location, weights_only=True, mmap=mmap)
     except DataError:
         raise
     except FileNotFoundError as e:

@@ -21,7 +21,7 @@ from geopose_ray.data.submission import write_prediction
 from geopose_ray.engine.predict import load_model, predict_batch
 from geopose_ray.engine.trainer import resolve_device
 from geopose_ray.ensemble.combine import Prediction, combine
-from geopose_ray.ensemble.members import Member
+from geopose_ray.ensemble.members import FoldModel, Member, check_fold_model, unreadable
 from geopose_ray.errors import DataError
 
 Finish = Callable[[list[Prediction], str, float], Prediction]  # member predictions, city, gsd -> the ensemble's
@@ -45,7 +45,7 @@ class Runner:
     """A loaded model run the fast way for inference: channels-last memory and autocast where supported."""
 
     def __init__(self, checkpoint: str | Path, device: torch.device, amp: str = "auto") -> None:
-        model, self.cfg, _ = load_model(checkpoint, device)
+        model, self.cfg, self.downsample = load_model(checkpoint, device)
         self.model = model.to(memory_format=torch.channels_last)
         self.device = device
         self.dtype = inference_dtype(device, amp)
@@ -56,6 +56,21 @@ class Runner:
         image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return predict_batch(self.model, image, gsd, city, tta)
+
+
+def fold_runner(fold: FoldModel, device: torch.device, amp: str, downsample: int) -> Runner:
+    """A member's fold model, loaded and checked where it runs (the head does not download remote ones): it
+    must load, and be trained at the cache's resolution.
+
+    Raises:
+        DataError: naming the checkpoint (the job re-raises it from the worker).
+    """
+    try:
+        runner = Runner(fold.checkpoint, device, amp)
+    except DataError as e:
+        raise unreadable(fold, e) from e
+    check_fold_model(fold, runner.downsample, downsample)
+    return runner
 
 
 def _batches(items: Sequence[str], size: int) -> list[Sequence[str]]:
@@ -73,7 +88,7 @@ def oof_predictions(
     dev = resolve_device(device)
     out: dict[str, Prediction] = {}
     for fold in member.folds:
-        model = Runner(fold.checkpoint, dev, amp)
+        model = fold_runner(fold, dev, amp, cache.downsample)
         stems = [r.stem for r in cache.rows if r.fold == fold.val_fold]
         for chunk in _batches(stems, batch_size):
             samples = [cache.load(s) for s in chunk]
@@ -131,7 +146,7 @@ def predict_shard(
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    models = [[Runner(f.checkpoint, dev, amp) for f in m.folds] for m in members]
+    models = [[fold_runner(f, dev, amp, downsample) for f in m.folds] for m in members]
     loaded = time.perf_counter() - start
     inputs = test_inputs(Path(test_dir), stems)
     for stem in stems:

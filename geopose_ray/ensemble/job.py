@@ -2,7 +2,8 @@
 model → test inference spread over the cluster → the submission, its archive, its score, and an MLflow run.
 
 Everything that can be checked is checked before any inference starts: the members and every checkpoint, that
-they share one input resolution and cover every fold, and that the test directory has tiles.
+they share one input resolution and cover every fold, and that the test directory has tiles. Checkpoints on
+remote storage are checked by the workers that download them, not downloaded to the head first.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from geopose_ray.engine.predict import tta_transforms
 from geopose_ray.engine.trainer import resolve_device
 from geopose_ray.ensemble.combine import Prediction
 from geopose_ray.ensemble.fit import EnsembleFit, OofStats, TileOof, apply_fit, fit_ensemble, tile_oof
-from geopose_ray.ensemble.infer import Runner, ShardResult, predict_shard
+from geopose_ray.ensemble.infer import ShardResult, fold_runner, predict_shard
 from geopose_ray.ensemble.members import Member, check_members, find_members
 from geopose_ray.errors import DataError
 from geopose_ray.fsutil import atomic_write_text
@@ -69,7 +70,7 @@ def oof_fold(
     models = []
     for m in members:
         (f,) = [f for f in m.folds if f.val_fold == fold]
-        models.append((m.name, Runner(f.checkpoint, dev, amp)))
+        models.append((m.name, fold_runner(f, dev, amp, cache.downsample)))
     out = []
     for row in (r for r in cache.rows if r.fold == fold):
         sample = cache.load(row.stem)
@@ -103,6 +104,18 @@ def _fingerprint(members: list[Member], cache: TrainingCache, tta: str, amp: str
             size, mtime = stat(f.checkpoint) or (-1, -1)
             h.update(f"{m.name}|{f.key}|{redact(f.checkpoint)}|{size}|{mtime}".encode())
     return h.hexdigest()[:16]
+
+
+def _gather(refs: list[Any]) -> list[Any]:
+    """``ray.get`` of the job's tasks; a worker's DataError (a fold model that does not load or was trained at
+    another resolution, a test tile of the wrong size) is raised as itself, one line naming the file, not as
+    Ray's task error with the worker's traceback."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, DataError):
+            raise e.cause from None
+        raise
 
 
 def _shards(stems: list[str], n: int) -> list[list[str]]:
@@ -167,7 +180,7 @@ def run_ensemble(
         log.info("reusing out-of-fold statistics %s", oof_path)
     else:
         oof_task: Any = ray.remote(oof_fold).options(**resources)
-        parts = ray.get([oof_task.remote(members, str(cache.path.resolve()), k, tta, device, 1, amp) for k in folds])
+        parts = _gather([oof_task.remote(members, str(cache.path.resolve()), k, tta, device, 1, amp) for k in folds])
         tiles = [t for part in parts for t in part]
         tmp = oof_path.with_suffix(".tmp")
         tmp.write_bytes(pickle.dumps(tiles))
@@ -187,7 +200,7 @@ def run_ensemble(
     finish = _Finish(fit, [m.name for m in active])
     task: Any = ray.remote(predict_shard).options(**resources)
     start = time.perf_counter()
-    shards: list[ShardResult] = ray.get(
+    shards: list[ShardResult] = _gather(
         [
             task.remote(active, str(test_dir), shard, str(submission), cache.downsample, finish, tta, device, 1, amp)
             for shard in _shards(stems, workers)

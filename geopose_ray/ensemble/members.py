@@ -1,5 +1,6 @@
 """An ensemble's members: a sweep's finalists (or a named list), each with one checkpoint per fold, found in the
-sweep's ``trials.json`` and checked before any inference starts."""
+sweep's ``trials.json`` and checked before any inference starts (on remote storage, by the worker that loads
+them)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from geopose_ray.engine.checkpoint import load_checkpoint
 from geopose_ray.engine.trainer import BEST, LAST
 from geopose_ray.errors import DataError
-from geopose_ray.storage import join, read_text, redact, stat
+from geopose_ray.storage import is_remote, join, read_text, redact, stat
 from geopose_ray.sweep.files import TRIALS
 
 
@@ -82,19 +83,38 @@ def find_members(sweep_dir: str | Path, names: list[str] | None = None) -> list[
 
 
 def check_members(members: list[Member], downsample: int) -> dict[str, Any]:
-    """Read every checkpoint once: each must load, and all must share the cache's resolution (downsample
-    factor). Returns each fold model's TrainConfig dict by key."""
+    """Check every fold model on local or shared storage before any inference: it must load, and be trained at
+    the cache's resolution (``downsample``). Only the metadata is read (the tensors are memory-mapped). A fold
+    model on remote storage is not downloaded here, to the head: the worker that loads it checks it the same
+    way (:func:`check_fold_model`), and the job raises that worker's error. Returns the TrainConfig dict of each
+    fold model checked here, by key."""
     configs = {}
     for m in members:
         for f in m.folds:
+            if is_remote(f.checkpoint):
+                continue
             try:
-                state = load_checkpoint(f.checkpoint)
-            except Exception as e:
-                raise DataError(f"{redact(f.checkpoint)}: cannot read fold model {f.key} ({e}); rerun its trial") from e
-            if int(state["downsample"]) != downsample:
-                raise DataError(
-                    f"{redact(f.checkpoint)}: fold model {f.key} was trained at 1/{state['downsample']} resolution, "
-                    f"the others and the cache at 1/{downsample}; members must share one input resolution"
-                )
+                state = load_checkpoint(f.checkpoint, mmap=True)
+            except DataError as e:
+                raise unreadable(f, e) from e
+            check_fold_model(f, int(state["downsample"]), downsample)
             configs[f.key] = state["config"]
     return configs
+
+
+def unreadable(f: FoldModel, e: Exception) -> DataError:
+    """The error for a fold model whose checkpoint does not load."""
+    return DataError(f"{redact(f.checkpoint)}: cannot read fold model {f.key} ({e}); rerun its trial")
+
+
+def check_fold_model(f: FoldModel, trained_at: int, downsample: int) -> None:
+    """A fold model trained at another resolution (downsample factor) than the cache's cannot join the ensemble.
+
+    Raises:
+        DataError: naming the checkpoint and both resolutions.
+    """
+    if trained_at != downsample:
+        raise DataError(
+            f"{redact(f.checkpoint)}: fold model {f.key} was trained at 1/{trained_at} resolution, "
+            f"the others and the cache at 1/{downsample}; members must share one input resolution"
+        )
