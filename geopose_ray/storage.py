@@ -149,14 +149,19 @@ def local_file(location: str | os.PathLike[str], cache: str | os.PathLike[str] |
     text = str(location)
     if not is_remote(text):
         return _local(text)
-    default = Path(tempfile.gettempdir()) / f"geopose-ray-storage-{os.getuid()}"
-    root = Path(cache or os.environ.get(CACHE_ENV) or default)
-    key = hashlib.sha256(redact(text).encode()).hexdigest()[:20]
-    dest = root / key / Path(urlsplit(text).path).name
+    dest = cached_copy(text, cache)
     fs, path, found = _existing(text)
     if not (dest.is_file() and (dest.stat().st_size, dest.stat().st_mtime_ns) == found):
         _download(text, fs, path, found, dest)
     return dest
+
+
+def cached_copy(location: str, cache: str | os.PathLike[str] | None = None) -> Path:
+    """Where :func:`local_file` keeps its copy of the remote file at ``location`` (whether it is there or not)."""
+    default = Path(tempfile.gettempdir()) / f"geopose-ray-storage-{os.getuid()}"
+    root = Path(cache or os.environ.get(CACHE_ENV) or default)
+    key = hashlib.sha256(redact(location).encode()).hexdigest()[:20]
+    return root / key / Path(urlsplit(location).path).name
 
 
 def copy_file(location: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:

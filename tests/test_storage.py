@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from geopose_ray.engine.checkpoint import load_checkpoint, save_checkpoint
 from geopose_ray.engine.predict import load_model
 from geopose_ray.ensemble.members import check_members, find_members
 from geopose_ray.errors import DataError
-from geopose_ray.storage import checkpoint_location, copy_file, join, local_file, redact, stat
+from geopose_ray.storage import cached_copy, checkpoint_location, copy_file, join, local_file, redact, stat
 
 
 def _upload(storage: str, relative: str, files: dict[str, bytes]) -> pyarrow.fs.FileSystem:
@@ -169,21 +170,30 @@ def test_a_bad_remote_fold_model_stops_the_ensemble_job_with_the_workers_error(
     else:
         bad = b"not a checkpoint"
     fs, root = pyarrow.fs.FileSystem.from_uri(s3)
+    name = f"bad-{case.replace(' ', '-')}"  # a sweep of its own on the session's bucket
     trials = {}
     for key, fold in (("a", 0), ("a/fold1", 1), ("a/fold2", 2), ("a/fold3", 3)):
-        relative = f"s-screen/{key.replace('/', '_')}/checkpoint_000001"
+        relative = f"{name}-screen/{key.replace('/', '_')}/checkpoint_000001"
         _upload(s3, relative, {"best.pt": bad if key == "a/fold2" else good})
         trials[key] = {
             "key": key, "stage": "fold" if "/" in key else "screen", "cfg": {**cfg.to_dict(), "val_fold": fold},
             "metrics": {"epoch": 1}, "checkpoint": checkpoint_location(fs, f"{root}/{relative}", s3), "error": None,
         }  # fmt: skip
-    _upload(s3, "s", {"trials.json": json.dumps({"sweep": "s", "finalists": ["a"], "trials": trials}).encode()})
-    sweep = SweepConfig.from_dict({"name": "s", "cache": str(cache), "storage_path": s3})
+    _upload(s3, name, {"trials.json": json.dumps({"sweep": name, "finalists": ["a"], "trials": trials}).encode()})
+    sweep = SweepConfig.from_dict({"name": name, "cache": str(cache), "storage_path": s3})
+    (member,) = find_members(sweep.files.home)
+    assert check_members([member], downsample=2) == {}  # so the error below can only come from a worker
     out = tmp_path / "ens"
-    with pytest.raises(DataError, match=message) as e:
-        run_ensemble(sweep, dataset / "test", out_dir=out)
+    # The local Ray's workers were started before this test, so they fetch into the default cache: cleaned below.
+    fetched = [cached_copy(f.checkpoint).parent for f in member.folds]
+    try:
+        with pytest.raises(DataError, match=message) as e:
+            run_ensemble(sweep, dataset / "test", out_dir=out)
+    finally:
+        for directory in fetched:
+            shutil.rmtree(directory, ignore_errors=True)
     assert type(e.value) is DataError  # the worker's own error, not Ray's wrapper of it
-    assert "s3://***@bucket/sweeps/s-screen/a_fold2/checkpoint_000001/best.pt" in str(e.value)
+    assert f"s3://***@bucket/sweeps/{name}-screen/a_fold2/checkpoint_000001/best.pt" in str(e.value)
     assert "secret" not in str(e.value) and "Traceback" not in str(e.value)
     assert not (out / "submission").exists() and not list(out.glob("oof-*"))
 

@@ -223,6 +223,7 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
     epoch twice."""
     import pyarrow.fs
 
+    from geopose_ray.engine.checkpoint import load_checkpoint
     from geopose_ray.ensemble.members import check_members, find_members
     from geopose_ray.storage import join, stat
     from geopose_ray.sweep.driver import load_records, reopen_sweep, run_sweep
@@ -283,8 +284,10 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
     members = find_members(cfg.files.home)
     assert sorted(m.name for m in members) == sorted(second.finalists)
     assert all(f.checkpoint.startswith("s3://key:secret@bucket/sweeps/e2e/") for m in members for f in m.folds)
-    assert len(check_members(members, downsample=2)) == 8  # every fold model fetched and loaded
-    assert len(list((tmp_path / "fetched").rglob("*.pt"))) == 8
+    assert check_members(members, downsample=2) == {}  # remote: left to the workers, not downloaded to the head
+    assert not list((tmp_path / "fetched").rglob("*.pt"))
+    assert all(load_checkpoint(f.checkpoint)["downsample"] == 2 for m in members for f in m.folds)
+    assert len(list((tmp_path / "fetched").rglob("*.pt"))) == 8  # every fold model fetched once and loaded
 
 
 @pytest.mark.slow

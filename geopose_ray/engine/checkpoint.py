@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     ``mmap``: map the tensors' storage from the file instead of reading it, for a look at the metadata."""
     shown = redact(path)  # messages name the location, not a downloaded copy, and never its credentials
     try:
-        state: dict[str, Any] = torch.load(local_file(path), map_location=map_location, weights_only=True, mmap=mmap)
+        local = local_file(path)
+        if mmap and local.is_file() and not zipfile.is_zipfile(local):  # torch's own error would blame mmap
+            raise DataError(f"{shown}: not a readable checkpoint (not a torch.save archive)")
+        state: dict[str, Any] = torch.load(local, map_location=map_location, weights_only=True, mmap=mmap)
     except DataError:
         raise
     except FileNotFoundError as e:

@@ -22,7 +22,7 @@ from geopose_ray.engine.predict import load_model, predict_batch
 from geopose_ray.engine.trainer import resolve_device
 from geopose_ray.ensemble.combine import Prediction, combine
 from geopose_ray.ensemble.members import FoldModel, Member, check_fold_model, unreadable
-from geopose_ray.errors import DataError
+from geopose_ray.errors import DataError, GeoposeError
 
 Finish = Callable[[list[Prediction], str, float], Prediction]  # member predictions, city, gsd -> the ensemble's
 
@@ -67,7 +67,9 @@ def fold_runner(fold: FoldModel, device: torch.device, amp: str, downsample: int
     """
     try:
         runner = Runner(fold.checkpoint, device, amp)
-    except DataError as e:
+    except torch.OutOfMemoryError:
+        raise
+    except (GeoposeError, KeyError, ValueError, RuntimeError) as e:  # unreadable, or not this project's model
         raise unreadable(fold, e) from e
     check_fold_model(fold, runner.downsample, downsample)
     return runner
