@@ -1,7 +1,8 @@
 """Turn a finished sweep's finalists into a challenge submission: out-of-fold fitted weights, city factors and
 scale model, then inference over the test tiles spread over the cluster.
 
-ray job submit --working-dir . -- python sweeps/ensemble.py --config sweeps/configs/screen-t4.yaml --test DIR
+ray job submit --working-dir . -- python sweeps/ensemble.py --config launch/sweeps/screen-t4-cloud.yaml \
+    --test /data/geopose/test --out /home/ray/submission   # a job needs absolute paths
 python sweeps/ensemble.py --config sweeps/configs/demo.yaml --test runs/demo/data/test --truth runs/demo/data/test_truth
 """
 
@@ -20,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(ap, "the sweep's YAML, as it was run")
     ap.add_argument("--test", required=True, help="the test tiles (challenge layout)")
     ap.add_argument("--truth", default=None, help="the test truth, if known: the submission is scored")
-    ap.add_argument("--out", default=None, help="output directory (default <storage>/<name>/ensemble)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default <storage>/<name>/ensemble; runs/<name>/ensemble for a bucket)",
+    )
     ap.add_argument("--members", default=None, help="comma-separated screening trial ids (default every finalist)")
     ap.add_argument("--tta", default="none", choices=["none", "flip", "d4"], help="test-time augmentation")
     ap.add_argument("--amp", default="auto", choices=["auto", "off"], help="bf16/fp16 inference where supported")

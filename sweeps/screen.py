@@ -1,6 +1,7 @@
 """Screen a grid with the promoter on Ray Tune, then train the finalists on every fold.
 
-ray job submit --working-dir . -- python sweeps/screen.py --config sweeps/configs/demo.yaml
+ray job submit --working-dir . -- python sweeps/screen.py --config sweeps/configs/demo.yaml \
+    --cache "$PWD/runs/demo/cache" --storage "$PWD/runs/demo/sweeps"   # a job needs absolute paths
 python sweeps/screen.py --config sweeps/configs/screen-t4.yaml --smoke-test   # a tiny version, locally
 """
 

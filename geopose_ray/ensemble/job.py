@@ -35,7 +35,7 @@ from geopose_ray.ensemble.combine import Prediction
 from geopose_ray.ensemble.fit import EnsembleFit, OofStats, TileOof, apply_fit, fit_ensemble, tile_oof
 from geopose_ray.ensemble.infer import ShardResult, fold_runner, predict_shard
 from geopose_ray.ensemble.members import Member, check_members, find_members
-from geopose_ray.errors import DataError
+from geopose_ray.errors import DataError, GeoposeError
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.metrics import ScoreReport
 from geopose_ray.storage import redact, stat
@@ -107,13 +107,16 @@ def _fingerprint(members: list[Member], cache: TrainingCache, tta: str, amp: str
 
 
 def _gather(refs: list[Any]) -> list[Any]:
-    """``ray.get`` of the job's tasks; a worker's DataError (a fold model that does not load or was trained at
+    """``ray.get`` of the job's tasks; a worker's own error (a fold model that does not load or was trained at
     another resolution, a test tile of the wrong size) is raised as itself, one line naming the file, not as
     Ray's task error with the worker's traceback."""
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, DataError):
+        for ref in refs:  # the other tasks' work is moot now: stop them rather than leave them running
+            ray.cancel(ref)
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+        if isinstance(e.cause, GeoposeError):
             raise e.cause from None
         raise
 
@@ -168,9 +171,10 @@ def run_ensemble(
         raise DataError(f"{test_dir}: no test tiles (*_RGB.j2k or *_RGB.tif); give the test directory")
     if truth_dir is not None and not Path(truth_dir).is_dir():
         raise DataError(f"{truth_dir}: the truth directory does not exist")
-    out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    cfg.refuse_outputs_in_job_copy(("the ensemble's output directory", out, "Give --out an absolute path outside it."))
+    out.mkdir(parents=True, exist_ok=True)
 
     # Out-of-fold statistics: one task per fold, each member's model of that fold in the same worker.
     resources = {"num_cpus": 1, "num_gpus": gpus_per_worker}

@@ -16,6 +16,7 @@ from urllib.parse import quote, urlsplit
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.engine.config import TrainConfig, read_yaml_mapping
 from geopose_ray.errors import ConfigError
+from geopose_ray.jobdir import MLFLOW_INSTEAD, STORAGE_INSTEAD, mlflow_path, refuse_outputs_in_job_copy
 from geopose_ray.models.config import ModelConfig, resolve_decoder, resolve_model
 from geopose_ray.models.geopose import validate_model_config
 from geopose_ray.storage import is_remote, join, redact
@@ -108,6 +109,19 @@ class SweepConfig:
     @property
     def mlflow_uri(self) -> str:
         return self.tracking_uri or f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
+
+    def refuse_outputs_in_job_copy(self, *more: tuple[str, str | Path | None, str]) -> None:
+        """Refuse a local storage path or MLflow store (and ``more`` outputs) in a Ray job's temporary copy of its
+        working directory (:mod:`geopose_ray.jobdir`); call once Ray is connected.
+
+        Raises:
+            DataError: naming the output and what to give instead.
+        """
+        mlflow = "MLflow's database" if self.tracking_uri else "MLflow's default database (tracking_uri is not set)"
+        storage = None if is_remote(self.storage_path) else self.storage_path.removeprefix("file://")
+        refuse_outputs_in_job_copy(
+            [("storage_path", storage, STORAGE_INSTEAD), (mlflow, mlflow_path(self.mlflow_uri), MLFLOW_INSTEAD), *more]
+        )
 
     def trial_config(self, encoder: str, decoder: str, lr: float, accumulation: int) -> dict[str, Any]:
         """One trial's TrainConfig dict (what a Ray Tune trial trains)."""

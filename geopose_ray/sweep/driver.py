@@ -253,6 +253,7 @@ class _Sweep:
         self.round = round_  # 0 for the sweep itself, n for its n-th reopening
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        cfg.refuse_outputs_in_job_copy()
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         # A tracking server keeps artifacts where it was told to (its --artifacts-destination); a local SQLite
         # store keeps them beside the sweep.
