@@ -1,6 +1,6 @@
 """Reopen a finished sweep: raise its GPU-hour budget, add a rung above the top one, or both.
 
-ray job submit --working-dir . -- python sweeps/promote.py --config sweeps/configs/screen-t4.yaml --budget 400
+ray job submit --working-dir . -- python sweeps/promote.py --config launch/sweeps/screen-t4-cloud.yaml --budget 400
 python sweeps/promote.py --config sweeps/configs/demo.yaml --add-rung 16
 
 Paused trials that qualify under the larger budget are promoted; with a new rung, the best 1/η of the old top

@@ -22,9 +22,52 @@ def head() -> Iterator[tuple[str, dict[str, str]]]:
 
 def test_mlflow_stores_are_found_in_tracking_uris() -> None:
     assert mlflow_path("sqlite:////srv/mlflow.db") == Path("/srv/mlflow.db")
-    assert mlflow_path("sqlite:///runs/mlflow.db") == Path("runs/mlflow.db")  # relative: three slashes
+    assert mlflow_path("sqlite:///runs/mlflow.db?timeout=5") == Path("runs/mlflow.db")  # relative: three slashes
     assert mlflow_path("file:///srv/mlruns") == Path("/srv/mlruns") and mlflow_path("mlruns") == Path("mlruns")
     assert mlflow_path("http://127.0.0.1:5000") is None and mlflow_path("databricks") is None
+    assert mlflow_path("sqlite:///:memory:") is None
+
+
+def test_outputs_in_a_job_copy_of_the_working_directory_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a directory laid out as Ray unpacks a job's working_dir (the real layout is the job test below), every
+    output a driver would write there is refused, naming it; outputs outside it pass; elsewhere nothing is."""
+    from geopose_ray.errors import DataError
+    from geopose_ray.sweep.config import SweepConfig
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    (copy / "sweeps").mkdir(parents=True)
+    bucket = "s3://bucket/sweeps"
+    server = "http://127.0.0.1:5000"
+    refused = {
+        "relative storage": ({"storage_path": "runs"}, r"^storage_path runs is in this Ray job's copy"),
+        "bucket, default MLflow": (
+            {"storage_path": bucket},
+            r"^MLflow.s default database \(tracking_uri is not set\) /.*_ray_pkg_0123abcd/sweeps/runs/s/mlflow.db is",
+        ),
+        "bucket, absolute SQLite": (
+            {"storage_path": bucket, "tracking_uri": f"sqlite:///{tmp_path}/m.db"},
+            r"^MLflow's artifact directory runs/s/mlartifacts is in .*Set tracking_uri to an MLflow server",
+        ),
+        "relative SQLite": (
+            {"storage_path": str(tmp_path / "out"), "tracking_uri": "sqlite:///m.db"},
+            r"^MLflow's database m.db is in",
+        ),
+    }
+    monkeypatch.chdir(copy / "sweeps")  # a subdirectory of the copy is in it too
+    for case, (settings, message) in refused.items():
+        cfg = SweepConfig.from_dict({"name": "s", "cache": str(tmp_path), **settings})
+        with pytest.raises(DataError, match=message):
+            cfg.refuse_outputs_in_job_copy()
+            pytest.fail(case)
+    fine = SweepConfig.from_dict({"name": "s", "cache": str(tmp_path), "storage_path": bucket, "tracking_uri": server})
+    fine.refuse_outputs_in_job_copy()
+    with pytest.raises(DataError, match=r"^the ensemble's output directory out is in .*Give --out an absolute path"):
+        fine.refuse_outputs_in_job_copy(("the ensemble's output directory", "out", "Give --out an absolute path."))
+    fine.refuse_outputs_in_job_copy(("the ensemble's output directory", tmp_path / "out", "-"))
+    monkeypatch.chdir(tmp_path)  # not a job's copy: relative paths are the user's own
+    SweepConfig.from_dict({"name": "s", "cache": str(tmp_path), "storage_path": "runs"}).refuse_outputs_in_job_copy()
 
 
 @pytest.mark.slow

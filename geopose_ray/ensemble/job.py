@@ -113,9 +113,12 @@ def _gather(refs: list[Any]) -> list[Any]:
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
-        for ref in refs:  # the other tasks' work is moot now: stop them rather than leave them running
-            ray.cancel(ref)
-        ray.wait(refs, num_returns=len(refs), timeout=60)
+        try:  # the other tasks' work is moot now: stop them rather than leave them running
+            for ref in refs:
+                ray.cancel(ref)
+            ray.wait(refs, num_returns=len(refs), timeout=60, fetch_local=False)
+        except Exception as cleanup:  # the task's error, not this, is what the user needs
+            log.warning("could not cancel the ensemble's other tasks (%s)", cleanup)
         if isinstance(e.cause, GeoposeError):
             raise e.cause from None
         raise
@@ -155,6 +158,7 @@ def run_ensemble(
     # Ray's workers run in directories of their own: every path they get must be absolute.
     test_dir = Path(test_dir).resolve()
     out = (Path(out_dir) if out_dir is not None else cfg.out_dir / "ensemble").resolve()
+    cfg.refuse_outputs_in_job_copy(("the ensemble's output directory", out, "Give --out an absolute path outside it."))
     members = find_members(cfg.files.home, names)
     cache = TrainingCache(cfg.cache)
     folds = sorted({r.fold for r in cache.rows})
@@ -173,7 +177,6 @@ def run_ensemble(
         raise DataError(f"{truth_dir}: the truth directory does not exist")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-    cfg.refuse_outputs_in_job_copy(("the ensemble's output directory", out, "Give --out an absolute path outside it."))
     out.mkdir(parents=True, exist_ok=True)
 
     # Out-of-fold statistics: one task per fold, each member's model of that fold in the same worker.

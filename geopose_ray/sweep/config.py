@@ -111,17 +111,29 @@ class SweepConfig:
         return self.tracking_uri or f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
 
     def refuse_outputs_in_job_copy(self, *more: tuple[str, str | Path | None, str]) -> None:
-        """Refuse a local storage path or MLflow store (and ``more`` outputs) in a Ray job's temporary copy of its
-        working directory (:mod:`geopose_ray.jobdir`); call once Ray is connected.
+        """Refuse a local storage path or MLflow store (its database and artifacts), and ``more`` outputs, in a
+        Ray job's copy of its working directory (:mod:`geopose_ray.jobdir`), before anything is written.
 
         Raises:
             DataError: naming the output and what to give instead.
         """
+        database = mlflow_path(self.mlflow_uri)
+        local_mlflow = database is not None
         mlflow = "MLflow's database" if self.tracking_uri else "MLflow's default database (tracking_uri is not set)"
-        storage = None if is_remote(self.storage_path) else self.storage_path.removeprefix("file://")
-        refuse_outputs_in_job_copy(
-            [("storage_path", storage, STORAGE_INSTEAD), (mlflow, mlflow_path(self.mlflow_uri), MLFLOW_INSTEAD), *more]
+        artifacts_instead = (
+            "Set tracking_uri to an MLflow server (`launch/local.sh start mlflow` prints it): a local MLflow store "
+            "keeps its artifacts beside the sweep's local files."
         )
+        refuse_outputs_in_job_copy(
+            [
+                ("storage_path", None if is_remote(self.storage_path) else self.storage_path.removeprefix("file://"),
+                 STORAGE_INSTEAD),
+                (mlflow, database, MLFLOW_INSTEAD),
+                ("MLflow's artifact directory", self.out_dir / "mlartifacts" if local_mlflow else None,
+                 artifacts_instead),
+                *more,
+            ]
+        )  # fmt: skip
 
     def trial_config(self, encoder: str, decoder: str, lr: float, accumulation: int) -> dict[str, Any]:
         """One trial's TrainConfig dict (what a Ray Tune trial trains)."""

@@ -253,7 +253,6 @@ class _Sweep:
         self.round = round_  # 0 for the sweep itself, n for its n-th reopening
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-        cfg.refuse_outputs_in_job_copy()
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         # A tracking server keeps artifacts where it was told to (its --artifacts-destination); a local SQLite
         # store keeps them beside the sweep.
@@ -407,6 +406,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     checkpoint), the promoter its state from ``promoter.json``, and MLflow runs are found again by their tags.
     """
     cfg.validate()
+    cfg.refuse_outputs_in_job_copy()
     if resume:
         cfg.files.pull()  # the state as the last driver left it, on whichever head that was
     else:
@@ -437,6 +437,7 @@ def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_ru
     with another rung (more epochs than the top one), the top rung's best 1/η go on to it. Trials resume from
     their last checkpoints (no epoch is retrained), keep their MLflow runs, and the new finalists get their
     fold runs (existing fold runs continue to the new top rung)."""
+    cfg.refuse_outputs_in_job_copy()
     saved, promoter = load_records(cfg)
     cfg = dataclasses.replace(cfg, rungs=list(saved["rungs"]), budget_gpu_hours=promoter.budget_gpu_hours)
     if budget_gpu_hours is not None:
