@@ -95,10 +95,10 @@ def check_members(members: list[Member], downsample: int) -> dict[str, Any]:
                 continue
             try:
                 state = load_checkpoint(f.checkpoint, mmap=True)
-            except DataError as e:
+                trained_at, configs[f.key] = int(state["downsample"]), state["config"]
+            except (DataError, KeyError, TypeError, ValueError) as e:
                 raise unreadable(f, e) from e
-            check_fold_model(f, int(state["downsample"]), downsample)
-            configs[f.key] = state["config"]
+            check_fold_model(f, trained_at, downsample)
     return configs
 
 
