@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,40 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def mlflow_server(root: Path, jobs: bool = False, timeout_s: float = 90.0) -> Iterator[tuple[int, str]]:
+    """A real `mlflow server` on loopback, SQLite in ``root/mlflow.db`` and artifacts in ``root/art``, in a process
+    group of its own; yields its pid (the group's id) and URI once ``/health`` answers, and kills the group on
+    exit. ``jobs``: MLflow's job execution on (MLflow's default; ``launch/local.sh`` turns it off).
+
+    Raises:
+        RuntimeError: the server did not answer within ``timeout_s``.
+    """
+    port = _port()
+    uri = f"http://127.0.0.1:{port}"
+    mlflow = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
+         (root / "art").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(jobs).lower()},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start within {timeout_s:g} s") from None
+                time.sleep(0.2)
+        yield server.pid, uri
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def run_load(trials: int, root: Path, mlflow_jobs: bool = False) -> dict[str, Any]:
@@ -44,25 +80,7 @@ def run_load(trials: int, root: Path, mlflow_jobs: bool = False) -> dict[str, An
 
     synthesize(root / "data", 8, 32, seed=0, test_tiles=1, workers=1)
     prepare_cache(root / "data" / "train", root / "cache", 1, folds=2, workers=1)
-    port = _port()
-    uri = f"http://127.0.0.1:{port}"
-    mlflow = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
-         (root / "art").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(mlflow_jobs).lower()},
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start within 90 s") from None
-                time.sleep(0.3)
+    with mlflow_server(root, jobs=mlflow_jobs) as (_, uri):
         lrs = [round(1e-3 * (1 + i / 100), 6) for i in range(math.ceil(trials / 2))]
         sweep = {
             "name": "load", "cache": str(root / "cache"), "storage_path": str(root / "runs"), "tracking_uri": uri,
@@ -111,9 +129,6 @@ def run_load(trials: int, root: Path, mlflow_jobs: bool = False) -> dict[str, An
             "mlflow_latency_median_ms": parent.get("mlflow_latency_median_ms"),
             "mlflow_latency_p95_ms": parent.get("mlflow_latency_p95_ms"),
         }
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """What an `mlflow server` costs its host, with and without MLflow's job execution.
 
-MLflow 3's server starts, next to its web workers, a job runner and a pool of huey consumer processes (for
+MLflow's server (3.17 here) starts, next to its web workers, a job runner and a pool of huey consumer processes (for
 MLflow's own background jobs, which the sweep never submits) unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` is
 false. The servers this project starts (``launch/local.sh``, the KubeRay manifest, the tests) turn it off. This
 measures, for each setting on the same machine in one run: the processes the server runs, the CPU seconds its
@@ -15,24 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench_load import mlflow_server  # bench/ is the script's directory, so on sys.path
+
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _group(pgid: int) -> dict[int, float]:
@@ -54,31 +45,14 @@ def _group(pgid: int) -> dict[int, float]:
 
 
 def measure(jobs: bool, root: Path, idle_s: float, calls: int) -> dict[str, Any]:
-    port = _port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
-    mlflow = Path(sys.executable).with_name("mlflow")
     root.mkdir(parents=True)
-    server = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
-         (root / "art").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
-    )  # fmt: skip
-    try:
-        start = time.perf_counter()
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                    break
-            except OSError:
-                if time.perf_counter() - start > 120:
-                    raise RuntimeError("mlflow server did not start within 120 s") from None
-                time.sleep(0.2)
+    start = time.perf_counter()
+    with mlflow_server(root, jobs=jobs, timeout_s=120) as (pid, uri):
         ready_s = time.perf_counter() - start
         time.sleep(5)  # the job runner and its consumers start after the web server answers
-        before = _group(server.pid)
+        before = _group(pid)
         time.sleep(idle_s)
-        after = _group(server.pid)
+        after = _group(pid)
         idle_cpu = sum(after.get(p, 0.0) - before.get(p, 0.0) for p in after)
 
         from mlflow.tracking import MlflowClient
@@ -97,9 +71,6 @@ def measure(jobs: bool, root: Path, idle_s: float, calls: int) -> dict[str, Any]
             "idle_cpu_s_per_min": round(idle_cpu * 60 / idle_s, 2),
             "log_metric_median_ms": round(1000 * statistics.median(latencies), 2),
         }
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 def main() -> None:
