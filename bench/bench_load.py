@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,44 +34,78 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def mlflow_server(root: Path, jobs: bool = False, timeout_s: float = 90.0) -> Iterator[tuple[int, str]]:
+class MlflowServer:
     """A real `mlflow server` on loopback, SQLite in ``root/mlflow.db`` and artifacts in ``root/art``, in a process
-    group of its own; yields its pid (the group's id) and URI once ``/health`` answers, and kills the group on
-    exit. ``jobs``: MLflow's job execution on (MLflow's default; ``launch/local.sh`` turns it off).
+    group of its own, on one port for its whole life: :meth:`stop` kills the group (as an outage would) and
+    :meth:`start` brings it back on the same port and database. ``jobs``: MLflow's job execution on (MLflow's
+    default; ``launch/local.sh`` turns it off)."""
 
-    Raises:
-        RuntimeError: the server did not answer within ``timeout_s``.
-    """
-    port = _port()
-    uri = f"http://127.0.0.1:{port}"
-    mlflow = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
-         (root / "art").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(jobs).lower()},
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + timeout_s
+    def __init__(self, root: Path, jobs: bool = False, timeout_s: float = 90.0) -> None:
+        self.root, self.jobs, self.timeout_s = root, jobs, timeout_s
+        self.port = _port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The server's pid, which is also its process group's id."""
+        assert self.proc is not None, "the server is not running"
+        return self.proc.pid
+
+    def start(self) -> None:
+        """Start the server and return once ``/health`` answers; raises RuntimeError if it does not within
+        ``timeout_s`` (the server is then killed)."""
+        mlflow = Path(sys.executable).with_name("mlflow")
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--default-artifact-root", (self.root / "art").as_uri(), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(self.jobs).lower(),
+                 "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )  # fmt: skip
+        deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                    break
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
+                    return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start within {timeout_s:g} s") from None
+                    self.stop()
+                    raise RuntimeError(f"mlflow server did not start within {self.timeout_s:g} s") from None
                 time.sleep(0.2)
-        yield server.pid, uri
+
+    def stop(self) -> None:
+        """Kill the server's process group (no-op when it is not running)."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@contextmanager
+def mlflow_server(root: Path, jobs: bool = False, timeout_s: float = 90.0) -> Iterator[tuple[int, str]]:
+    """:class:`MlflowServer` for the length of a ``with`` block: yields its pid (the group's id) and URI once
+    ``/health`` answers, and kills the group on exit."""
+    server = MlflowServer(root, jobs, timeout_s)
+    server.start()
+    try:
+        yield server.pid, server.uri
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        server.stop()
 
 
-def run_load(trials: int, root: Path, mlflow_jobs: bool = False) -> dict[str, Any]:
+def run_load(
+    trials: int, root: Path, mlflow_jobs: bool = False, uri: str | None = None, experiment: str = "load"
+) -> dict[str, Any]:
     """Run the load sweep under ``root`` and return its counts; raises if the MLflow server does not start.
     ``mlflow_jobs``: start the server with MLflow's job execution on (MLflow's default; ``launch/local.sh`` turns
-    it off)."""
+    it off). ``uri``: track on this running server instead of starting one; ``experiment``: the sweep's name and
+    its MLflow experiment, which must not exist yet there."""
     import yaml
 
     from geopose_ray.data.cache import prepare_cache
@@ -80,10 +114,10 @@ def run_load(trials: int, root: Path, mlflow_jobs: bool = False) -> dict[str, An
 
     synthesize(root / "data", 8, 32, seed=0, test_tiles=1, workers=1)
     prepare_cache(root / "data" / "train", root / "cache", 1, folds=2, workers=1)
-    with mlflow_server(root, jobs=mlflow_jobs) as (_, uri):
+    with nullcontext((0, uri)) if uri else mlflow_server(root, jobs=mlflow_jobs) as (_, uri):
         lrs = [round(1e-3 * (1 + i / 100), 6) for i in range(math.ceil(trials / 2))]
         sweep = {
-            "name": "load", "cache": str(root / "cache"), "storage_path": str(root / "runs"), "tracking_uri": uri,
+            "name": experiment, "cache": str(root / "cache"), "storage_path": str(root / "runs"), "tracking_uri": uri,
             # Linknet: a fifth of U-Net's weights, so 330 trials' checkpoints stay small on disk.
             "grid": {"encoders": ["tu-test_resnet"], "decoders": ["Linknet"], "lrs": lrs[: math.ceil(trials / 2)],
                      "accumulation": [1, 2]},
@@ -100,10 +134,10 @@ def run_load(trials: int, root: Path, mlflow_jobs: bool = False) -> dict[str, An
             raise RuntimeError(f"the load sweep failed: {done.stderr[-2000:]}")
         # What every trial trained, from the driver's record (each trial's last epoch); Tune's own result.json
         # is not the reference: it was seen missing a line once in a few runs.
-        saved = json.loads((root / "runs" / "load" / "trials.json").read_text())["trials"]
+        saved = json.loads((root / "runs" / experiment / "trials.json").read_text())["trials"]
         reported = {k: list(range(1, int(r["metrics"]["epoch"]) + 1)) for k, r in saved.items()}
         errored = sum(1 for r in saved.values() if r.get("error"))
-        t = Tracker(uri, "load", "load")
+        t = Tracker(uri, experiment, experiment)
         runs = t.runs()
         keys = [r.data.tags["trial"] for r in runs]
         history = t._client.get_metric_history

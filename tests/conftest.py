@@ -16,6 +16,9 @@ import pytest
 from geopose_ray.data.cache import prepare_cache
 from geopose_ray.data.synth import synthesize
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_load import MlflowServer
+
 _real_connect = socket.socket.connect
 
 
@@ -59,6 +62,45 @@ def cache(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def checkpoint_dir(checkpoint_config: dict[str, object], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real checkpoint directory (``last.pt``, ``best.pt``) of a tiny model trained one epoch on :func:`cache`
+    (U-Net on timm's test ResNet, batch 4, validated on fold 0, seed 0), shared by the whole run: copy it before
+    changing it. Its training config is :func:`checkpoint_config`."""
+    import torch
+
+    from geopose_ray.engine import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    Trainer(TrainConfig.from_dict(checkpoint_config), out).fit()
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint_config(cache: Path) -> dict[str, object]:
+    """The training config :func:`checkpoint_dir`'s model was trained with."""
+    return {"cache": str(cache), "model": {"encoder": "tu-test_resnet"}, "epochs": 1, "batch_size": 4, "val_fold": 0}
+
+
+@pytest.fixture(scope="session")
+def _mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(_mlflow_server: MlflowServer) -> MlflowServer:
+    """One real `mlflow server` (SQLite) for the whole run, running when a test starts: a test may stop it and
+    start it again (an outage), on the same port and database. Tests share it, so each uses experiments of its
+    own."""
+    if not _mlflow_server.running:
+        _mlflow_server.start()
+    return _mlflow_server
+
+
+@pytest.fixture(scope="session")
 def s3() -> Iterator[str]:
     """A bucket on a local S3-compatible server (moto's, on loopback) for the sweep's remote storage; yields the
     storage path a sweep config would name, with the credentials and endpoint in the URI as pyarrow (and so Ray
@@ -98,3 +140,19 @@ def ray_cluster() -> Iterator[None]:
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="also run the full-size soak tests (marked soak; make soak)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests (the full-size runs of tests the suite also runs small) are deselected unless ``--soak`` is
+    given. Slow tests go first, so that the workers of a parallel run (``-n 2``) start the long ones while the
+    short ones fill the gaps; within each group the order is the files' own."""
+    if not config.getoption("--soak"):
+        soak = [item for item in items if item.get_closest_marker("soak")]
+        if soak:
+            config.hook.pytest_deselected(items=soak)
+            items[:] = [item for item in items if not item.get_closest_marker("soak")]
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)

@@ -11,25 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from geopose_ray.engine import TrainConfig, Trainer
 from geopose_ray.engine.checkpoint import load_checkpoint, save_checkpoint
 from geopose_ray.ensemble.members import find_members
 from geopose_ray.errors import DataError
 from geopose_ray.sweep.config import SweepConfig
 
 
-@pytest.fixture(scope="module")
-def checkpoint(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real checkpoint directory (last.pt, best.pt) of a tiny model trained one epoch on the cache."""
-    out = tmp_path_factory.mktemp("ckpt")
-    cfg = TrainConfig.from_dict(
-        {"cache": str(cache), "model": {"encoder": "tu-test_resnet"}, "epochs": 1, "batch_size": 4, "val_fold": 0}
-    )
-    torch.manual_seed(0)
-    Trainer(cfg, out).fit()
-    return out
+@pytest.fixture
+def checkpoint(checkpoint_dir: Path) -> Path:
+    """The session's real checkpoint directory (last.pt, best.pt) of a tiny model trained one epoch on the cache."""
+    return checkpoint_dir
 
 
 def _sweep(cache: Path, tmp_path: Path, checkpoint: Path, folds: list[int], finalists: list[str]) -> SweepConfig:

@@ -13,7 +13,6 @@ from torch import nn
 
 from geopose_ray.cli import main
 from geopose_ray.data.layout import read_vflow, scan_dir
-from geopose_ray.engine import TrainConfig, Trainer
 from geopose_ray.engine.predict import Transform, predict_batch, tta_transforms
 from geopose_ray.errors import ConfigError
 from geopose_ray.scoring import score_dirs
@@ -62,12 +61,9 @@ def test_tta_maps_heights_and_angles_back(mode: str) -> None:
     assert not np.allclose(Transform(1).invert_angle(torch.tensor(angle0)).numpy(), angle0)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig.from_dict({"cache": str(cache), "model": {"encoder": "tu-test_resnet"}, "epochs": 1})
-    Trainer(cfg, out).fit()
-    return out / "last.pt"
+@pytest.fixture
+def checkpoint(checkpoint_dir: Path) -> Path:
+    return checkpoint_dir / "last.pt"
 
 
 def test_predict_writes_a_complete_submission_at_full_size(checkpoint: Path, dataset: Path, tmp_path: Path) -> None:

@@ -9,12 +9,13 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs
 import pytest
 import torch
 
-from geopose_ray.engine import TrainConfig, Trainer
+from geopose_ray.engine import TrainConfig
 from geopose_ray.engine.checkpoint import load_checkpoint, save_checkpoint
 from geopose_ray.engine.predict import load_model
 from geopose_ray.ensemble.members import check_members, find_members
@@ -94,15 +95,16 @@ def test_names_that_need_escaping_a_rewritten_file_and_pyarrow_errors(s3: str, t
 
 
 def test_the_ensemble_reads_its_members_from_remote_storage(
-    s3: str, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3: str,
+    checkpoint_dir: Path,
+    checkpoint_config: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A finished sweep whose checkpoints live on the bucket: the members are found and every checkpoint loads
     through its URI, as the ensemble's workers on other nodes will; the head downloads none to check them."""
-    cfg = TrainConfig.from_dict(
-        {"cache": str(cache), "model": {"encoder": "tu-test_resnet"}, "epochs": 1, "batch_size": 4, "val_fold": 0}
-    )
-    torch.manual_seed(0)
-    Trainer(cfg, tmp_path / "trained").fit()
+    cfg = TrainConfig.from_dict(checkpoint_config)
+    shutil.copytree(checkpoint_dir, tmp_path / "trained")
     fs, root = pyarrow.fs.FileSystem.from_uri(s3)
     files = {name: (tmp_path / "trained" / name).read_bytes() for name in ("last.pt", "best.pt")}
     trials = {}
@@ -148,7 +150,15 @@ def test_the_ensemble_reads_its_members_from_remote_storage(
     ],
 )
 def test_a_bad_remote_fold_model_stops_the_ensemble_job_with_the_workers_error(
-    ray_cluster: None, s3: str, cache: Path, dataset: Path, tmp_path: Path, case: str, message: str
+    ray_cluster: None,
+    s3: str,
+    cache: Path,
+    checkpoint_dir: Path,
+    checkpoint_config: dict[str, Any],
+    dataset: Path,
+    tmp_path: Path,
+    case: str,
+    message: str,
 ) -> None:
     """The ensemble job on a sweep stored on the bucket, one of whose fold models is bad: the Ray worker that
     loads it finds it, and the job stops with that error, naming the checkpoint without credentials (not Ray's
@@ -156,11 +166,8 @@ def test_a_bad_remote_fold_model_stops_the_ensemble_job_with_the_workers_error(
     from geopose_ray.ensemble.job import run_ensemble
     from geopose_ray.sweep.config import SweepConfig
 
-    cfg = TrainConfig.from_dict(
-        {"cache": str(cache), "model": {"encoder": "tu-test_resnet"}, "epochs": 1, "batch_size": 4, "val_fold": 0}
-    )
-    torch.manual_seed(0)
-    Trainer(cfg, tmp_path / "trained").fit()
+    cfg = TrainConfig.from_dict(checkpoint_config)
+    shutil.copytree(checkpoint_dir, tmp_path / "trained")
     good = (tmp_path / "trained" / "best.pt").read_bytes()
     if case == "other resolution":
         state = load_checkpoint(tmp_path / "trained" / "best.pt")

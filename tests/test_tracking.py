@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bench_load import MlflowServer
 
 from geopose_ray.tracking import Tracker, trial_params
 
@@ -45,77 +41,28 @@ def test_trial_params_flatten_the_config() -> None:
     assert p["lr"] == "0.0001" and p["augment.rot90"] == "True" and p["effective_batch"] == "8"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A real `mlflow server` on loopback with a SQLite backend, in its own process group."""
-
-    def __init__(self, root: Path) -> None:
-        self.db, self.art, self.port = root / "server.db", root / "artifacts", _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        mlflow = Path(sys.executable).with_name("mlflow")
-        self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.db}",
-             "--default-artifact-root", self.art.as_uri(), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as launch/local.sh starts it
-        )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("mlflow server did not start within 90 s")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path)
-    s.start()
-    yield s
-    s.stop()
-
-
-def test_a_dead_server_loses_nothing_and_duplicates_nothing(server: Server) -> None:
-    t = Tracker(server.uri, "exp", "sweep-b")
+def test_a_dead_server_loses_nothing_and_duplicates_nothing(mlflow_server: MlflowServer) -> None:
+    t = Tracker(mlflow_server.uri, "exp", "sweep-b")
     run = t.trial("trial-1", CFG, "screen")
     assert run is not None
     t.metrics(run, {"score": 0.1}, 1)
-    server.stop()  # the tracking server dies mid-sweep
+    mlflow_server.stop()  # the tracking server dies mid-sweep
     start = time.monotonic()
     for epoch in (2, 3, 4):
         t.metrics(run, {"score": 0.1 * epoch}, epoch)  # must not raise, nor hang
     t.tags(run, {"status": "paused"})
     assert time.monotonic() - start < 30
     assert t.pending >= 3
-    server.start()
+    mlflow_server.start()
     assert t.flush(timeout_s=30)
-    client = Tracker(server.uri, "exp", "sweep-b")._client
+    client = Tracker(mlflow_server.uri, "exp", "sweep-b")._client
     assert sorted(m.step for m in client.get_metric_history(run, "score")) == [1, 2, 3, 4]  # every epoch, once
     assert client.get_run(run).data.tags["status"] == "paused"
 
 
 @pytest.mark.slow
 def test_a_sweep_survives_a_tracking_outage_and_every_epoch_reaches_mlflow_once(
-    server: Server, cache: Path, tmp_path: Path
+    mlflow_server: MlflowServer, cache: Path, tmp_path: Path
 ) -> None:
     """Stop the `mlflow server` once the sweep has reported its first epoch and start it again seconds later:
     training never stops, and afterwards every trial has one run holding every epoch once, with its final
@@ -128,7 +75,7 @@ def test_a_sweep_survives_a_tracking_outage_and_every_epoch_reaches_mlflow_once(
     sweep = {
         "name": "o", "cache": str(cache), "storage_path": str(tmp_path / "runs"), "rungs": [1, 2, 3], "eta": 2,
         "grid": {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 3e-3], "accumulation": [1, 2]},
-        "train": {"batch_size": 4}, "tracking_uri": server.uri,
+        "train": {"batch_size": 4}, "tracking_uri": mlflow_server.uri,
     }  # fmt: skip
     y = tmp_path / "o.yaml"
     y.write_text(yaml.safe_dump(sweep))
@@ -142,16 +89,16 @@ def test_a_sweep_survives_a_tracking_outage_and_every_epoch_reaches_mlflow_once(
         if any(p.read_text().count("\n") >= 1 for p in screen.glob("*/result.json")):
             break
         time.sleep(0.05)
-    server.stop()  # the tracking server dies mid-sweep
+    mlflow_server.stop()  # the tracking server dies mid-sweep
     epochs_at_stop = sum(p.read_text().count("\n") for p in screen.glob("*/result.json"))
     time.sleep(8)
     epochs_in_outage = sum(p.read_text().count("\n") for p in screen.glob("*/result.json")) - epochs_at_stop
-    server.start()
+    mlflow_server.start()
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert epochs_in_outage > 0, "training must go on while the server is down"
     rows = list(csv.DictReader((tmp_path / "runs" / "o" / "results.csv").open()))
-    t = Tracker(server.uri, "o", "o")
+    t = Tracker(mlflow_server.uri, "o", "o")
     runs = t.runs()
     assert sorted(r.data.tags["trial"] for r in runs) == sorted(r["trial"] for r in rows)  # once each
     by_key = {r.data.tags["trial"]: r for r in runs}
