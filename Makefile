@@ -33,7 +33,7 @@ lint: $(STAMP)
 #   make test PYTEST_ARGS='-m "not slow"'
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
 test: lint
-	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 # The full-size runs of the tests the suite runs small (the 300-trial load sweep, the 20-epoch learning run), one
