@@ -178,6 +178,7 @@ class Tracker:
     def __post_init__(self) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast, we queue and retry ourselves
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 sends usage telemetry by default
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)

@@ -27,6 +27,7 @@
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  default false: no MLflow background-job runner (eight processes that
 #                                 the sweep never uses and that cost an idle head over half a core: BENCHMARKS.md,
 #                                 "The MLflow server"); true turns it back on
+#   MLFLOW_DISABLE_TELEMETRY     default true: MLflow 3 sends usage telemetry unless told not to
 set -euo pipefail
 set -m # every background job gets its own process group: `stop` signals the group, children included
 
@@ -150,6 +151,7 @@ start_mlflow() {
 		args+=(--app-name "$MLFLOW_APP_NAME")
 	fi
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
+		MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}" \
 		nohup "$mlflow" "${args[@]}" >"$STATE/mlflow.log" 2>&1 &
 	echo "$!" >"$(pidfile mlflow)"
 	STARTED+=(mlflow)

@@ -39,6 +39,7 @@ def no_downloads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Any attempt to download (weights, datasets) fails the test: hubs offline, sockets loopback-only."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # and for every process a test starts
         mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
         mp.setattr(socket.socket, "connect", _loopback_only)
         yield

@@ -598,6 +598,7 @@ def test_mlflow_server_uses_postgres_an_object_store_and_basic_auth() -> None:
     for name in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"  # no idle job runner and consumers
+    assert env["MLFLOW_DISABLE_TELEMETRY"]["value"] == "true"  # no usage telemetry
     (auth,) = [d for d in of_kind("ConfigMap") if d["metadata"]["name"] == "mlflow-auth-config"]
     ini = auth["data"]["basic_auth.ini"]
     assert "postgresql://mlflow@mlflow-db" in ini and "admin_username = admin" in ini
