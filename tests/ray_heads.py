@@ -116,7 +116,9 @@ def _end(proc: subprocess.Popen[bytes], tmp: Path) -> None:
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2, autoscaling: dict[str, Any] | None = None) -> Iterator[Head]:
+def ray_head(
+    num_cpus: int = 2, autoscaling: dict[str, Any] | None = None, autoscaler_interval_s: int | None = None
+) -> Iterator[Head]:
     """A Ray head on loopback with the job API; ``autoscaling`` is a fake multi-node cluster config (its
     ``provider.gcs_address`` is filled in)."""
     gcs, dash = free_port(), free_port()
@@ -136,7 +138,8 @@ def ray_head(num_cpus: int = 2, autoscaling: dict[str, Any] | None = None) -> It
         (tmp / "cluster.json").write_text(json.dumps(autoscaling))
         start.append(f"--autoscaling-config={tmp / 'cluster.json'}")
         head_env["RAY_FAKE_CLUSTER"] = "1"
-        head_env["AUTOSCALER_UPDATE_INTERVAL_S"] = "2"  # Ray's default, 5 s, sets the pace of every scaling test
+        if autoscaler_interval_s is not None:  # Ray's default is 5 s
+            head_env["AUTOSCALER_UPDATE_INTERVAL_S"] = str(autoscaler_interval_s)
     proc = subprocess.Popen(
         start, env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
