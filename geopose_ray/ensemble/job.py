@@ -113,10 +113,14 @@ def _gather(refs: list[Any]) -> list[Any]:
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
-        try:  # the other tasks' work is moot now: stop them rather than leave them running
-            for ref in refs:
+        try:  # the other tasks' work is moot now: stop those still running rather than leave them
+            # Only unfinished ones: Ray 2.60 aborts the driver ("Tried to complete task that was not pending") when
+            # a cancel races with the completion of the task it cancels, as it did for the failed task itself.
+            _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            for ref in unfinished:
                 ray.cancel(ref)
-            ray.wait(refs, num_returns=len(refs), timeout=60, fetch_local=False)
+            if unfinished:
+                ray.wait(unfinished, num_returns=len(unfinished), timeout=60, fetch_local=False)
         except Exception as cleanup:  # the task's error, not this, is what the user needs
             log.warning("could not cancel the ensemble's other tasks (%s)", cleanup)
         if isinstance(e.cause, GeoposeError):
