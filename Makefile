@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NAME ?= demo
 
-# pytest's workers for `make test`: two, one per core (most tests wait on Ray, MLflow or a subprocess, not the CPU).
+# pytest's workers for `make test`: two, one per core (docs/testing.md gives the suite's times).
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test soak lint bench clean
