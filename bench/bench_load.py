@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,18 @@ class MlflowServer:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
                     return
             except OSError:
-                if time.monotonic() > deadline:
+                exited = self.proc.poll()
+                if exited is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"mlflow server did not start within {self.timeout_s:g} s") from None
+                    late = f"did not start within {self.timeout_s:g} s"
+                    raise RuntimeError(f"mlflow server {late if exited is None else f'exited with {exited}'}") from None
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        """Kill the server's process group (no-op when it is not running)."""
+        """Kill the server's process group, whatever of it is left (no-op when it was never started)."""
         if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             self.proc = None
 
@@ -104,8 +107,8 @@ def run_load(
 ) -> dict[str, Any]:
     """Run the load sweep under ``root`` and return its counts; raises if the MLflow server does not start.
     ``mlflow_jobs``: start the server with MLflow's job execution on (MLflow's default; ``launch/local.sh`` turns
-    it off). ``uri``: track on this running server instead of starting one; ``experiment``: the sweep's name and
-    its MLflow experiment, which must not exist yet there."""
+    it off; ignored with ``uri``). ``uri``: track on this running server instead of starting one;
+    ``experiment``: the sweep's name and its MLflow experiment, which must not exist yet there."""
     import yaml
 
     from geopose_ray.data.cache import prepare_cache

@@ -97,6 +97,7 @@ def mlflow_server(_mlflow_server: MlflowServer) -> MlflowServer:
     start it again (an outage), on the same port and database. Tests share it, so each uses experiments of its
     own."""
     if not _mlflow_server.running:
+        _mlflow_server.stop()  # whatever is left of its process group holds the port
         _mlflow_server.start()
     return _mlflow_server
 
