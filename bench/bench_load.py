@@ -53,8 +53,8 @@ class MlflowServer:
         return self.proc.pid
 
     def start(self) -> None:
-        """Start the server and return once ``/health`` answers; raises RuntimeError if it does not within
-        ``timeout_s`` (the server is then killed)."""
+        """Start the server and return once ``/health`` answers; raises RuntimeError if it exits first or does not
+        answer within ``timeout_s`` (its process group is then killed)."""
         mlflow = Path(sys.executable).with_name("mlflow")
         self.proc = subprocess.Popen(
             [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
