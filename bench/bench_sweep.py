@@ -22,10 +22,10 @@ from pathlib import Path
 
 import ray
 
+from geopose_ray.cluster.driver import run_sweep
 from geopose_ray.data.cache import prepare_cache
 from geopose_ray.data.synth import synthesize
 from geopose_ray.demo import demo_sweep
-from geopose_ray.sweep.driver import run_sweep
 from geopose_ray.tracking import Tracker
 
 

@@ -116,7 +116,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_results(args: argparse.Namespace) -> int:
     from geopose_ray.sweep.config import SweepConfig
-    from geopose_ray.tracking import Tracker, format_results, results_table
+    from geopose_ray.sweep.table import format_results
+    from geopose_ray.tracking import Tracker, results_table
 
     cfg = SweepConfig.from_yaml(args.config)
     tracker = Tracker(args.tracking_uri or cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name)

@@ -115,25 +115,18 @@ def run_demo(
     log(format_report(floor))
     report = floor
     if sweep:
-        import ray
-
+        from geopose_ray.cluster.connect import connected
+        from geopose_ray.cluster.driver import run_sweep
         from geopose_ray.ensemble.job import run_ensemble
-        from geopose_ray.sweep.driver import run_sweep
-        from geopose_ray.tracking import format_results
+        from geopose_ray.sweep.table import format_results
 
         cfg = demo_sweep(name, cache_dir, sweeps)
         step(6, f"sweep {len(cfg.trial_configs())} configurations on local Ray (rungs {cfg.rungs}) -> {sweeps}")
-        started = not ray.is_initialized()
-        if started:
-            ray.init(include_dashboard=False, log_to_driver=False)
-        try:
+        with connected(local_dashboard=False):
             swept = run_sweep(cfg)
             log(format_results(swept.rows))
             step(7, f"ensemble the {len(swept.finalists)} finalists (all folds), predict the test split -> {sub}")
             ens = run_ensemble(cfg, data / "test", out_dir=root, truth_dir=data / "test_truth")
-        finally:
-            if started:
-                ray.shutdown()
         for label, value in ens.fit.progression:
             log(f"       out of fold {value:8.4f}  {label}")
         report = ens.report if ens.report is not None else floor

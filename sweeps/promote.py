@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        from geopose_ray.sweep.driver import reopen_sweep
+        from geopose_ray.cluster.driver import reopen_sweep
 
         result = reopen_sweep(cfg, budget_gpu_hours=args.budget, add_rung=args.add_rung)
     except GeoposeError as e:

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cfg.name}: {cfg.n_trials} trials ({cfg.search}), rungs {cfg.rungs}, eta {cfg.eta}")
         if args.validate_only:
             return 0
-        from geopose_ray.sweep.driver import run_sweep
+        from geopose_ray.cluster.driver import run_sweep
 
         result = run_sweep(cfg, resume=args.resume)
     except GeoposeError as e:

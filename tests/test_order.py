@@ -85,7 +85,7 @@ def test_bad_arguments_are_named() -> None:
 
 def test_the_tune_searcher_restored_from_its_save_goes_on_as_the_original(tmp_path: Path) -> None:
     """Tune pickles the searcher with the experiment; a restarted driver's searcher makes the same next choices."""
-    from geopose_ray.sweep.tune import GuidedSearch
+    from geopose_ray.cluster.search import GuidedSearch
 
     points = [
         {"model": {"encoder": c["encoder"], "decoder": c["decoder"]}, "lr": c["lr"], "accumulation": 1} for c in _grid()
@@ -118,7 +118,7 @@ def test_the_tune_searcher_hands_out_the_costliest_finalists_fold_runs_first() -
     t2's, then t0's, each finalist's folds in fold order; then FINISHED."""
     from ray.tune.search import Searcher
 
-    from geopose_ray.sweep.tune import GuidedSearch
+    from geopose_ray.cluster.search import GuidedSearch
 
     points = [{"model": {"encoder": e, "decoder": "Unet"}, "lr": 1e-4, "accumulation": 1} for e in ("a", "b", "c")]
     search = GuidedSearch(points, first_rung=1, seed=0, metric="score", mode="max", folds=[1, 2], top=2)
@@ -143,8 +143,8 @@ def test_the_scheduler_starts_the_waiting_fold_run_with_most_hours_left_first() 
     architecture."""
     from ray.tune.experiment import Trial
 
+    from geopose_ray.cluster.scheduler import PromoterScheduler, fold_costs
     from geopose_ray.sweep.promoter import Promoter
-    from geopose_ray.sweep.tune import PromoterScheduler, fold_costs
 
     def fold(finalist: str, k: int, hours: float) -> Trial:
         cfg = {"model": {"encoder": finalist, "decoder": "Unet"}, "epochs": 200, "val_fold": k, "_finalist": finalist,
@@ -177,7 +177,7 @@ def test_fold_run_costs_are_per_architecture_means_of_their_finalists_screening(
     architecture's if none of its runs has it. Hours left count from the last epoch reported."""
     from ray.tune.experiment import Trial
 
-    from geopose_ray.sweep.tune import _hours_left, fold_costs
+    from geopose_ray.cluster.scheduler import _hours_left, fold_costs
 
     def run(encoder: str, decoder: str, hours: float | None) -> Trial:
         cfg: dict[str, object] = {"model": {"encoder": encoder, "decoder": decoder}, "epochs": 200, "val_fold": 1}

@@ -183,7 +183,7 @@ def test_unregistered_checkpoints_are_the_complete_contiguous_epochs_after_the_r
     taken up, and the work directory keeps the checkpoint it had."""
     from ray import tune
 
-    from geopose_ray.sweep.tune import REPORTED, _take_up, _unregistered
+    from geopose_ray.cluster.replay import REPORTED, _take_up, _unregistered
 
     trial = tmp_path / "trial"
     for index, epoch in ((0, 1), (1, 2), (2, 3), (4, 5)):
@@ -220,7 +220,7 @@ def test_a_trial_removes_the_scratch_directories_that_paused_or_killed_trials_le
     shared by containers) and anything not named by a host and process id."""
     import socket
 
-    from geopose_ray.sweep.tune import WORK_PREFIX, _work_dir
+    from geopose_ray.cluster.trainable import WORK_PREFIX, _work_dir
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

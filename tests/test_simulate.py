@@ -400,7 +400,7 @@ def test_ranking_finalists_by_their_best_epoch_picks_the_lucky_spike() -> None:
 
 
 def test_the_results_table_ranks_by_the_score_at_the_epoch_reached() -> None:
-    from geopose_ray.tracking import sort_rows
+    from geopose_ray.sweep.table import sort_rows
 
     def row(
         trial: str, epoch: int, score: float, best: float, avg: float | None = None, stage: str = "screen"
@@ -425,7 +425,7 @@ def test_the_results_table_ranks_finalists_by_their_mean_over_folds() -> None:
     3-fold mean is 0.8233, below "steady"'s 0.8417. "early" has one fold run at epoch 200 and one still at
     100: two folds so far, so it comes after both finished finalists whatever its mean. A fold run's own row
     has no cv_score."""
-    from geopose_ray.tracking import rows_csv, sort_rows
+    from geopose_ray.sweep.table import rows_csv, sort_rows
 
     def row(trial: str, epoch: int, avg: float, stage: str = "screen") -> dict[str, object]:
         return {"trial": trial, "stage": stage, "epoch": epoch, "score": avg, "score_avg": avg, "best_score": avg}

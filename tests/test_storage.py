@@ -215,9 +215,12 @@ def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_fr
     import pickle
     import shutil
 
+    from geopose_ray.cluster.callback import MlflowCallback
+    from geopose_ray.cluster.restore import restoring_into
+    from geopose_ray.cluster.scheduler import PromoterScheduler
     from geopose_ray.sweep.files import PROMOTER, RESULTS, TRIALS, SweepFiles
     from geopose_ray.sweep.promoter import Promoter
-    from geopose_ray.sweep.tune import MlflowCallback, PromoterScheduler, SweepTable, restoring_into
+    from geopose_ray.sweep.table import SweepTable
 
     home = join(s3, "own")
     first = SweepFiles(home, tmp_path / "head0" / "runs" / "own")

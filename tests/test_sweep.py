@@ -95,7 +95,7 @@ def _epochs(trial_dir: Path) -> list[int]:
 def test_screening_pauses_resumes_and_runs_finalist_folds(
     ray_cluster: None, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from geopose_ray.sweep.driver import run_sweep
+    from geopose_ray.cluster.driver import run_sweep
 
     cfg = _cfg(cache, tmp_path)
     result = run_sweep(cfg)
@@ -166,7 +166,7 @@ def test_a_spent_budget_stops_promotion_and_a_reopened_sweep_goes_on_from_checkp
     a larger budget promotes the qualifying ones, which continue from their checkpoints to the top rung and get
     their fold runs; adding a rung sends the best finalist on, fold runs included. No epoch is trained twice
     and every trial keeps one MLflow run."""
-    from geopose_ray.sweep.driver import reopen_sweep, run_sweep
+    from geopose_ray.cluster.driver import reopen_sweep, run_sweep
     from geopose_ray.tracking import Tracker
 
     grid = {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 3e-3], "accumulation": [1, 2]}
@@ -223,10 +223,10 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
     epoch twice."""
     import pyarrow.fs
 
+    from geopose_ray.cluster.driver import load_records, reopen_sweep, run_sweep
     from geopose_ray.engine.checkpoint import load_checkpoint
     from geopose_ray.ensemble.members import check_members, find_members
     from geopose_ray.storage import join, stat
-    from geopose_ray.sweep.driver import load_records, reopen_sweep, run_sweep
 
     heads = [tmp_path / f"head{i}" for i in range(3)]  # the drivers' working directories: each a new head
     for head in heads:
@@ -294,7 +294,7 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
 def test_optuna_tpe_draws_trials_from_ranges_under_the_promoter(ray_cluster: None, cache: Path, tmp_path: Path) -> None:
     """search: optuna draws num_samples trials (a log-uniform learning rate from lr_range), the promoter pauses and
     promotes them as in a grid sweep, and finalists get their fold runs."""
-    from geopose_ray.sweep.driver import run_sweep
+    from geopose_ray.cluster.driver import run_sweep
 
     cfg = _cfg(cache, tmp_path, search="optuna", num_samples=4, lr_range=[1e-4, 1e-2], rungs=[1, 2], eta=2)
     assert cfg.validate() == [] and cfg.n_trials == 4
@@ -320,7 +320,7 @@ def test_guided_search_starts_every_grid_point_once_and_learns_from_the_first_ru
     fold runs are backfilled: trials of the screening experiment itself, with no fold stage after it."""
     import pickle
 
-    from geopose_ray.sweep.driver import run_sweep
+    from geopose_ray.cluster.driver import run_sweep
     from geopose_ray.sweep.promoter import Promoter
 
     # One screening trial's epochs take 6 s more: the other worker finishes the rest of the grid meanwhile, and
@@ -401,8 +401,9 @@ def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_cheaper_one(
     free, no epoch trained twice; without, the costly run waits for a cheap run to end."""
     from ray import tune
 
+    from geopose_ray.cluster.scheduler import PromoterScheduler
+    from geopose_ray.cluster.trainable import train_trial
     from geopose_ray.sweep.promoter import Promoter
-    from geopose_ray.sweep.tune import PromoterScheduler, train_trial
 
     sweep = _cfg(cache, tmp_path)
     # Every epoch 3 s longer, so that both cheap runs still run when the costly one arrives (the second worker
@@ -465,8 +466,9 @@ def test_a_fold_run_paused_for_a_costlier_one_shows_as_paused_until_it_reports_a
     gets no row."""
     from ray.tune.experiment import Trial
 
+    from geopose_ray.cluster.callback import MlflowCallback
     from geopose_ray.sweep.files import SweepFiles
-    from geopose_ray.sweep.tune import MlflowCallback, SweepTable
+    from geopose_ray.sweep.table import SweepTable
     from geopose_ray.tracking import Tracker
 
     def fold(name: str, status: str) -> Trial:
@@ -516,9 +518,10 @@ def test_a_fold_run_pauses_only_when_the_worker_it_frees_goes_to_the_costlier_ru
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
+    from geopose_ray.cluster.restore import restoring_into
+    from geopose_ray.cluster.scheduler import PREEMPT_AFTER_S, PromoterScheduler
     from geopose_ray.sweep.files import SweepFiles
     from geopose_ray.sweep.promoter import Promoter
-    from geopose_ray.sweep.tune import PREEMPT_AFTER_S, PromoterScheduler, restoring_into
 
     def trial(name: str, status: str, hours: float | None = None, decoder: str = "Unet") -> Trial:
         cfg: dict[str, Any] = {"model": {"encoder": "e", "decoder": decoder}, "epochs": 10, "val_fold": 1}
@@ -595,7 +598,7 @@ def test_a_trial_whose_results_tune_lost_is_recorded_from_its_checkpoints(tmp_pa
     still skipped."""
     from ray import tune
 
-    from geopose_ray.sweep.driver import _records
+    from geopose_ray.cluster.driver import _records
 
     cfg = {"model": {"encoder": "tu-test_resnet", "decoder": "Unet"}, "lr": 0.003, "accumulation": 2, "_threads": 1}
     lost, never, unknown = tmp_path / "t" / "c37147b8", tmp_path / "t" / "0e4b05d7", tmp_path / "t" / "3a9e7c21"
@@ -633,7 +636,7 @@ def test_a_worker_lost_before_tune_registers_its_checkpoint_costs_no_retrained_e
     to MLflow once) and trains epoch 3 from it: no epoch is trained twice."""
     from mlflow.tracking import MlflowClient
 
-    from geopose_ray.sweep.driver import run_sweep
+    from geopose_ray.cluster.driver import run_sweep
     from geopose_ray.tracking import Tracker
 
     grid = {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3], "accumulation": [1]}
@@ -667,7 +670,7 @@ def test_failing_trials_are_errored_with_their_reason_and_out_of_memory_is_retri
     """A trial whose loss turns NaN is marked errored with its reason in MLflow and the sweep goes on; a trial out
     of memory (simulated: any batch above 2) is retried once at half the batch and twice the accumulation, the
     same effective batch, and recorded as such."""
-    from geopose_ray.sweep.driver import run_sweep
+    from geopose_ray.cluster.driver import run_sweep
     from geopose_ray.tracking import Tracker
 
     grid = {"encoders": ["tu-test_resnet"], "decoders": ["Unet"], "lrs": [1e-3, 1e8], "accumulation": [1]}
@@ -744,8 +747,8 @@ def test_a_torn_tune_state_is_mended_from_the_killed_drivers_staging_copy_or_ref
     staging copy here the resume is refused, naming the files, and nothing is changed."""
     from ray import tune
 
+    from geopose_ray.cluster import tune_state
     from geopose_ray.errors import DataError
-    from geopose_ray.sweep import tune_state
 
     def trainable(config: dict[str, Any]) -> None:
         for epoch in (1, 2):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from bench_load import MlflowServer
 
-from geopose_ray.tracking import Tracker, trial_params
+from geopose_ray.sweep.table import trial_params
+from geopose_ray.tracking import Tracker
 
 CFG = {"model": {"encoder": "resnet34", "decoder": "Unet", "weights": None}, "lr": 1e-4, "accumulation": 4,
        "batch_size": 2, "val_fold": 0, "epochs": 20}  # fmt: skip

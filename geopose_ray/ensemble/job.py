@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pickle
 import shutil
 import tarfile
@@ -26,6 +25,7 @@ import numpy as np
 import ray
 import torch
 
+from geopose_ray.cluster.connect import connect
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.data.layout import scan_dir
 from geopose_ray.data.submission import check_submission
@@ -179,8 +179,7 @@ def run_ensemble(
         raise DataError(f"{test_dir}: no test tiles (*_RGB.j2k or *_RGB.tif); give the test directory")
     if truth_dir is not None and not Path(truth_dir).is_dir():
         raise DataError(f"{truth_dir}: the truth directory does not exist")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    connect()
     out.mkdir(parents=True, exist_ok=True)
 
     # Out-of-fold statistics: one task per fold, each member's model of that fold in the same worker.

@@ -1,1 +1,1 @@
-"""The sweep: the promoter's rules (pure), and later the Ray Tune scheduler, trainable and driver."""
+"""The sweep's rules and records, pure: no Ray here (the Ray side is :mod:`geopose_ray.cluster`)."""

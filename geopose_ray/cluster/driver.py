@@ -12,42 +12,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
-import ray
 from ray import tune
 
+from geopose_ray.cluster import tune_state
+from geopose_ray.cluster.callback import MlflowCallback
+from geopose_ray.cluster.connect import connect
+from geopose_ray.cluster.faults import KillAfterResult
+from geopose_ray.cluster.replay import CHECKPOINT_DIR, REPORTED
+from geopose_ray.cluster.restore import restoring_into
+from geopose_ray.cluster.scheduler import PromoterScheduler
+from geopose_ray.cluster.search import GuidedSearch, pending_trials
+from geopose_ray.cluster.trainable import train_trial
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.engine.trainer import LAST
 from geopose_ray.errors import ConfigError, DataError, GeoposeError
 from geopose_ray.storage import checkpoint_location, is_remote, join, redact, storage_errors
-from geopose_ray.sweep import tune_state
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.files import PROMOTER, STATE, TRIALS
 from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
-from geopose_ray.sweep.tune import (
-    CHECKPOINT_DIR,
-    REPORTED,
-    GuidedSearch,
-    KillAfterResult,
-    MlflowCallback,
-    PromoterScheduler,
-    SweepTable,
-    is_fold_run,
-    pending_trials,
-    per_epoch_hours,
-    resolve_config,
-    restoring_into,
-    train_trial,
-    trial_key,
-)
-from geopose_ray.tracking import Tracker, format_results, result_row, sort_rows
+from geopose_ray.sweep.records import is_fold_run, per_epoch_hours, resolve_config, trial_key
+from geopose_ray.sweep.table import SweepTable, format_results, result_row, sort_rows
+from geopose_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +243,7 @@ class _Sweep:
         self.promoter = promoter
         self.records = records
         self.round = round_  # 0 for the sweep itself, n for its n-th reopening
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        connect()
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         # A tracking server keeps artifacts where it was told to (its --artifacts-destination); a local SQLite
         # store keeps them beside the sweep.

@@ -1,0 +1,121 @@
+"""The Ray Tune searcher of ``search: guided``: every grid point once, in the guided order, then the finalists'
+fold runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from geopose_ray.sweep.order import GuidedOrder, longest_first
+from geopose_ray.sweep.records import EPOCH_HOURS, per_epoch_hours
+
+GUIDED_AXES = ("encoder", "decoder", "lr", "accumulation")
+
+
+class GuidedSearch(Searcher):
+    """Every point of a grid exactly once, in a :class:`GuidedOrder` that learns from the first-rung scores, then
+    each finalist's runs on the other folds as soon as it is a finalist.
+
+    Ray Tune asks for a trial whenever it has room for one more pending trial (the driver sets how many, its
+    ``pending_trials``); each answer is the grid point the order picks with what the first rung has shown by
+    then. Once every grid point has started, the answers are fold runs (``folds``: the other validation folds;
+    trained to ``top`` epochs) of the trials that have finished the top rung, the most expensive finalist's
+    first (its hours per epoch, which each fold run's config carries as ``_epoch_hours``;
+    :func:`~geopose_ray.sweep.order.longest_first`). The scheduler ranks them after every promotion and new trial,
+    so they fill the workers screening leaves idle (Tune starts pending trials as resources free up: the ranking is
+    a priority), and lets a waiting one of a costlier architecture pre-empt a running one. None means
+    "nothing yet" (a finalist may still come); FINISHED once screening is over and every fold run has been
+    handed out. Its state is pickled with the experiment, so a restarted driver goes on where it stopped.
+    """
+
+    def __init__(
+        self,
+        points: list[dict[str, Any]],
+        first_rung: int,
+        seed: int,
+        metric: str,
+        mode: str,
+        folds: list[int] | None = None,
+        top: int | None = None,
+    ) -> None:
+        super().__init__(metric=metric, mode=mode)
+        axes = [{**p["model"], "lr": p["lr"], "accumulation": p["accumulation"]} for p in points]
+        self.order = GuidedOrder(axes, axes=GUIDED_AXES, seed=seed)
+        self.points = points
+        self.first_rung = first_rung
+        self.folds = list(folds or [])
+        self.top = top
+        self.index: dict[str, int] = {}  # Tune trial id -> grid point
+        self.ended: set[str] = set()  # screening trials Tune has completed (finalist, stopped or errored)
+        self.queue: list[dict[str, Any]] = []  # fold runs of finalists, not yet handed out, the costliest first
+        self.cost: dict[str, float] = {}  # finalist -> its device hours per epoch
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        i = self.order.next()
+        if i is not None:
+            self.index[trial_id] = i
+            return {"cfg": self.points[i]}
+        if self.queue:
+            return {"cfg": self.queue.pop(0)}
+        if len(self.ended) < len(self.index):
+            return None  # screening still runs: a finalist may come
+        return Searcher.FINISHED  # type: ignore[return-value]  # Tune's documented "no more trials"
+
+    def _observe(self, trial_id: str, value: Any) -> None:
+        i = self.index.get(trial_id)
+        if i is None or i in self.order.scores:
+            return
+        score = float(value) if isinstance(value, int | float) else math.nan
+        self.order.observe(i, score if self.mode == "max" else -score)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if int(result.get("epoch", 0)) == self.first_rung:
+            self._observe(trial_id, result.get(self.metric))
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id not in self.index or trial_id in self.ended:
+            return  # a fold run, or told twice
+        # A trial that ends before the first rung errored (or the top rung is below it): the lowest rank.
+        self._observe(trial_id, None if error or not result else result.get(self.metric))
+        self.ended.add(trial_id)
+        if not error and result and self.top is not None and int(result.get("epoch", 0)) >= self.top:
+            point = self.points[self.index[trial_id]]
+            self.cost[trial_id] = per_epoch_hours(result)
+            self.queue += [
+                {**point, "val_fold": k, "epochs": self.top, "_finalist": trial_id, EPOCH_HOURS: self.cost[trial_id]}
+                for k in self.folds
+            ]
+            costs = [self.cost.get(str(q["_finalist"]), math.nan) for q in self.queue]
+            self.queue = [self.queue[i] for i in longest_first(costs)]
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        self.__dict__.setdefault("cost", {})  # saved before fold runs were ordered by cost
+
+
+@contextmanager
+def pending_trials(n: int | None) -> Iterator[None]:
+    """Let Ray Tune keep ``n`` suggested trials pending while a searcher runs (Tune's default for a searcher is
+    one, which would show the autoscaler one wanted worker at a time). An explicit TUNE_MAX_PENDING_TRIALS_PG in
+    the environment wins; None changes nothing."""
+    key = "TUNE_MAX_PENDING_TRIALS_PG"
+    if n is None or key in os.environ:
+        yield
+        return
+    os.environ[key] = str(n)
+    try:
+        yield
+    finally:
+        del os.environ[key]

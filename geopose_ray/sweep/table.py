@@ -1,0 +1,229 @@
+"""The sweep's results table as it stands while the sweep runs (``results.csv`` and the parent run's artifacts).
+No Ray: the tracker is passed in.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from geopose_ray.sweep.files import RESULTS, SweepFiles
+from geopose_ray.sweep.plots import curves_plot
+
+if TYPE_CHECKING:
+    from geopose_ray.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+PARAM_KEYS = ("encoder", "decoder", "weights", "lr", "accumulation", "batch_size", "effective_batch", "val_fold")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"encoder": "x"}}`` → ``{"model.encoder": "x"}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def headline(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns a user compares trials by, from a TrainConfig dict."""
+    model = cfg.get("model", {})
+    return {
+        "encoder": model.get("encoder"),
+        "decoder": model.get("decoder"),
+        "weights": model.get("weights"),
+        "lr": cfg.get("lr"),
+        "accumulation": cfg.get("accumulation"),
+        "batch_size": cfg.get("batch_size"),
+        "effective_batch": (cfg.get("batch_size") or 0) * (cfg.get("accumulation") or 0),
+        "val_fold": cfg.get("val_fold"),
+    }
+
+
+def trial_params(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The params of a trial run: the headline columns, then the rest of its TrainConfig, flattened."""
+    head = headline(cfg)
+    rest = {k: v for k, v in flatten(cfg).items() if k not in ("model.encoder", "model.decoder", "model.weights")}
+    rest = {k: v for k, v in rest.items() if k not in head}
+    return {k: str(v)[:500] for k, v in {**head, **rest}.items()}
+
+
+COLUMNS = ["trial", "stage", "status", "rung", *PARAM_KEYS, "epoch", "score", "score_avg", "cv_score", "cv_folds",
+           "best_score", "gpu_hours", "device_hours"]  # fmt: skip
+
+
+def result_row(
+    trial: str, stage: str, status: str, rung: int | str, cfg: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One row of the results table (``results.csv``, ``geopose-ray results``, the parent run's artifact)."""
+    nan = float("nan")
+    return {
+        "trial": trial,
+        "stage": stage,
+        "status": status,
+        "rung": rung,
+        **headline(cfg),
+        "epoch": int(metrics.get("epoch", 0) or 0),
+        "score": metrics.get("score", nan),
+        "score_avg": metrics.get("score_avg", nan),
+        "best_score": metrics.get("best_score", nan),
+        "gpu_hours": metrics.get("gpu_hours", 0.0),
+        "device_hours": metrics.get("device_hours", 0.0),
+    }
+
+
+def _number(r: Mapping[str, Any], name: str) -> float:
+    try:
+        v = float(r.get(name, math.nan))
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+def _level(r: Mapping[str, Any]) -> float:
+    """A row's score for ranking: ``score_avg``, or the score where a row has none (a row from before it)."""
+    v = _number(r, "score_avg")
+    return _number(r, "score") if v != v else v
+
+
+def fold_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows (copies), each screening trial's with its cross-validated score: ``cv_score`` is the mean level
+    (:func:`_level`) of its own row and of its fold runs' rows (``<trial>/fold<k>``) that reached the same epoch,
+    ``cv_folds`` how many rows that is; fold runs' own rows get blanks. A finalist's K-fold mean is the design's
+    pick: K runs' own deviations average out, which no number of one run's epochs do (BENCHMARKS.md, sweep
+    policies: the 5-fold pick has a fifth of the screening pick's regret)."""
+    out = [dict(r) for r in rows]
+    screening = {str(r["trial"]): r for r in out if r.get("stage") == "screen"}
+    levels: dict[str, list[float]] = {}
+    for r in out:
+        parent, sep, _ = str(r["trial"]).rpartition("/fold")
+        if sep and parent in screening and int(r.get("epoch") or 0) == int(screening[parent].get("epoch") or 0):
+            levels.setdefault(parent, []).append(_level(r))
+    for key, r in screening.items():
+        values = [v for v in [_level(r), *levels.get(key, [])] if v == v]
+        r["cv_score"] = float(sum(values) / len(values)) if values else math.nan
+        r["cv_folds"] = len(values)
+    for r in out:
+        if r.get("stage") != "screen":
+            r["cv_score"], r["cv_folds"] = "", ""  # not a screening trial: blank in the table, not NaN
+    return out
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with their :func:`fold_means`, in the order a user picks from: screening trials first; the furthest
+    trained first; among trials at the same epoch, those scored on the most folds first, the best ``cv_score``
+    first (for a trial without fold runs that is its ``score_avg``, the mean of its last few epochs' scores,
+    :func:`geopose_ray.metrics.window_epochs`, or its score where a row has no ``score_avg``); a trial with
+    no score last at its epoch.
+
+    Trials are compared at the epoch they reached, as the promoter compares them at a rung, not by ``best_score``:
+    a maximum over every epoch so far favours the noisiest curves. The mean of the last epochs is steadier than
+    the last one alone, and the mean over folds steadier still (BENCHMARKS.md, sweep policies: the simulated
+    regret of each way of picking). So once the sweep is over its finalists are in the order of their K-fold
+    means; while fold runs still go on, those with more folds done come first."""
+
+    def key(r: dict[str, Any]) -> tuple[bool, int, int, float, str]:
+        v = _number(r, "cv_score") if r["stage"] == "screen" else _level(r)
+        folds = int(r["cv_folds"]) if r["stage"] == "screen" else 0
+        return r["stage"] != "screen", -int(r.get("epoch") or 0), -folds, -v if v == v else math.inf, str(r["trial"])
+
+    return sorted(fold_means(rows), key=key)
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sort_rows(rows))
+    return buf.getvalue()
+
+
+def format_results(rows: list[dict[str, Any]]) -> str:
+    cols = [("trial", 24), ("stage", 7), ("status", 9), ("rung", 5), ("encoder", 18), ("decoder", 13), ("lr", 8),
+            ("accumulation", 5), ("effective_batch", 6), ("val_fold", 5), ("epoch", 6), ("score", 8),
+            ("score_avg", 10), ("cv_score", 9), ("cv_folds", 9)]  # fmt: skip
+    head = "".join(
+        f"{(n if n not in ('accumulation', 'effective_batch', 'val_fold') else n[:4]):<{w}}" for n, w in cols
+    )
+    lines = [head]
+    for r in sort_rows(rows):
+        cells = []
+        for n, w in cols:
+            v = r[n]
+            text = (f"{v:.2g}" if n == "lr" else f"{v:.4f}") if isinstance(v, float) else str(v)
+            cells.append(f"{text[: w - 1]:<{w}}")
+        lines.append("".join(cells))
+    return "\n".join(lines)
+
+
+class SweepTable:
+    """The sweep's results table as it stands: a row per trial (screening and fold runs) and each trial's
+    curve. While the sweep runs it is rewritten (``results.csv`` and the parent run's artifacts: the table and
+    a plot of every screening curve with the finalists bold) at most every ``refresh_s`` seconds, as trials
+    pause, finish or fail (a change that comes sooner is written once ``refresh_s`` has passed, at the next
+    step of Tune's loop); the driver writes it once more at the end."""
+
+    _behind = False  # a change not yet written, as it came within refresh_s of the last write (also if unpickled)
+
+    def __init__(self, files: SweepFiles, rungs: list[int], title: str = "", refresh_s: float = 30.0) -> None:
+        self.files = files  # the table is written there as results.csv
+        self.rungs = rungs
+        self.title = title
+        self.refresh_s = refresh_s
+        self.rows: dict[str, dict[str, Any]] = {}  # trial key -> row
+        self.curves: dict[str, list[tuple[int, float]]] = {}  # trial key -> (epoch, score)
+        self.finalists: list[str] = []
+        self._written = -math.inf
+
+    @property
+    def path(self) -> Path:
+        """The local file (the working copy, for a remote home): MLflow's artifact is uploaded from it."""
+        return self.files.local / RESULTS
+
+    def write(self, tracker: Tracker, force: bool = False) -> None:
+        """Write the table now, or, within ``refresh_s`` of the last write, at the first :meth:`catch_up` after."""
+        now = time.monotonic()
+        if not force and now - self._written < self.refresh_s:
+            self._behind = True
+            return
+        self._written, self._behind = now, False
+        self.files.write(RESULTS, rows_csv(list(self.rows.values())), required=force)
+        screen = {k: v for k, v in self.curves.items() if self.rows.get(k, {}).get("stage") == "screen"}
+        try:
+            parent = tracker.parent()
+            tracker.artifact(parent, self.path)
+            log_curves_plot(
+                tracker, parent, screen, "screen_curves.png", rungs=self.rungs, highlight=self.finalists,
+                title=f"{self.title}: screening (finalists bold)",
+            )  # fmt: skip
+        except Exception as e:  # the table on disk is current; MLflow gets it at the next refresh
+            log.warning("MLflow unavailable (%s); the results table is at %s", e, self.path)
+
+    def catch_up(self, tracker: Tracker) -> None:
+        """Write a change that came too soon after the last write, once ``refresh_s`` has passed."""
+        if self._behind:
+            self.write(tracker)
+
+
+def log_curves_plot(
+    tracker: Tracker, run: str, curves: dict[str, list[tuple[int, float]]], name: str, **kw: Any
+) -> None:
+    """Log a learning-curve plot as an artifact of ``run``; a plotting failure never stops a sweep."""
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            tracker.artifact(run, curves_plot(curves, Path(d) / name, **kw))
+    except Exception:
+        return
