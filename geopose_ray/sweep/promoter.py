@@ -21,9 +21,29 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import pairwise
 from typing import Any
 
 from geopose_ray.errors import ConfigError
+
+
+def check_schedule(
+    rungs: Sequence[int], eta: int, mode: str, min_results: int = 1, budget_gpu_hours: float | None = None
+) -> None:
+    """Raise :class:`ConfigError` naming the first of the promoter's settings that is not valid: rungs (positive,
+    strictly increasing epochs), ``eta >= 2``, ``mode`` max or min, ``min_results >= 1``, a budget > 0 or None."""
+    if not rungs or any(int(r) < 1 for r in rungs):
+        raise ConfigError(f"The value of `rungs` is {list(rungs)}, but must be positive epochs")
+    if any(b <= a for a, b in pairwise(rungs)):
+        raise ConfigError(f"The value of `rungs` is {list(rungs)}, but must be strictly increasing")
+    if eta < 2:
+        raise ConfigError(f"The value of `eta` is {eta}, but must be `eta >= 2`")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"The value of `mode` is {mode!r}, but must be 'max' or 'min'")
+    if min_results < 1:
+        raise ConfigError(f"The value of `min_results` is {min_results}, but must be `min_results >= 1`")
+    if budget_gpu_hours is not None and not budget_gpu_hours > 0:
+        raise ConfigError(f"The value of `budget_gpu_hours` is {budget_gpu_hours}, but must be > 0 or null")
 
 
 class Decision(StrEnum):
@@ -57,16 +77,7 @@ class Promoter:
 
     def __post_init__(self) -> None:
         self.rungs = [int(r) for r in self.rungs]
-        if not self.rungs or any(r < 1 for r in self.rungs):
-            raise ConfigError(f"The value of `rungs` is {self.rungs}, but must be positive epochs")
-        if any(b <= a for a, b in zip(self.rungs, self.rungs[1:], strict=False)):
-            raise ConfigError(f"The value of `rungs` is {self.rungs}, but must be strictly increasing")
-        if self.eta < 2:
-            raise ConfigError(f"The value of `eta` is {self.eta}, but must be `eta >= 2`")
-        if self.mode not in ("max", "min"):
-            raise ConfigError(f"The value of `mode` is {self.mode!r}, but must be 'max' or 'min'")
-        if self.min_results < 1:
-            raise ConfigError(f"The value of `min_results` is {self.min_results}, but must be `min_results >= 1`")
+        check_schedule(self.rungs, self.eta, self.mode, self.min_results, self.budget_gpu_hours)
         for i in range(len(self.rungs)):
             self.results.setdefault(i, {})
             self.promoted.setdefault(i, set())
