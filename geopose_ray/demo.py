@@ -6,6 +6,7 @@ it is the floor every trained model must beat.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -21,10 +22,12 @@ from geopose_ray.data.rasters import raster_info
 from geopose_ray.data.submission import check_submission, write_prediction
 from geopose_ray.data.synth import synthesize
 from geopose_ray.data.validate import validate_dir
-from geopose_ray.errors import DataError
+from geopose_ray.errors import ConfigError, DataError
 from geopose_ray.metrics import ScoreReport, format_report
 from geopose_ray.scoring import score_dirs
 from geopose_ray.sweep.config import SweepConfig
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "demo.yaml"  # what `make demo` sweeps
 
 
 def predict_means(cache: TrainingCache, test_dir: Path, out_dir: Path) -> int:
@@ -43,26 +46,16 @@ def predict_means(cache: TrainingCache, test_dir: Path, out_dir: Path) -> int:
 
 
 def demo_sweep(name: str, cache: Path, storage: Path) -> SweepConfig:
-    """The embedded default's sweep (the same as sweeps/configs/demo.yaml, with this run's paths)."""
-    return SweepConfig.from_dict(
-        {
-            "name": name,
-            "cache": str(cache),
-            "grid": {
-                "encoders": ["tu-test_resnet"],
-                "decoders": ["Unet", "FPN"],
-                "lrs": [0.001, 0.003],
-                "accumulation": [1, 2],
-            },
-            "train": {"batch_size": 4, "augment": {"rot90": True, "flip": True}},
-            "rungs": [2, 4, 8],
-            "eta": 3,
-            "val_fold": 0,
-            "cpus_per_trial": 1,
-            "gpus_per_trial": 0,
-            "storage_path": str(storage),
-        }
-    )
+    """The embedded default's sweep: :data:`DEMO_CONFIG` as ``geopose-ray sweep screen`` reads it, with this
+    run's ``name``, training ``cache`` and ``storage`` path in place of the file's.
+
+    Raises:
+        ConfigError: the file is missing (the package is installed without its source checkout's ``sweeps/``).
+    """
+    if not DEMO_CONFIG.is_file():
+        raise ConfigError(f"{DEMO_CONFIG}: the demo's sweep config is missing; run the demo from a source checkout")
+    shipped = SweepConfig.from_yaml(DEMO_CONFIG)
+    return dataclasses.replace(shipped, name=name, cache=str(cache), storage_path=str(storage))
 
 
 def run_demo(
