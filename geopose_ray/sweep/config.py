@@ -21,6 +21,7 @@ from geopose_ray.models.config import ModelConfig, resolve_decoder, resolve_mode
 from geopose_ray.models.geopose import validate_model_config
 from geopose_ray.storage import is_remote, join, redact
 from geopose_ray.sweep.files import SweepFiles
+from geopose_ray.sweep.promoter import check_schedule
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,25 @@ class SweepConfig:
         return len(g.encoders) * len(g.decoders) * len(g.lrs) * len(g.accumulation)
 
     def validate(self) -> list[str]:
-        """Check everything that can be checked before Ray starts; returns notes (resolved names)."""
+        """Check everything that can be checked before Ray starts, section by section, cheapest first; the
+        architectures are built on PyTorch's meta device, no weights are read and nothing is written.
+
+        Returns:
+            Notes, sorted and each once: resolved encoder names, credentials in the storage path.
+
+        Raises:
+            ConfigError: naming the first setting that is not valid, its value and what it must be.
+        """
+        self._check_names()
+        self._check_data()
+        self._check_grid()
+        self._check_promoter()
+        self._check_resources()
+        self._check_search()
+        return sorted(set(self._check_storage() + self._check_models()))
+
+    def _check_names(self) -> None:
+        """``name``: plain and non-empty; on an object store only letters, digits, ``.``, ``_`` and ``-``."""
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"The value of `name` is {self.name!r}: use a plain, non-empty name")
         if is_remote(self.storage_path) and not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
@@ -179,8 +198,14 @@ class SweepConfig:
                 f"The value of `name` is {self.name!r}: a sweep on an object store is named with letters, digits, "
                 "'.', '_' and '-' only (Ray Tune cannot restore experiments under other names there)"
             )
+
+    def _check_data(self) -> None:
+        """``cache``: a training cache written by ``geopose-ray prepare`` (its ``cache.json`` exists)."""
         if not Path(self.cache, "cache.json").exists():
             raise ConfigError(f"`cache` {self.cache!r} is not a training cache; run geopose-ray prepare first")
+
+    def _check_grid(self) -> None:
+        """``grid``: every axis non-empty, learning rates finite and > 0, accumulation steps integers >= 1."""
         g = self.grid
         for key in ("encoders", "decoders", "lrs", "accumulation"):
             if not getattr(g, key):
@@ -191,26 +216,37 @@ class SweepConfig:
         for steps in g.accumulation:
             if not (isinstance(steps, int) and steps >= 1):
                 raise ConfigError(f"The value {steps!r} in `grid.accumulation` is not valid: steps must be >= 1")
-        if any(b <= a for a, b in zip(self.rungs, self.rungs[1:], strict=False)) or not self.rungs:
-            raise ConfigError(f"The value of `rungs` is {self.rungs}, but must be strictly increasing epochs")
-        if self.eta < 2:
-            raise ConfigError(f"The value of `eta` is {self.eta}, but must be `eta >= 2`")
-        if self.mode not in ("max", "min"):
-            raise ConfigError(f"The value of `mode` is {self.mode!r}, but must be 'max' or 'min'")
+
+    def _check_promoter(self) -> None:
+        """``rungs``, ``eta``, ``mode``, ``min_results``, ``budget_gpu_hours``: integers where counts are meant, then
+        the promoter's own check (:func:`~geopose_ray.sweep.promoter.check_schedule`)."""
+        if not (isinstance(self.rungs, list | tuple) and all(_is_int(r) for r in self.rungs)):
+            raise ConfigError(f"The value of `rungs` is {self.rungs!r}, but must be a list of integer epochs")
+        for key in ("eta", "min_results"):
+            if not _is_int(getattr(self, key)):
+                raise ConfigError(f"The value of `{key}` is {getattr(self, key)!r}, but must be an integer")
+        check_schedule(self.rungs, self.eta, self.mode, self.min_results, self.budget_gpu_hours)
+
+    def _check_resources(self) -> None:
+        """``cpus_per_trial`` > 0 and ``gpus_per_trial`` >= 0 (fractions share a device)."""
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ConfigError(
                 f"resources per trial ({self.cpus_per_trial} CPU, {self.gpus_per_trial} GPU) are impossible: "
                 "cpus_per_trial must be > 0 and gpus_per_trial >= 0"
             )
+
+    def _check_search(self) -> None:
+        """``search`` and its settings: ``pending_trials`` >= 1, ``preempt_fold_runs`` a boolean, ``num_samples``
+        >= 1 for optuna, ``lr_range`` ``[low, high]`` with 0 < low < high and only for optuna."""
         if self.search not in ("grid", "guided", "optuna"):
             raise ConfigError(f"The value of `search` is {self.search!r}, but must be 'grid', 'guided' or 'optuna'")
-        if not (isinstance(self.pending_trials, int) and self.pending_trials >= 1):
+        if not (_is_int(self.pending_trials) and self.pending_trials >= 1):
             raise ConfigError(f"The value of `pending_trials` is {self.pending_trials!r}, but must be an integer >= 1")
         if not isinstance(self.preempt_fold_runs, bool):
             raise ConfigError(
                 f"The value of `preempt_fold_runs` is {self.preempt_fold_runs!r}, but must be true or false"
             )
-        if self.search == "optuna" and not (isinstance(self.num_samples, int) and self.num_samples >= 1):
+        if self.search == "optuna" and not (_is_int(self.num_samples) and self.num_samples >= 1):
             raise ConfigError(f"The value of `num_samples` is {self.num_samples!r}, but must be `num_samples >= 1`")
         if self.lr_range is not None:
             lo_hi = list(self.lr_range)
@@ -220,17 +256,25 @@ class SweepConfig:
                 )
             if self.search != "optuna":
                 raise ConfigError("`lr_range` is for `search: optuna`; a grid search takes `grid.lrs`")
-        if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
-            raise ConfigError(f"The value of `budget_gpu_hours` is {self.budget_gpu_hours}, but must be > 0 or null")
-        for d in g.decoders:
-            resolve_decoder(d)
-        notes: list[str] = []
+
+    def _check_storage(self) -> list[str]:
+        """``storage_path``: a note (its credentials redacted) when an object-store URI carries credentials."""
         if is_remote(self.storage_path) and "@" in urlsplit(self.storage_path).netloc:
-            notes.append(
+            return [
                 f"storage_path {redact(self.storage_path)} carries credentials: Ray Tune keeps its storage path, and "
                 "the sweep its checkpoint locations, in plain text on that storage; prefer the nodes' instance "
                 "role or the standard AWS/GCP environment variables"
-            )
+            ]
+        return []
+
+    def _check_models(self) -> list[str]:
+        """Every decoder and encoder name, then each trial's training config, and each architecture once (per
+        decoder, encoder and batch size) at the cache's tile size on the meta device. Returns the resolved
+        encoders' notes. Needs :meth:`_check_data` and :meth:`_check_grid` to have passed."""
+        g = self.grid
+        for d in g.decoders:
+            resolve_decoder(d)
+        notes: list[str] = []
         for enc in g.encoders:  # names first: cheap, and the commonest mistake
             notes += resolve_model(ModelConfig(encoder=enc, weights=g.weights.get(enc))).notes
         size = TrainingCache(self.cache).tile_size
@@ -242,7 +286,11 @@ class SweepConfig:
             if combo not in seen:  # one model check per architecture, not per learning rate
                 seen.add(combo)
                 validate_model_config(t.model, size, t.batch_size)
-        return sorted(set(notes))
+        return notes
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def add_config_args(ap: argparse.ArgumentParser, config_help: str = "a sweep YAML (sweeps/configs/)") -> None:
