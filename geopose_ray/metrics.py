@@ -45,8 +45,8 @@ def window_epochs(epoch: int, share: float = SCORE_WINDOW) -> int:
     One epoch's validation score wobbles about the run's level; the mean of the last few is a steadier estimate
     of it (Ray Tune's ``scope="last-10-avg"`` is the same idea). A window in proportion to the epochs trained
     keeps the lag behind a still-rising curve small: a mean of k epochs trails by (k − 1)/2 of them, which on a
-    curve Q − R/e costs about share · R / (2e), 0.0003 at epoch 200 for the slowest-rising encoder of GEOPOSE.md's
-    table (ResNet-34, R ≈ 2.5), while the 20-epoch rung's value is the plain score.
+    curve Q − R/e costs about share · R / (2e), 0.0003 at epoch 200 for the slowest-rising encoder of the seed's
+    screening table (docs/simulator.md) (ResNet-34, R ≈ 2.5), while the 20-epoch rung's value is the plain score.
     """
     return max(1, min(epoch, round(share * epoch)))
 

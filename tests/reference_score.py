@@ -1,8 +1,8 @@
-"""A deliberately naive reference implementation of the challenge score, written from GEOPOSE.md only.
+"""A deliberately naive reference implementation of the challenge score, written from docs/formats-and-score.md only.
 
 It shares no code with :mod:`geopose_ray.metrics`: every pixel is visited in a plain Python loop, flows are
 built with :mod:`math`, all valid pixels of a city are concatenated into lists, and sums use
-:func:`math.fsum`. The formula (GEOPOSE.md, "The score"):
+:func:`math.fsum`. The formula (docs/formats-and-score.md, "The score"):
 
 * valid = truth AGL finite; pooled over all valid pixels of all tiles of a city;
 * ``R²_h = 1 − Σ(ĥ−h)² / (Σ(h − mean_h)² + 1e-4)``, ``mean_h = Σh / (n + 1e-4)``;

@@ -27,7 +27,7 @@ near_ends = st.one_of(
 any_angle = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False)
 component = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 
-# (angle, expected unit direction (x = column, y = row)) — GEOPOSE.md: θ = 0 points down the rows (+y),
+# (angle, expected unit direction (x = column, y = row)) — docs/formats-and-score.md: θ = 0 points down the rows (+y),
 # increasing counter-clockwise (as seen with rows going down): π/2 → +x, π → −y, 3π/2 → −x.
 HAND_CASES = [
     (0.0, (0.0, 1.0)),

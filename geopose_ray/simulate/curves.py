@@ -6,8 +6,8 @@ A trial's validation score at epoch ``e`` (1 ≤ e ≤ the top rung) is
 
 Q is the plateau the run approaches, R its rise debt (score × epochs: the gap to Q is about R/e late in
 training), e_p the epoch where overfitting starts and κ the score lost per e-fold of epochs after it. Fitted by
-least squares to the U-Net rows of GEOPOSE.md's table (5-fold means on the private LB, all at Adam lr 1e-4),
-the hyperbola leaves residuals of at most 0.001:
+least squares to the U-Net rows of the seed's table (docs/simulator.md; 5-fold means on the private LB, all at
+Adam lr 1e-4), the hyperbola leaves residuals of at most 0.001:
 
     ResNet34       Q 0.8345 R 2.53    0.8224@200 0.8260@300 0.8286@400 0.8294@500
     EffNet-B0      Q 0.7947 R 0.38    0.7929@200 0.7938@400
