@@ -4,7 +4,6 @@ them)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from geopose_ray.engine.trainer import BEST, LAST
 from geopose_ray.errors import DataError
 from geopose_ray.storage import is_remote, join, read_text, redact, stat
 from geopose_ray.sweep.files import TRIALS
+from geopose_ray.sweep.records import Stage, SweepRecords, TrialRecord
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,11 @@ class Member:
     folds: tuple[FoldModel, ...]
 
 
-def _checkpoint(record: dict[str, Any], key: str) -> str:
-    if record.get("error"):
-        raise DataError(f"fold model {key} failed in the sweep ({record['error']}); rerun the sweep or leave it out")
-    directory = record.get("checkpoint")
+def _checkpoint(record: TrialRecord) -> str:
+    key = record.key
+    if record.error:
+        raise DataError(f"fold model {key} failed in the sweep ({record.error}); rerun the sweep or leave it out")
+    directory = record.checkpoint
     if not directory:
         raise DataError(f"fold model {key} has no checkpoint in trials.json; rerun the sweep with --resume")
     for name in (BEST, LAST):
@@ -51,31 +52,32 @@ def find_members(sweep_dir: str | Path, names: list[str] | None = None) -> list[
     """The members of an ensemble from a sweep's ``trials.json``: every finalist by default, or ``names``.
 
     Raises:
-        DataError: no finished sweep, no finalists, an unknown name, or a fold model without a checkpoint.
+        DataError: no finished sweep, a malformed trials.json, no finalists, an unknown name, or a fold model
+            without a checkpoint.
     """
     path = join(sweep_dir, TRIALS)
     text = read_text(path)
     if text is None:
         raise DataError(f"{redact(path)}: no finished sweep here (trials.json missing); run sweeps/screen.py first")
-    saved = json.loads(text)
-    trials: dict[str, dict[str, Any]] = saved["trials"]
-    chosen = list(names) if names else list(saved.get("finalists", []))
+    saved = SweepRecords.from_json(text, redact(path))
+    trials = saved.trials
+    chosen = list(names) if names else list(saved.finalists)
     if not chosen:
         raise DataError(
-            f"sweep {saved.get('sweep')!r} has no finalists to ensemble; give members by name (--members), or "
+            f"sweep {saved.sweep!r} has no finalists to ensemble; give members by name (--members), or "
             "raise its budget or rungs with sweeps/promote.py"
         )
-    screened = sorted(k for k, r in trials.items() if r["stage"] == "screen")
+    screened = sorted(k for k, r in trials.items() if r.stage == Stage.SCREEN)
     members = []
     for name in chosen:
-        if name not in trials or trials[name]["stage"] != "screen":
+        if name not in trials or trials[name].stage != Stage.SCREEN:
             raise DataError(f"no screening trial {name!r} in {redact(path)}; the trials are {screened}")
         record = trials[name]
-        cfg = record["cfg"]
-        folds = [FoldModel(name, _checkpoint(record, name), int(cfg["val_fold"]))]
+        cfg = record.cfg
+        folds = [FoldModel(name, _checkpoint(record), int(cfg["val_fold"]))]
         for key, r in sorted(trials.items()):
-            if r["stage"] == "fold" and key.startswith(f"{name}/fold"):
-                folds.append(FoldModel(key, _checkpoint(r, key), int(r["cfg"]["val_fold"])))
+            if r.stage == Stage.FOLD and r.key.trial == name:
+                folds.append(FoldModel(key, _checkpoint(r), int(r.cfg["val_fold"])))
         model = cfg["model"]
         label = f"{model['decoder']}/{model['encoder']} lr {cfg['lr']:.2g} acc {cfg['accumulation']}"
         members.append(Member(name, label, tuple(sorted(folds, key=lambda f: f.val_fold))))
