@@ -1,4 +1,6 @@
-"""Checkpoints Tune lost track of: the epochs a trial completed and persisted but Tune never registered."""
+"""Checkpoints Tune lost track of: the epochs a trial completed and persisted but Tune never registered. One scan
+of a trial's checkpoints on any ``pyarrow.fs`` filesystem serves both the trainable (which epochs to take up) and
+the driver (the newest checkpoint of a trial whose results Tune lost)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 from ray import tune
 
 from geopose_ray.engine.checkpoint import load_checkpoint
@@ -24,20 +28,61 @@ REPORTED = "reported.json"  # beside last.pt in every trial checkpoint: the metr
 CHECKPOINT_DIR = re.compile(r"checkpoint_\d+")
 
 
-def _reported(directory: Path) -> dict[str, Any] | None:
-    """The metrics a checkpoint directory was reported with; None if it has none or is incomplete."""
+@dataclass(frozen=True)
+class Stored:
+    """A trial checkpoint on storage complete enough to use: its metrics (``reported.json``, with an epoch) and a
+    non-empty ``last.pt`` beside them."""
+
+    path: str  # the checkpoint directory, on its filesystem
+    epoch: int  # the epoch it holds, as reported
+    metrics: dict[str, Any]  # what the trial reported with it
+
+
+def complete(fs: pyarrow.fs.FileSystem, directory: str) -> Stored | None:
+    """Checkpoint directory ``directory`` on ``fs``, if it is complete (:class:`Stored`); None if it is not, or
+    cannot be read."""
     try:
-        metrics = json.loads((directory / REPORTED).read_text())
+        with fs.open_input_stream(f"{directory}/{REPORTED}") as f:
+            metrics = json.loads(f.read())
+        model = fs.get_file_info(f"{directory}/{LAST}")
     except (OSError, ValueError):
         return None
-    if not isinstance(metrics, dict) or "epoch" not in metrics or not (directory / LAST).is_file():
+    if model.type != pyarrow.fs.FileType.File or not model.size:
+        return None  # torn: the worker was lost while it persisted the checkpoint
+    epoch = metrics.get("epoch") if isinstance(metrics, dict) else None
+    if not isinstance(epoch, int | float) or isinstance(epoch, bool):
         return None
-    return metrics
+    return Stored(directory, int(epoch), metrics)
+
+
+def stored_checkpoints(fs: pyarrow.fs.FileSystem, trial_dir: str) -> list[Stored]:
+    """Every complete checkpoint directory (``checkpoint_<n>``) of a trial on ``fs``, in the order of their
+    names; none if the trial's directory cannot be listed."""
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(trial_dir))
+    except OSError:
+        return []
+    out = []
+    for info in sorted(found, key=lambda i: i.base_name):
+        if info.type == pyarrow.fs.FileType.Directory and CHECKPOINT_DIR.fullmatch(info.base_name):
+            stored = complete(fs, info.path)
+            if stored is not None:
+                out.append(stored)
+    return out
+
+
+def newest(fs: pyarrow.fs.FileSystem, trial_dir: str) -> Stored | None:
+    """The trial's complete checkpoint with the highest epoch (the first by name among equals); None if none."""
+    best: Stored | None = None
+    for stored in stored_checkpoints(fs, trial_dir):
+        if best is None or stored.epoch > best.epoch:
+            best = stored
+    return best
 
 
 def _unregistered(checkpoint: tune.Checkpoint) -> list[tuple[Path, int]]:
     """The trial's checkpoints of the epochs right after the one Tune restores, complete on storage but never
-    registered by Tune, oldest first, with their epochs (by their reported.json; :func:`_take_up` checks last.pt).
+    registered by Tune, oldest first, with their epochs (:func:`_take_up` checks that last.pt loads).
 
     Tune handles a reported checkpoint in two steps: it processes the result (scheduler, searcher, callbacks,
     result.json) and then asks the trial to save, which registers the checkpoint the worker had already
@@ -46,20 +91,17 @@ def _unregistered(checkpoint: tune.Checkpoint) -> list[tuple[Path, int]]:
     again. These are the epochs to take up instead (see :func:`_replay`). Only on a local or shared filesystem,
     where the trial's checkpoint directories are siblings; on remote storage the epochs are retrained.
     """
-    if getattr(checkpoint.filesystem, "type_name", "") != "local":  # pyarrow's LocalFileSystem
+    fs = checkpoint.filesystem
+    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
         return []
     registered = Path(checkpoint.path)
-    base = _reported(registered)
-    if base is None or not registered.parent.is_dir():
+    base = complete(fs, str(registered))
+    if base is None:
         return []
-    by_epoch: dict[int, Path] = {}
-    for d in registered.parent.iterdir():
-        if d != registered and d.is_dir() and CHECKPOINT_DIR.fullmatch(d.name):
-            metrics = _reported(d)
-            if metrics is not None:
-                by_epoch[int(metrics["epoch"])] = d
+    stored = stored_checkpoints(fs, str(registered.parent))
+    by_epoch = {s.epoch: Path(s.path) for s in stored if Path(s.path) != registered}
     chain = []
-    epoch = int(base["epoch"]) + 1
+    epoch = base.epoch + 1
     while epoch in by_epoch:  # contiguous only: an epoch missing from storage is trained again, as is all after it
         chain.append((by_epoch[epoch], epoch))
         epoch += 1
@@ -70,16 +112,17 @@ def _take_up(directory: Path, work: Path, epoch: int) -> dict[str, Any] | None:
     """Copy an unregistered checkpoint's last.pt into ``work`` if it is complete: it loads and holds ``epoch``
     (a node lost while the worker persisted it leaves a torn copy). Returns the metrics it was reported with;
     None, with ``work`` as it was, if it is incomplete, torn or of another epoch."""
-    metrics = _reported(directory)
-    if metrics is None or int(metrics["epoch"]) != epoch:
+    stored = complete(pyarrow.fs.LocalFileSystem(), str(directory))
+    if stored is None or stored.epoch != epoch:
         return None
+    metrics = stored.metrics
     candidate = work / f".{LAST}.candidate"
     try:
         shutil.copy(directory / LAST, candidate)
-        complete = int(load_checkpoint(candidate)["epoch"]) == epoch
+        loads = int(load_checkpoint(candidate)["epoch"]) == epoch
     except (OSError, DataError, KeyError, TypeError, ValueError):
-        complete = False
-    if not complete:
+        loads = False
+    if not loads:
         candidate.unlink(missing_ok=True)
         return None
     os.replace(candidate, work / LAST)
