@@ -4,9 +4,12 @@ Why not Ray's ``MLflowLoggerCallback``: it makes flat runs, one per trial, and s
 needs nested runs (sweep → trials → fold runs), runs reattached rather than duplicated when a driver
 restarts, and tags that change as the promoter pauses and promotes trials. This thin layer does that.
 
-A slow or absent tracking server never stops training: every call goes through :meth:`Tracker._call`, which
-keeps what could not be sent (metrics, tags, params) in a queue and sends it, in order, on a later call or
-at :meth:`Tracker.flush`. Nothing is sent twice: a batch leaves the queue only once the server accepted it.
+A slow or absent tracking server never stops training, and no method that logs raises for it: every call goes
+through :meth:`Tracker._call`, which keeps what could not be sent (a run to create, metrics, tags, artifacts, a
+run's end) in one queue and sends it, in order, on a later call or at :meth:`Tracker.flush`. Nothing is sent
+twice: a call leaves the queue only once the server accepted it. A run is a :class:`Run` handle, given at once
+even while the server is down; its MLflow id is filled in when its creation (queued ahead of every call
+against it) reaches the server.
 """
 
 from __future__ import annotations
@@ -18,11 +21,23 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from geopose_ray.sweep.table import PARAM_KEYS, flatten, result_row, sort_rows, trial_params
 
+if TYPE_CHECKING:
+    from geopose_ray.sweep.config import SweepConfig
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=True)
+class Run:
+    """A handle on one MLflow run of a sweep (its parent run, a trial's, the ensemble's), valid at once: calls
+    against it queue behind its creation. Two handles are equal when they name the same run."""
+
+    key: str  # what it is found again by: the sweep's name (the parent run), a trial key, "ensemble"
+    id: str | None = None  # MLflow's run id, once the run is created or found on the server
 
 
 @dataclass
@@ -41,8 +56,8 @@ class Tracker:
     artifact_dir: str | None = None  # where a new experiment keeps artifacts (a local dir by default)
     _client: Any = None
     _experiment_id: str | None = None
-    _parent: str | None = None
-    _runs: dict[str, str] = field(default_factory=dict)  # trial key -> run id
+    _parent: Run | None = None
+    _runs: dict[str, Run] = field(default_factory=dict)  # trial key -> its run
     _queue: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)  # (what, call) not yet sent
     _down_since: float | None = None
     latencies: list[float] = field(default_factory=list)  # seconds per delivered call (metrics, tags, ...)
@@ -54,6 +69,17 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
+
+    @classmethod
+    def for_sweep(cls, cfg: SweepConfig, uri: str | None = None) -> Tracker:
+        """The tracker of sweep ``cfg``: its experiment (``experiment``, default its name) at ``uri`` (default the
+        config's :attr:`~geopose_ray.sweep.config.SweepConfig.mlflow_uri`). A tracking server keeps artifacts where
+        it was told to (its ``--artifacts-destination``); a local store (SQLite) keeps them beside the sweep, in
+        ``<out_dir>/mlartifacts``."""
+        uri = uri or cfg.mlflow_uri
+        local = not uri.startswith(("http://", "https://"))
+        artifacts = str(cfg.out_dir / "mlartifacts") if local else None
+        return cls(uri, cfg.experiment or cfg.name, cfg.name, artifacts)
 
     # -- delivery -----------------------------------------------------------------------------------------
 
@@ -110,53 +136,58 @@ class Tracker:
         runs = self._client.search_runs([self._experiment()], filter_string=filter_string, max_results=1)
         return runs[0].info.run_id if runs else None
 
-    def parent(self, config: Mapping[str, Any] | None = None) -> str:
-        """The sweep's parent run: found again by its tag, created once."""
+    def parent(self, config: Mapping[str, Any] | None = None) -> Run:
+        """The sweep's parent run: found again by its tag, else created, with ``config`` (flattened) as its params,
+        once the server takes it."""
         if self._parent is None:
-            found = self._find(f"tags.sweep = '{self.sweep}' and tags.kind = 'sweep'")
-            if found is None:
-                run = self._client.create_run(
-                    self._experiment(), run_name=self.sweep, tags={"sweep": self.sweep, "kind": "sweep"}
-                )
-                found = run.info.run_id
-                if config:
-                    from mlflow.entities import Param
-
-                    params = [Param(k, str(v)[:500]) for k, v in flatten(config).items()]
-                    self._client.log_batch(found, params=params)
-            self._parent = found
+            run = self._parent = Run(self.sweep)
+            tags = {"sweep": self.sweep, "kind": "sweep"}
+            params = {k: str(v)[:500] for k, v in flatten(config or {}).items()}
+            self._create(run, f"tags.sweep = '{self.sweep}' and tags.kind = 'sweep'", tags, params)
         return self._parent
 
-    def trial(self, key: str, cfg: Mapping[str, Any], stage: str) -> str | None:
+    def trial(self, key: str, cfg: Mapping[str, Any], stage: str) -> Run:
         """The child run of a trial (``key`` is its id, or ``<id>/fold<k>``), created once, reattached after."""
         return self.child(key, trial_params(cfg), stage, "trial")
 
-    def child(self, key: str, params: Mapping[str, str], stage: str, kind: str) -> str | None:
+    def child(self, key: str, params: Mapping[str, str], stage: str, kind: str) -> Run:
         """A child run of the sweep's parent (a trial, or the ensemble), created once and found again by its tags
-        after a restart; None while the server is down."""
-        if key in self._runs:
-            return self._runs[key]
-        try:
+        after a restart. The same handle for every call with ``key``."""
+        if key not in self._runs:
             parent = self.parent()
-            found = self._find(f"tags.sweep = '{self.sweep}' and tags.trial = '{key}'")
-            if found is None:
+            run = self._runs[key] = Run(key)
+            tags = {"sweep": self.sweep, "trial": key, "stage": stage, "status": "running", "kind": kind}
+            self._create(
+                run, f"tags.sweep = '{self.sweep}' and tags.trial = '{key}'", tags, dict(params), parent=parent
+            )
+        return self._runs[key]
+
+    def _create(
+        self, run: Run, search: str, tags: dict[str, str], params: dict[str, str], parent: Run | None = None
+    ) -> None:
+        """Queue finding ``run`` by ``search`` or else creating it with ``tags`` and ``params`` (under ``parent``).
+        A run created whose params did not reach the server is not created again: its params are sent on the
+        retry."""
+        unsent: dict[str, str] = {}
+
+        def create() -> None:
+            if run.id is None:
+                found = self._find(search)
+                if found is None:
+                    extra = {"mlflow.parentRunId": str(parent.id)} if parent is not None else {}
+                    created = self._client.create_run(self._experiment(), run_name=run.key, tags={**tags, **extra})
+                    unsent.update(params)
+                    found = created.info.run_id
+                run.id = found
+            if unsent:
                 from mlflow.entities import Param
 
-                run = self._client.create_run(
-                    self._experiment(),
-                    run_name=key,
-                    tags={"sweep": self.sweep, "trial": key, "stage": stage, "status": "running",
-                          "mlflow.parentRunId": parent, "kind": kind},
-                )  # fmt: skip
-                found = run.info.run_id
-                self._client.log_batch(found, params=[Param(k, str(v)[:500]) for k, v in params.items()])
-        except Exception as e:
-            log.warning("MLflow at %s unavailable (%s); %s will be logged when it is back", self.uri, e, key)
-            return None
-        self._runs[key] = found
-        return found
+                self._client.log_batch(run.id, params=[Param(k, v) for k, v in unsent.items()])
+                unsent.clear()
 
-    def metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        self._call(f"run {run.key}", create)
+
+    def metrics(self, run: Run | str, metrics: Mapping[str, float], step: int) -> None:
         """One epoch's metrics, in one batch."""
         from mlflow.entities import Metric
 
@@ -166,29 +197,33 @@ class Tracker:
             for k, v in metrics.items()
             if isinstance(v, int | float) and v == v  # NaN is not sent
         ]
-        self._call(f"metrics of {run_id} step {step}", lambda: self._client.log_batch(run_id, metrics=batch))
+        self._call(f"metrics of {_name(run)} step {step}", lambda: self._client.log_batch(_id(run), metrics=batch))
 
-    def tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+    def tags(self, run: Run | str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         batch = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._call(f"tags of {run_id}", lambda: self._client.log_batch(run_id, tags=batch))
+        self._call(f"tags of {_name(run)}", lambda: self._client.log_batch(_id(run), tags=batch))
 
-    def artifact(self, run_id: str, path: str | Path) -> None:
+    def artifact(self, run: Run | str, path: str | Path) -> None:
         """Log a file as an artifact. Its bytes are read now: a queued artifact (the server is down) must not
-        depend on a temporary file that is gone by the time the server is back."""
+        depend on a temporary file that is gone by the time the server is back.
+
+        Raises:
+            OSError: ``path`` cannot be read.
+        """
         name, data = Path(path).name, Path(path).read_bytes()
 
         def send() -> None:
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / name).write_bytes(data)
-                self._client.log_artifact(run_id, str(Path(d) / name))
+                self._client.log_artifact(_id(run), str(Path(d) / name))
 
-        self._call(f"artifact {name}", send)
+        self._call(f"artifact {name} of {_name(run)}", send)
 
-    def finish(self, run_id: str, failed: bool = False) -> None:
+    def finish(self, run: Run | str, failed: bool = False) -> None:
         status = "FAILED" if failed else "FINISHED"
-        self._call(f"end of {run_id}", lambda: self._client.set_terminated(run_id, status))
+        self._call(f"end of {_name(run)}", lambda: self._client.set_terminated(_id(run), status))
 
     def runs(self) -> list[Any]:
         """Every trial run of this sweep."""
@@ -197,6 +232,19 @@ class Tracker:
                 [self._experiment()], filter_string=f"tags.sweep = '{self.sweep}' and tags.kind = 'trial'"
             )
         )
+
+
+def _id(run: Run | str) -> str:
+    """The MLflow id of a run; only called once the run's creation, queued ahead, was delivered."""
+    if isinstance(run, str):
+        return run
+    if run.id is None:
+        raise RuntimeError(f"MLflow run {run.key} not created yet")  # the queue's order makes this unreachable
+    return run.id
+
+
+def _name(run: Run | str) -> str:
+    return run if isinstance(run, str) else run.key
 
 
 def results_table(tracker: Tracker) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bench_load import MlflowServer
@@ -22,19 +23,83 @@ def test_runs_are_created_once_and_reattached(tmp_path: Path) -> None:
     t = Tracker(uri, "exp", "sweep-a", str(tmp_path / "art"))
     parent = t.parent({"name": "sweep-a", "eta": 3})
     run = t.trial("trial-1", CFG, "screen")
-    assert run is not None
+    assert run.id is not None
     for epoch in (1, 2):
         t.metrics(run, {"score": 0.1 * epoch, "train/total": 3.0, "bad": float("nan")}, epoch)
     t.tags(run, {"status": "paused", "rung": 1})
     again = Tracker(uri, "exp", "sweep-a")  # a restarted driver
     assert again.parent() == parent and again.trial("trial-1", CFG, "screen") == run
     assert len(again.runs()) == 1
-    data = again._client.get_run(run).data
+    data = again._client.get_run(run.id).data
     assert data.params["encoder"] == "resnet34" and data.params["effective_batch"] == "8"
-    assert data.tags["status"] == "paused" and data.tags["mlflow.parentRunId"] == parent
-    history = again._client.get_metric_history(run, "score")
+    assert data.tags["status"] == "paused" and data.tags["mlflow.parentRunId"] == parent.id
+    history = again._client.get_metric_history(run.id, "score")
     assert [m.step for m in history] == [1, 2] and "bad" not in data.metrics
     assert "train_total" in data.metrics
+
+
+def test_a_run_created_while_the_server_is_down_gets_its_params_metrics_tags_and_end_once_it_is_back(
+    mlflow_server: MlflowServer,
+) -> None:
+    """The server is down before the sweep's first call: the parent run and a trial's run are handles at once, and
+    every call against them waits for their creation. Once the server is back each run exists once, under its
+    parent, with its params, every epoch once, its last tags and its end."""
+    mlflow_server.stop()
+    t = Tracker(mlflow_server.uri, "exp-down", "sweep-c")
+    parent = t.parent({"eta": 3})
+    run = t.trial("trial-1", CFG, "screen")
+    assert run.id is None and parent.id is None
+    for epoch in (1, 2, 3):
+        t.metrics(run, {"score": 0.1 * epoch}, epoch)
+    t.tags(run, {"status": "paused"})
+    t.tags(run, {"status": "finalist"})
+    t.finish(run)
+    assert t.trial("trial-1", CFG, "screen") is run and t.pending == 8  # 2 creations, 3 epochs, 2 tags, 1 end
+    mlflow_server.start()
+    assert t.flush(timeout_s=30) and run.id is not None and parent.id is not None
+    again = Tracker(mlflow_server.uri, "exp-down", "sweep-c")
+    [found] = again.runs()
+    assert found.info.run_id == run.id and found.info.status == "FINISHED"
+    assert found.data.tags["mlflow.parentRunId"] == parent.id and found.data.tags["status"] == "finalist"
+    assert found.data.params["encoder"] == "resnet34"
+    assert again._client.get_run(parent.id).data.params == {"eta": "3"}
+    history = again._client.get_metric_history(run.id, "score")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+class _FlakyClient:
+    """An MLflow client whose next ``fail`` calls of ``log_batch`` raise, as a server that drops the connection
+    after it created a run."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.fail, self.created = real, 0, 0
+
+    def create_run(self, *a: Any, **kw: Any) -> Any:
+        self.created += 1
+        return self.real.create_run(*a, **kw)
+
+    def log_batch(self, *a: Any, **kw: Any) -> Any:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("connection reset")
+        return self.real.log_batch(*a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_run_created_whose_params_were_lost_is_not_created_again(tmp_path: Path) -> None:
+    t = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", "sweep-d", str(tmp_path / "art"))
+    t.parent()
+    flaky = t._client = _FlakyClient(t._client)
+    flaky.fail = 2  # the params, and again when the epoch comes
+    run = t.trial("trial-1", CFG, "screen")
+    t.metrics(run, {"score": 0.5}, 1)
+    assert run.id is not None and t.pending == 2  # created; its params and the epoch wait
+    assert t.flush() and flaky.created == 1
+    data = flaky.real.get_run(run.id).data
+    assert data.params["encoder"] == "resnet34" and data.metrics == {"score": 0.5}
+    assert [r.info.run_id for r in t.runs()] == [run.id]
 
 
 def test_trial_params_flatten_the_config() -> None:
@@ -45,7 +110,7 @@ def test_trial_params_flatten_the_config() -> None:
 def test_a_dead_server_loses_nothing_and_duplicates_nothing(mlflow_server: MlflowServer) -> None:
     t = Tracker(mlflow_server.uri, "exp", "sweep-b")
     run = t.trial("trial-1", CFG, "screen")
-    assert run is not None
+    assert run.id is not None
     t.metrics(run, {"score": 0.1}, 1)
     mlflow_server.stop()  # the tracking server dies mid-sweep
     start = time.monotonic()
@@ -57,8 +122,8 @@ def test_a_dead_server_loses_nothing_and_duplicates_nothing(mlflow_server: Mlflo
     mlflow_server.start()
     assert t.flush(timeout_s=30)
     client = Tracker(mlflow_server.uri, "exp", "sweep-b")._client
-    assert sorted(m.step for m in client.get_metric_history(run, "score")) == [1, 2, 3, 4]  # every epoch, once
-    assert client.get_run(run).data.tags["status"] == "paused"
+    assert sorted(m.step for m in client.get_metric_history(run.id, "score")) == [1, 2, 3, 4]  # every epoch, once
+    assert client.get_run(run.id).data.tags["status"] == "paused"
 
 
 @pytest.mark.slow

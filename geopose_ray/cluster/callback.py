@@ -11,9 +11,9 @@ from ray.tune.experiment import Trial
 from geopose_ray.cluster.restore import _RESTORING
 from geopose_ray.cluster.scheduler import _pid
 from geopose_ray.sweep.promoter import Promoter
-from geopose_ray.sweep.records import is_fold_run, resolve_config, trial_key
-from geopose_ray.sweep.table import SweepTable, log_curves_plot
-from geopose_ray.tracking import Tracker, result_row
+from geopose_ray.sweep.records import Stage, Status, TrialKey, is_fold_run, resolve_config, trial_key
+from geopose_ray.sweep.table import SweepTable, log_curves_plot, result_row
+from geopose_ray.tracking import Run, Tracker
 
 
 class MlflowCallback(Callback):
@@ -22,18 +22,15 @@ class MlflowCallback(Callback):
     keeps the sweep's :class:`SweepTable` current.
 
     What cannot be sent while the server is down (a trial's run not yet created, its epochs, its tags, its end)
-    is kept per trial and sent, in order and once, at the next result of any trial or at :meth:`flush`.
+    waits in the tracker's queue and is sent, in order and once, when the server is back
+    (:class:`~geopose_ray.tracking.Tracker`).
     """
 
     def __init__(self, tracker: Tracker, promoter: Promoter | None, stage: str, table: SweepTable) -> None:
         self.tracker = tracker
         self.promoter = promoter
-        self.stage = stage
+        self.stage = Stage(stage)  # the stage of its Tuner's trials, but for fold runs backfilled during screening
         self.table = table
-        self._waiting: dict[str, list[tuple[dict[str, float], int]]] = {}  # epochs not yet sent, per trial
-        self._tags: dict[str, dict[str, Any]] = {}  # tags not yet sent
-        self._end: dict[str, bool] = {}  # trial -> failed, for runs to end once their data is sent
-        self._cfgs: dict[str, dict[str, Any]] = {}
         self._last: dict[str, dict[str, Any]] = {}  # trial key -> its last result
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -43,80 +40,53 @@ class MlflowCallback(Callback):
             driver = _RESTORING[-1]
             self.tracker = driver.tracker if driver.tracker is not None else self.tracker
             self.table = driver.table if driver.table is not None else self.table
-            driver.callbacks.append(self)
 
-    def _key(self, trial: Trial) -> tuple[str, dict[str, Any]]:
+    def _key(self, trial: Trial) -> tuple[TrialKey, dict[str, Any]]:
         return trial_key(trial.trial_id, resolve_config(trial.config or {}))
 
-    def _stage(self, key: str) -> str:
+    def _stage(self, key: TrialKey) -> Stage:
         """The callback's stage, except for a finalist's fold run started during screening (backfilled)."""
-        return "fold" if is_fold_run(key) else self.stage
+        return Stage.FOLD if key.is_fold_run else self.stage
+
+    def _run(self, key: TrialKey, cfg: dict[str, Any]) -> Run:
+        return self.tracker.trial(key, cfg, self._stage(key))
 
     def _status(self, trial: Trial) -> dict[str, Any]:
-        p = self.promoter
-        if p is None or is_fold_run(_pid(trial)):
-            return {"status": "running"}
-        return {"status": p.status(_pid(trial)), "rung": p.reached(_pid(trial))}
+        p, key = self.promoter, TrialKey.parse(_pid(trial))
+        if p is None or key.is_fold_run:
+            return {"status": Status.RUNNING}
+        return {"status": Status(p.status(key)), "rung": p.reached(key)}
 
-    def _row(self, key: str, cfg: dict[str, Any], status: dict[str, Any]) -> None:
+    def _row(self, key: TrialKey, cfg: dict[str, Any], status: dict[str, Any]) -> None:
         self.table.rows[key] = result_row(
             key, self._stage(key), status["status"], status.get("rung", ""), cfg, self._last.get(key, {})
         )
         if self.promoter is not None:
             self.table.finalists = list(self.promoter.finalists)
 
-    def _deliver(self, key: str) -> bool:
-        """Send what is pending for one trial; False while the server is down."""
-        run = self.tracker.trial(key, self._cfgs[key], self._stage(key))
-        if run is None:
-            return False
-        waiting = self._waiting.get(key, [])
-        for metrics, step in waiting:
-            self.tracker.metrics(run, metrics, step)
-        waiting.clear()
-        if self._tags.get(key):
-            self.tracker.tags(run, self._tags.pop(key))
-        if key in self._end:
-            self._plot(run, key)
-            self.tracker.finish(run, failed=self._end.pop(key))
-        return True
-
-    @property
-    def pending(self) -> bool:
-        """Something is kept back for a server that was down."""
-        return any(self._waiting.values()) or any(self._tags.values()) or bool(self._end)
-
-    def flush(self) -> None:
-        """Send whatever is pending for every trial (stops at the first trial the server does not take)."""
-        for key in list(self._cfgs):
-            if (self._waiting.get(key) or self._tags.get(key) or key in self._end) and not self._deliver(key):
-                return
-
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
     ) -> None:
         key, cfg = self._key(trial)
-        self._cfgs[key] = cfg
+        run = self._run(key, cfg)
         numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         numbers.pop("replayed", None)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         # An epoch reported again after a restore (train_trial's _replay) is logged once: it was not trained again.
         if not (result.get("replayed") and any(e == epoch for e, _ in self.table.curves.get(key, []))):
-            self._waiting.setdefault(key, []).append((numbers, epoch))
+            self.tracker.metrics(run, numbers, epoch)
             if isinstance(result.get("score"), int | float):
                 self.table.curves.setdefault(key, []).append((epoch, float(result["score"])))
         self._last[key] = numbers
         status = self._status(trial)
         before = self.table.rows.get(key, {}).get("status")
         self._row(key, cfg, status)
-        if status["status"] in ("paused", "finalist") or status["status"] != before:  # paused, or running again
+        if status["status"] in (Status.PAUSED, Status.FINALIST) or status["status"] != before:  # or running again
             self.table.write(self.tracker)
         tags = {**status, "stage": self._stage(key)}
         if result.get("oom_retry"):
             tags["oom_retry"] = f"out of memory: retried at batch {result['batch_size']} x {result['accumulation']}"
-        self._tags[key] = {**self._tags.get(key, {}), **tags}
-        if self._deliver(key):
-            self.flush()  # the server answers: anything kept from an outage goes now
+        self.tracker.tags(run, tags)
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         """A fold run the scheduler paused for a costlier one (pre-emption) shows as paused, in the table and its
@@ -126,13 +96,11 @@ class MlflowCallback(Callback):
         for trial in trials:
             if trial.status != Trial.PAUSED or not is_fold_run(_pid(trial)):
                 continue
-            if self.table.rows.get(_pid(trial), {}).get("status") != "running":
+            if self.table.rows.get(_pid(trial), {}).get("status") != Status.RUNNING:
                 continue
             key, cfg = self._key(trial)
-            self._cfgs[key] = cfg
-            self._row(key, cfg, {"status": "paused"})
-            self._tags[key] = {**self._tags.get(key, {}), "status": "paused"}
-            self._deliver(key)
+            self._row(key, cfg, {"status": Status.PAUSED})
+            self.tracker.tags(self._run(key, cfg), {"status": Status.PAUSED})
             paused = True
         if paused:
             self.table.write(self.tracker)
@@ -141,30 +109,28 @@ class MlflowCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         key, cfg = self._key(trial)
-        self._cfgs[key] = cfg
         status = self._status(trial)
-        if status["status"] == "running":
-            status["status"] = "done" if self._stage(key) == "fold" else "stopped"
+        if status["status"] == Status.RUNNING:
+            status["status"] = Status.DONE if self._stage(key) == Stage.FOLD else Status.STOPPED
         self._row(key, cfg, status)
         self.table.write(self.tracker)
-        self._tags[key] = {**self._tags.get(key, {}), **status}
-        self._end[key] = False
-        self._deliver(key)
+        self._end(key, cfg, status, failed=False)
 
-    def _plot(self, run: str, key: str) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        key, cfg = self._key(trial)
+        self._row(key, cfg, {"status": Status.ERRORED})
+        self.table.write(self.tracker)
+        self._end(key, cfg, {"status": Status.ERRORED, "error": _error_reason(trial)}, failed=True)
+
+    def _end(self, key: TrialKey, cfg: dict[str, Any], tags: dict[str, Any], failed: bool) -> None:
+        """A trial's last tags, its learning curve and the end of its run."""
+        run = self._run(key, cfg)
+        self.tracker.tags(run, tags)
         rungs = self.promoter.rungs if self.promoter is not None else ()
         log_curves_plot(
             self.tracker, run, {key: self.table.curves.get(key, [])}, "learning_curve.png", rungs=rungs, title=key
         )
-
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        key, cfg = self._key(trial)
-        self._cfgs[key] = cfg
-        self._row(key, cfg, {"status": "errored"})
-        self.table.write(self.tracker)
-        self._tags[key] = {**self._tags.get(key, {}), "status": "errored", "error": _error_reason(trial)}
-        self._end[key] = True
-        self._deliver(key)
+        self.tracker.finish(run, failed=failed)
 
 
 def _error_reason(trial: Trial) -> str:

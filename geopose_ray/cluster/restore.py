@@ -5,27 +5,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from geopose_ray.sweep.files import SweepFiles
 from geopose_ray.sweep.table import SweepTable
 from geopose_ray.tracking import Tracker
-
-if TYPE_CHECKING:
-    from geopose_ray.cluster.callback import MlflowCallback
 
 
 @dataclasses.dataclass
 class Restoring:
     """What the driver whose Tuner is being built and run gives the scheduler and callbacks that Tune restores from
     the pickle an earlier driver left (maybe on another head, in another directory): its own files, MLflow client
-    and results table, in place of the pickled ones. The callbacks restored are listed, for the driver to flush."""
+    and results table, in place of the pickled ones."""
 
     files: SweepFiles
     tracker: Tracker | None = None
     table: SweepTable | None = None
     preempt_folds: bool | None = None  # the config's preempt_fold_runs (None: as pickled)
-    callbacks: list[MlflowCallback] = dataclasses.field(default_factory=list)
 
 
 _RESTORING: list[Restoring] = []

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from geopose_ray.sweep.files import RESULTS, SweepFiles
 from geopose_ray.sweep.plots import curves_plot
+from geopose_ray.sweep.records import Stage, TrialKey
 
 if TYPE_CHECKING:
-    from geopose_ray.tracking import Tracker
+    from geopose_ray.tracking import Run, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +107,19 @@ def fold_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pick: K runs' own deviations average out, which no number of one run's epochs do (BENCHMARKS.md, sweep
     policies: the 5-fold pick has a fifth of the screening pick's regret)."""
     out = [dict(r) for r in rows]
-    screening = {str(r["trial"]): r for r in out if r.get("stage") == "screen"}
+    screening = {str(r["trial"]): r for r in out if r.get("stage") == Stage.SCREEN}
     levels: dict[str, list[float]] = {}
     for r in out:
-        parent, sep, _ = str(r["trial"]).rpartition("/fold")
-        if sep and parent in screening and int(r.get("epoch") or 0) == int(screening[parent].get("epoch") or 0):
-            levels.setdefault(parent, []).append(_level(r))
-    for key, r in screening.items():
-        values = [v for v in [_level(r), *levels.get(key, [])] if v == v]
+        key = TrialKey.parse(str(r["trial"]))
+        parent = screening.get(key.trial)
+        if key.is_fold_run and parent is not None and int(r.get("epoch") or 0) == int(parent.get("epoch") or 0):
+            levels.setdefault(key.trial, []).append(_level(r))
+    for name, r in screening.items():
+        values = [v for v in [_level(r), *levels.get(name, [])] if v == v]
         r["cv_score"] = float(sum(values) / len(values)) if values else math.nan
         r["cv_folds"] = len(values)
     for r in out:
-        if r.get("stage") != "screen":
+        if r.get("stage") != Stage.SCREEN:
             r["cv_score"], r["cv_folds"] = "", ""  # not a screening trial: blank in the table, not NaN
     return out
 
@@ -136,9 +138,10 @@ def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     means; while fold runs still go on, those with more folds done come first."""
 
     def key(r: dict[str, Any]) -> tuple[bool, int, int, float, str]:
-        v = _number(r, "cv_score") if r["stage"] == "screen" else _level(r)
-        folds = int(r["cv_folds"]) if r["stage"] == "screen" else 0
-        return r["stage"] != "screen", -int(r.get("epoch") or 0), -folds, -v if v == v else math.inf, str(r["trial"])
+        screen = r["stage"] == Stage.SCREEN
+        v = _number(r, "cv_score") if screen else _level(r)
+        folds = int(r["cv_folds"]) if screen else 0
+        return not screen, -int(r.get("epoch") or 0), -folds, -v if v == v else math.inf, str(r["trial"])
 
     return sorted(fold_means(rows), key=key)
 
@@ -201,16 +204,13 @@ class SweepTable:
             return
         self._written, self._behind = now, False
         self.files.write(RESULTS, rows_csv(list(self.rows.values())), required=force)
-        screen = {k: v for k, v in self.curves.items() if self.rows.get(k, {}).get("stage") == "screen"}
-        try:
-            parent = tracker.parent()
-            tracker.artifact(parent, self.path)
-            log_curves_plot(
-                tracker, parent, screen, "screen_curves.png", rungs=self.rungs, highlight=self.finalists,
-                title=f"{self.title}: screening (finalists bold)",
-            )  # fmt: skip
-        except Exception as e:  # the table on disk is current; MLflow gets it at the next refresh
-            log.warning("MLflow unavailable (%s); the results table is at %s", e, self.path)
+        screen = {k: v for k, v in self.curves.items() if self.rows.get(k, {}).get("stage") == Stage.SCREEN}
+        parent = tracker.parent()
+        tracker.artifact(parent, self.path)
+        log_curves_plot(
+            tracker, parent, screen, "screen_curves.png", rungs=self.rungs, highlight=self.finalists,
+            title=f"{self.title}: screening (finalists bold)",
+        )  # fmt: skip
 
     def catch_up(self, tracker: Tracker) -> None:
         """Write a change that came too soon after the last write, once ``refresh_s`` has passed."""
@@ -219,11 +219,13 @@ class SweepTable:
 
 
 def log_curves_plot(
-    tracker: Tracker, run: str, curves: dict[str, list[tuple[int, float]]], name: str, **kw: Any
+    tracker: Tracker, run: Run | str, curves: dict[str, list[tuple[int, float]]], name: str, **kw: Any
 ) -> None:
     """Log a learning-curve plot as an artifact of ``run``; a plotting failure never stops a sweep."""
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            tracker.artifact(run, curves_plot(curves, Path(d) / name, **kw))
-    except Exception:
-        return
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            plot = curves_plot(curves, Path(d) / name, **kw)
+        except Exception as e:  # matplotlib on odd data: the table and the metrics matter, the picture does not
+            log.warning("no %s plot (%s: %s)", name, type(e).__name__, e)
+            return
+        tracker.artifact(run, plot)
