@@ -12,48 +12,42 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 from ray import tune
 
 from geopose_ray.cluster import tune_state
 from geopose_ray.cluster.callback import MlflowCallback
 from geopose_ray.cluster.connect import connect
 from geopose_ray.cluster.faults import KillAfterResult
-from geopose_ray.cluster.replay import CHECKPOINT_DIR, REPORTED
+from geopose_ray.cluster.replay import newest
 from geopose_ray.cluster.restore import restoring_into
 from geopose_ray.cluster.scheduler import PromoterScheduler
 from geopose_ray.cluster.search import GuidedSearch, pending_trials
 from geopose_ray.cluster.trainable import train_trial
 from geopose_ray.data.cache import TrainingCache
-from geopose_ray.engine.trainer import LAST
 from geopose_ray.errors import ConfigError, DataError, GeoposeError
 from geopose_ray.storage import checkpoint_location, is_remote, join, redact, storage_errors
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.files import PROMOTER, STATE, TRIALS
 from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
-from geopose_ray.sweep.records import is_fold_run, per_epoch_hours, resolve_config, trial_key
+from geopose_ray.sweep.records import (
+    Stage,
+    Status,
+    SweepRecords,
+    TrialKey,
+    TrialRecord,
+    per_epoch_hours,
+    resolve_config,
+    trial_key,
+)
 from geopose_ray.sweep.table import SweepTable, format_results, result_row, sort_rows
 from geopose_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrialRecord:
-    """What the driver knows of one trial once a stage has finished."""
-
-    key: str  # screening trial id, or "<screening trial>/fold<k>"
-    stage: str  # screen | fold
-    cfg: dict[str, Any]  # its TrainConfig dict
-    metrics: dict[str, Any]  # its last reported result
-    checkpoint: str | None  # its last checkpoint directory (last.pt and best.pt)
-    error: str | None = None  # the last line of its error, if it failed
 
 
 @dataclass
@@ -87,11 +81,12 @@ def _last_line(error: Exception | None) -> str:
     return lines[-1][:300] if lines else type(error).__name__
 
 
-def _records(grid: Any, stage: str, storage_path: str, restored: bool = False) -> dict[str, TrialRecord]:
-    """A record per trial of a ResultGrid that reported at least once or failed (a fold run backfilled during
-    screening is recorded as a fold run); checkpoints by their location on ``storage_path``. ``restored``: the
-    grid's Tuner was restored after a killed driver, whose trials may have checkpoints Tune lost track of."""
-    out = {}
+def _records(grid: Any, storage_path: str, restored: bool = False) -> dict[str, TrialRecord]:
+    """A record per trial of a ResultGrid that reported at least once or failed, in the stage its key names (a
+    fold run backfilled during screening is a fold run); checkpoints by their location on ``storage_path``.
+    ``restored``: the grid's Tuner was restored after a killed driver, whose trials may have checkpoints Tune lost
+    track of."""
+    out: dict[str, TrialRecord] = {}
     for i in range(len(grid)):
         result = grid[i]
         params = result.config or (_params(result) if restored else {})
@@ -103,14 +98,14 @@ def _records(grid: Any, stage: str, storage_path: str, restored: bool = False) -
         if "epoch" not in reported and restored and params:
             # Tune lost the trial's results (a driver killed after the trial's first checkpoint, before Tune's
             # files caught up, then restored): what it reported with its latest checkpoint on storage.
-            found, reported = _last_reported(result)
+            found = newest(result.filesystem, result.path)
             if found is not None:
-                ckpt = checkpoint_location(result.filesystem, found, storage_path)
+                ckpt, reported = checkpoint_location(result.filesystem, found.path, storage_path), found.metrics
         metrics = {k: v for k, v in reported.items() if isinstance(v, int | float | str)}
         if "epoch" not in metrics and result.error is None:
             continue  # never ran (a paused trial that was not promoted in a reopened sweep)
         error = _last_line(result.error) if result.error is not None else None
-        out[key] = TrialRecord(key, "fold" if is_fold_run(key) else stage, cfg, metrics, ckpt, error)
+        out[key] = TrialRecord(key, key.stage, cfg, metrics, ckpt, error)
     return out
 
 
@@ -123,33 +118,6 @@ def _params(result: Any) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return params if isinstance(params, dict) else {}
-
-
-def _last_reported(result: Any) -> tuple[str | None, dict[str, Any]]:
-    """A trial's checkpoint directory on storage with the highest epoch among those complete enough to use (their
-    reported metrics, ``reported.json``, and a non-empty ``last.pt`` beside them), and those metrics; (None, {})
-    if none."""
-    fs = result.filesystem
-    try:
-        found = fs.get_file_info(pyarrow.fs.FileSelector(result.path))
-    except OSError:
-        return None, {}
-    best: tuple[str | None, dict[str, Any]] = (None, {})
-    for info in found:
-        if info.type != pyarrow.fs.FileType.Directory or not CHECKPOINT_DIR.fullmatch(info.base_name):
-            continue
-        try:
-            with fs.open_input_stream(f"{info.path}/{REPORTED}") as f:
-                metrics = json.loads(f.read())
-            model = fs.get_file_info(f"{info.path}/{LAST}")
-        except (OSError, ValueError):
-            continue
-        if model.type != pyarrow.fs.FileType.File or not model.size:
-            continue  # torn: the worker was lost while it persisted the checkpoint
-        epoch = metrics.get("epoch") if isinstance(metrics, dict) else None
-        if isinstance(epoch, int | float) and (best[0] is None or epoch > best[1]["epoch"]):
-            best = (info.path, metrics)
-    return best
 
 
 def _can_restore(path: str) -> bool:
@@ -245,25 +213,15 @@ class _Sweep:
         self.round = round_  # 0 for the sweep itself, n for its n-th reopening
         connect()
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        # A tracking server keeps artifacts where it was told to (its --artifacts-destination); a local SQLite
-        # store keeps them beside the sweep.
-        local = not cfg.mlflow_uri.startswith(("http://", "https://"))
-        artifacts = str(cfg.out_dir / "mlartifacts") if local else None
-        self.tracker = Tracker(cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name, artifacts)
-        try:
-            # The sweep's config as the parent run's params; credentials in a storage or tracking URI stay out.
-            shown = {
-                "storage_path": redact(cfg.storage_path),
-                "tracking_uri": cfg.tracking_uri and redact(cfg.tracking_uri),
-            }
-            self.tracker.parent({**dataclasses.asdict(cfg), **shown})
-        except Exception as e:
-            log.warning(
-                "MLflow at %s unavailable (%s); the sweep runs and logs when it is back", redact(cfg.mlflow_uri), e
-            )
+        self.tracker = Tracker.for_sweep(cfg)
+        # The sweep's config as the parent run's params; credentials in a storage or tracking URI stay out.
+        shown = {
+            "storage_path": redact(cfg.storage_path),
+            "tracking_uri": cfg.tracking_uri and redact(cfg.tracking_uri),
+        }
+        self.tracker.parent({**dataclasses.asdict(cfg), **shown})
         self.files = cfg.files
         self.table = SweepTable(self.files, list(cfg.rungs), cfg.name)
-        self.callbacks: list[MlflowCallback] = []
         for row in self.rows():
             self.table.rows[row["trial"]] = row
 
@@ -274,22 +232,19 @@ class _Sweep:
         """Run screening trials under the promoter (``configs`` in a guided order if ``guided``; None: Optuna draws
         them); records and promoter state are updated from the result."""
         scheduler = PromoterScheduler(self.promoter, self.cfg.metric, self.files, self.cfg.preempt_fold_runs)
-        callback = MlflowCallback(self.tracker, self.promoter, "screen", self.table)
-        self.callbacks.append(callback)
-        callbacks: list[Any] = [callback]
+        callbacks: list[Any] = [MlflowCallback(self.tracker, self.promoter, Stage.SCREEN, self.table)]
         if "kill_after_result" in self.cfg.faults:
             callbacks.append(KillAfterResult(int(self.cfg.faults["kill_after_result"])))
         pending = pending_trials(self.cfg.pending_trials if guided or configs is None else None)
-        with pending, restoring_into(self.files, self.tracker, self.table, self.cfg.preempt_fold_runs) as restored:
+        with pending, restoring_into(self.files, self.tracker, self.table, self.cfg.preempt_fold_runs):
             grid = _tuner(self.cfg, name, configs, scheduler, callbacks, resume, guided).fit()
-        self.callbacks += restored.callbacks
         # A restored Tuner has its own copy of the scheduler: the state it saved rules. Its last save reaches
         # the sweep's home now, if one while it ran did not.
         saved = self.files.working_copy(PROMOTER)
         if saved is not None:
             self.promoter = Promoter.from_dict(json.loads(saved)["promoter"])
             self.files.write(PROMOTER, saved)
-        found = _records(grid, "screen", self.cfg.storage_path, restored=resume)
+        found = _records(grid, self.cfg.storage_path, restored=resume)
         failed = [r for r in found.values() if r.error is not None]
         if found and len(failed) == len(found) and not self.round:
             raise GeoposeError(
@@ -306,7 +261,7 @@ class _Sweep:
         todo = []
         for t in self.promoter.finalists:
             for k in folds:
-                key = f"{t}/fold{k}"
+                key = TrialKey.fold_of(t, k)
                 done = self.records.get(key)
                 if done is not None and done.error is None and int(done.metrics.get("epoch", 0)) >= top:
                     continue
@@ -319,68 +274,54 @@ class _Sweep:
         # The most expensive finalists' fold runs first: the Tuner starts them in this order (longest_first).
         cost = [per_epoch_hours(self.records[str(c["_finalist"])].metrics) for c in todo]
         todo = [todo[i] for i in longest_first(cost)]
-        callback = MlflowCallback(self.tracker, None, "fold", self.table)
-        self.callbacks.append(callback)
-        with restoring_into(self.files, self.tracker, self.table) as restored:
+        callback = MlflowCallback(self.tracker, None, Stage.FOLD, self.table)
+        with restoring_into(self.files, self.tracker, self.table):
             grid = _tuner(self.cfg, f"{self.cfg.name}-folds{self._suffix()}", todo, None, [callback], resume).fit()
-        self.callbacks += restored.callbacks
-        self.records.update(_records(grid, "fold", self.cfg.storage_path, restored=resume))
+        self.records.update(_records(grid, self.cfg.storage_path, restored=resume))
 
-    def status(self, rec: TrialRecord) -> str:
-        if rec.stage == "fold":
-            return "done" if rec.error is None else "errored"
+    def status(self, rec: TrialRecord) -> Status:
+        """A trial's status once its stage has finished."""
+        if rec.stage == Stage.FOLD:
+            return Status.DONE if rec.error is None else Status.ERRORED
         if rec.key in self.promoter.finalists:
-            return "finalist"
+            return Status.FINALIST
         if rec.error is not None:
-            return "errored"
-        return "paused" if rec.key in self.promoter.paused else "stopped"
+            return Status.ERRORED
+        return Status.PAUSED if rec.key in self.promoter.paused else Status.STOPPED
 
     def rows(self) -> list[dict[str, Any]]:
         return [
-            result_row(r.key, r.stage, self.status(r), self.promoter.reached(r.key) if r.stage == "screen" else "",
+            result_row(r.key, r.stage, self.status(r), self.promoter.reached(r.key) if r.stage == Stage.SCREEN else "",
                        r.cfg, r.metrics)
             for r in self.records.values()
         ]  # fmt: skip
 
     def finish(self) -> SweepResult:
         """Write trials.json and the results table, to disk and to the parent run."""
-        state = {
-            "sweep": self.cfg.name,
-            "round": self.round,
-            "rungs": list(self.cfg.rungs),
-            "finalists": list(self.promoter.finalists),
-            "trials": {k: dataclasses.asdict(r) for k, r in self.records.items()},
-        }
-        self.files.write(TRIALS, json.dumps(state, indent=1))
+        records = SweepRecords(
+            self.cfg.name, self.round, list(self.cfg.rungs), list(self.promoter.finalists), dict(self.records)
+        )
+        self.files.write(TRIALS, records.to_json())
         rows = sort_rows(self.rows())  # with each finalist's mean over its folds
         self.table.rows = {r["trial"]: r for r in rows}
         self.table.finalists = list(self.promoter.finalists)
         self.table.write(self.tracker, force=True)
-        try:
-            parent = self.tracker.parent()
-            spent = self.promoter.spent_gpu_hours
-            self.tracker.tags(
+        parent = self.tracker.parent()
+        spent = self.promoter.spent_gpu_hours
+        self.tracker.tags(
+            parent,
+            {"finalists": ",".join(self.promoter.finalists), "trials": len(self.records),
+             "gpu_hours": f"{spent:.3f}", "budget_gpu_hours": self.promoter.budget_gpu_hours, "round": self.round},
+        )  # fmt: skip
+        lat = sorted(self.tracker.latencies)
+        if lat:  # the cost of tracking, as this driver saw it
+            self.tracker.metrics(
                 parent,
-                {"finalists": ",".join(self.promoter.finalists), "trials": len(self.records),
-                 "gpu_hours": f"{spent:.3f}", "budget_gpu_hours": self.promoter.budget_gpu_hours, "round": self.round},
+                {"mlflow_calls": len(lat), "mlflow_latency_median_ms": 1000 * lat[len(lat) // 2],
+                 "mlflow_latency_p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))]},
+                self.round,
             )  # fmt: skip
-            lat = sorted(self.tracker.latencies)
-            if lat:  # the cost of tracking, as this driver saw it
-                self.tracker.metrics(
-                    parent,
-                    {"mlflow_calls": len(lat), "mlflow_latency_median_ms": 1000 * lat[len(lat) // 2],
-                     "mlflow_latency_p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))]},
-                    self.round,
-                )  # fmt: skip
-        except Exception as e:
-            log.warning("MLflow unavailable at the end of the sweep (%s); results.csv is at %s", e, self.table.path)
-        deadline = time.monotonic() + 30  # what an outage kept back goes now, if the server is back
-        while any(c.pending for c in self.callbacks) and time.monotonic() < deadline:
-            for c in self.callbacks:
-                c.flush()
-            if any(c.pending for c in self.callbacks):
-                time.sleep(1)
-        if not self.tracker.flush(timeout_s=max(1.0, deadline - time.monotonic())):
+        if not self.tracker.flush(timeout_s=30):  # what an outage kept back goes now, if the server is back
             n = self.tracker.pending
             log.warning("%d MLflow calls could not be delivered; results.csv is at %s", n, self.table.path)
         checkpoints = {k: r.checkpoint for k, r in self.records.items() if r.checkpoint}
@@ -409,9 +350,13 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     return sweep.finish()
 
 
-def load_records(cfg: SweepConfig) -> tuple[dict[str, Any], Promoter]:
-    """A finished sweep's trials.json and promoter, as the sweep's home has them (a working copy here that never
-    reached it goes up first); a clear error when there is none."""
+def load_records(cfg: SweepConfig) -> tuple[SweepRecords, Promoter]:
+    """A finished sweep's trial records and promoter, as the sweep's home has them (a working copy here that
+    never reached it goes up first).
+
+    Raises:
+        GeoposeError: there is no finished sweep; DataError: its trials.json is malformed.
+    """
     files = cfg.files
     files.pull()  # the working copies are now the home's files
     trials, promoter = files.working_copy(TRIALS), files.working_copy(PROMOTER)
@@ -420,7 +365,8 @@ def load_records(cfg: SweepConfig) -> tuple[dict[str, Any], Promoter]:
             f"no finished sweep {cfg.name!r} under {redact(files.home)} ({TRIALS} or {PROMOTER} missing): run "
             "sweeps/screen.py first, or sweeps/screen.py --resume if its driver stopped"
         )
-    return json.loads(trials), Promoter.from_dict(json.loads(promoter)["promoter"])
+    records = SweepRecords.from_json(trials, redact(files.location(TRIALS)))
+    return records, Promoter.from_dict(json.loads(promoter)["promoter"])
 
 
 def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_rung: int | None = None) -> SweepResult:
@@ -430,7 +376,7 @@ def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_ru
     fold runs (existing fold runs continue to the new top rung)."""
     cfg.refuse_outputs_in_job_copy()
     saved, promoter = load_records(cfg)
-    cfg = dataclasses.replace(cfg, rungs=list(saved["rungs"]), budget_gpu_hours=promoter.budget_gpu_hours)
+    cfg = dataclasses.replace(cfg, rungs=list(saved.rungs), budget_gpu_hours=promoter.budget_gpu_hours)
     if budget_gpu_hours is not None:
         if budget_gpu_hours <= promoter.spent_gpu_hours:
             raise ConfigError(
@@ -445,8 +391,8 @@ def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_ru
     if budget_gpu_hours is None and add_rung is None:
         raise ConfigError("nothing to reopen the sweep for: give a larger budget, another rung, or both")
     cfg.validate()
-    records = {k: TrialRecord(**v) for k, v in saved["trials"].items()}
-    sweep = _Sweep(cfg, promoter, records, int(saved.get("round", 0)) + 1)
+    records = saved.trials
+    sweep = _Sweep(cfg, promoter, records, saved.round + 1)
     sweep.files.write(PROMOTER, json.dumps({"promoter": promoter.to_dict(), "resume": []}))
     waiting = [t for t in promoter.paused if t in records and records[t].checkpoint]
     configs = [
