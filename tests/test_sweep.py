@@ -509,6 +509,87 @@ def test_a_fold_run_paused_for_a_costlier_one_shows_as_paused_until_it_reports_a
     assert status() == ("done", "done", "done")
 
 
+def test_a_fold_run_pauses_only_when_the_worker_it_frees_goes_to_the_costlier_run(ray_cluster: None) -> None:
+    """The scheduler's answers to fold-run results (real Trial objects; the local cluster's 2 CPUs): cheap runs a
+    and b (0.01 h an epoch, 10 epochs) hold both workers while c (0.03 h) waits."""
+    import pickle
+
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from geopose_ray.cluster.restore import restoring_into
+    from geopose_ray.cluster.scheduler import PREEMPT_AFTER_S, PromoterScheduler
+    from geopose_ray.sweep.files import SweepFiles
+    from geopose_ray.sweep.promoter import Promoter
+
+    def trial(name: str, status: str, hours: float | None = None, decoder: str = "Unet") -> Trial:
+        cfg: dict[str, Any] = {"model": {"encoder": "e", "decoder": decoder}, "epochs": 10, "val_fold": 1}
+        if hours is not None:
+            cfg.update(_finalist=name, _epoch_hours=hours)
+        t = Trial("train_trial", config={"cfg": cfg}, trial_id=name, stub=True)
+        t.placement_group_factory = PlacementGroupFactory([{"CPU": 1}])  # what Tune gives a trial it runs
+        t.set_status(status)
+        return t
+
+    class Controller:
+        def __init__(self, *trials: Trial) -> None:
+            self.trials = list(trials)
+
+        def get_trials(self) -> list[Trial]:
+            return self.trials
+
+    def answer(s: PromoterScheduler, c: Controller, name: str, epoch: int, **extra: Any) -> str:
+        [t] = [t for t in c.trials if t.trial_id == name]
+        return str(s.on_trial_result(c, t, {"epoch": epoch, **extra}))
+
+    pause, go = TrialScheduler.PAUSE, TrialScheduler.CONTINUE
+    a, b = trial("a", Trial.RUNNING, 0.01), trial("b", Trial.RUNNING, 0.01)
+    c = trial("c", Trial.PENDING, 0.03, decoder="FPN")
+    s = PromoterScheduler(Promoter(rungs=[10], eta=2), preempt_after_s=0)
+    ctl = Controller(a, b, c)
+    assert answer(s, ctl, "a", 10) == go  # its last epoch
+    assert answer(s, ctl, "a", 2, replayed=1.0) == go  # an epoch taken up again, not trained
+    assert answer(s, ctl, "a", 2) == pause  # 0.08 h left; c has 0.30 > 1.5 x 0.08
+    assert answer(s, ctl, "b", 2) == go  # a's worker is c's already: b keeps its own
+    # Once c runs and a is paused, the scheduler starts a when a worker frees.
+    a.set_status(Trial.PAUSED)
+    c.set_status(Trial.RUNNING)
+    b.set_status(Trial.TERMINATED)
+    assert s.choose_trial_to_run(ctl) is a
+
+    def fresh(**over: Any) -> PromoterScheduler:
+        return PromoterScheduler(Promoter(rungs=[10], eta=2), **{"preempt_after_s": 0, **over})
+
+    a, b, c = trial("a", Trial.RUNNING, 0.01), trial("b", Trial.RUNNING, 0.01), trial("c", Trial.PENDING, 0.03, "FPN")
+    assert answer(fresh(), Controller(a, b, c), "a", 7) == pause  # 0.03 h left: c has 10 times that
+    assert answer(fresh(), Controller(a, b, trial("c", Trial.PENDING, 0.01)), "a", 2) == go  # not costlier
+    assert answer(fresh(), Controller(a, c), "a", 2) == go  # a worker is free for c
+    assert answer(fresh(), Controller(a, b, c, trial("s", Trial.PENDING)), "a", 2) == go  # screening goes first
+    assert answer(fresh(preempt_folds=False), Controller(a, b, c), "a", 2) == go
+    # The worker would go to the waiting run with the most hours left, a fresh run e of a's own architecture
+    # (0.10 h), not the costlier c, paused at epoch 9 of 10 (0.03 h, enough against a's last 0.01 h): no pause.
+    c9, e = trial("c", Trial.PAUSED, 0.03, "FPN"), trial("e", Trial.PENDING, 0.01)
+    c9.update_last_result({"epoch": 9})
+    assert answer(fresh(), Controller(a, b, c9), "a", 9) == pause
+    assert answer(fresh(), Controller(a, b, c9, e), "a", 9) == go
+    # A run asked to pause that is requeued instead (its node lost during the save) is running again, not pausing.
+    s = fresh()
+    ctl = Controller(a, b, c)
+    assert answer(s, ctl, "a", 2) == pause
+    a.set_status(Trial.PENDING)
+    s.choose_trial_to_run(ctl)
+    a.set_status(Trial.RUNNING)
+    assert answer(s, ctl, "b", 3) == pause  # a holds its worker again: b's pause is c's worker
+    waits = fresh(preempt_after_s=PREEMPT_AFTER_S)
+    assert answer(waits, Controller(a, b, c), "a", 2) == go  # c may be waiting for a node the autoscaler starts
+    waits._waiting_since["c"] -= PREEMPT_AFTER_S
+    assert answer(waits, Controller(a, b, c), "a", 3) == pause
+    # A restarted driver runs with its own config's preempt_fold_runs, not the one pickled when the sweep began.
+    with restoring_into(SweepFiles(home="/nonexistent", local=Path("/nonexistent")), preempt_folds=False):
+        assert pickle.loads(pickle.dumps(fresh())).preempt_folds is False
+
+
 def test_a_trial_whose_results_tune_lost_is_recorded_from_its_checkpoints(tmp_path: Path) -> None:
     """A driver SIGKILLed after a trial's first checkpoints were persisted but before Tune's own files caught up
     (result.json empty, no checkpoint registered), then restored: the trial's Result has neither metrics (nor so
