@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 5.0  # after a failed call, later calls only queue for this long; flush() tries at once
+
 
 @dataclass(eq=True)
 class Run:
@@ -60,6 +62,7 @@ class Tracker:
     _runs: dict[str, Run] = field(default_factory=dict)  # trial key -> its run
     _queue: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)  # (what, call) not yet sent
     _down_since: float | None = None
+    _retry_at: float = 0.0  # monotonic time before which calls are queued without trying the server
     latencies: list[float] = field(default_factory=list)  # seconds per delivered call (metrics, tags, ...)
 
     def __post_init__(self) -> None:
@@ -84,9 +87,10 @@ class Tracker:
     # -- delivery -----------------------------------------------------------------------------------------
 
     def _call(self, what: str, call: Callable[[], Any]) -> bool:
-        """Queue this call behind any undelivered ones and try to deliver them all, in order."""
+        """Queue this call behind any undelivered ones and try to deliver them all, in order (within
+        :data:`RETRY_S` of a failure, only queue it: a server that hangs costs one timeout per interval)."""
         self._queue.append((what, call))
-        return self._drain()
+        return time.monotonic() >= self._retry_at and self._drain()
 
     def _drain(self) -> bool:
         """Send queued calls in order; stop at the first failure and keep it (and what follows) for later."""
@@ -96,6 +100,7 @@ class Tracker:
             try:
                 fn()
             except Exception as e:  # the server may be down, slow, or restarting: training goes on
+                self._retry_at = time.monotonic() + RETRY_S
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     log.warning("MLflow at %s unavailable (%s: %s); queueing %s", self.uri, type(e).__name__, e, name)
