@@ -2,7 +2,7 @@
 
 - naive: each fold model of each member loaded in turn, and every test tile read and decoded again for each
   of them (one process, as a by-hand script does it); then the predictions combined and written.
-- job: ``predict_shard`` as ``sweeps/ensemble.py`` runs it on Ray: every worker loads all fold models once,
+- job: ``predict_shard`` as ``geopose-ray sweep ensemble`` runs it on Ray: every worker loads all fold models once,
   decodes each tile once and runs the members channels-last in bf16 where the CPU supports it (``--amp auto``).
   Shown in fp32 with 1 worker (decoding once and channels-last memory), then with mixed precision on 1 worker
   and on 2 (the machine's cores).
@@ -26,6 +26,7 @@ from pathlib import Path
 import ray
 import torch
 
+from geopose_ray.cluster.ensemble import shards
 from geopose_ray.data.cache import downsample_rgb, prepare_cache
 from geopose_ray.data.layout import CITIES, city_of, scan_dir
 from geopose_ray.data.rasters import read_rgb
@@ -36,7 +37,7 @@ from geopose_ray.engine.predict import load_model, predict_batch
 from geopose_ray.ensemble.combine import Prediction, combine
 from geopose_ray.ensemble.fit import EnsembleFit
 from geopose_ray.ensemble.infer import predict_shard, test_inputs
-from geopose_ray.ensemble.job import _Finish, _shards
+from geopose_ray.ensemble.job import _Finish
 from geopose_ray.ensemble.members import FoldModel, Member
 
 
@@ -103,7 +104,7 @@ def main() -> None:
                     amp = "off" if "fp32" in name else "auto"
                     ray.get([
                         task.remote(members, str(test), shard, str(out), args.downsample, finish, "none", "cpu", 1, amp)
-                        for shard in _shards(stems, n)
+                        for shard in shards(stems, n)
                     ])  # fmt: skip
                 times[name].append(time.perf_counter() - start)
         ray.shutdown()

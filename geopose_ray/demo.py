@@ -110,7 +110,7 @@ def run_demo(
     if sweep:
         from geopose_ray.cluster.connect import connected
         from geopose_ray.cluster.driver import run_sweep
-        from geopose_ray.ensemble.job import run_ensemble
+        from geopose_ray.ensemble.job import EnsembleOptions, run_ensemble
         from geopose_ray.sweep.table import format_results
 
         cfg = demo_sweep(name, cache_dir, sweeps)
@@ -119,7 +119,7 @@ def run_demo(
             swept = run_sweep(cfg)
             log(format_results(swept.rows))
             step(7, f"ensemble the {len(swept.finalists)} finalists (all folds), predict the test split -> {sub}")
-            ens = run_ensemble(cfg, data / "test", out_dir=root, truth_dir=data / "test_truth")
+            ens = run_ensemble(cfg, EnsembleOptions(data / "test", out_dir=root, truth_dir=data / "test_truth"))
         for label, value in ens.fit.progression:
             log(f"       out of fold {value:8.4f}  {label}")
         report = ens.report if ens.report is not None else floor

@@ -34,12 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        from geopose_ray.ensemble.job import result_summary, run_ensemble
+        from geopose_ray.ensemble.job import EnsembleOptions, result_summary, run_ensemble
 
-        names = [n.strip() for n in args.members.split(",") if n.strip()] if args.members else None
-        result = run_ensemble(
-            cfg, args.test, args.out, args.truth, names, args.tta, args.workers, args.gpus_per_worker, amp=args.amp
+        names = tuple(n.strip() for n in args.members.split(",") if n.strip()) if args.members else None
+        options = EnsembleOptions(
+            args.test, args.out, args.truth, names, args.tta, args.amp, args.workers, args.gpus_per_worker
         )
+        result = run_ensemble(cfg, options)
     except GeoposeError as e:
         print(f"ensemble: error: {e}", file=sys.stderr)
         return 2

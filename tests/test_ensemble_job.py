@@ -43,9 +43,9 @@ def _sweep(cache: Path, tmp_path: Path, checkpoint: Path, folds: list[int], fina
 
 
 def _run(cfg: SweepConfig, test: Path, **kw: Any) -> None:
-    from geopose_ray.ensemble.job import run_ensemble
+    from geopose_ray.ensemble.job import EnsembleOptions, run_ensemble
 
-    run_ensemble(cfg, test, out_dir=cfg.out_dir / "ens", **kw)
+    run_ensemble(cfg, EnsembleOptions(test, out_dir=cfg.out_dir / "ens", **kw))
 
 
 def test_members_are_the_finalists_with_one_model_per_fold(cache: Path, tmp_path: Path, checkpoint: Path) -> None:
@@ -82,7 +82,7 @@ def test_bad_input_fails_before_any_inference(
     if case == "no sweep":
         trials_path.unlink()
     elif case == "unknown member":
-        kw["names"] = ["zz"]
+        kw["members"] = ("zz",)
     elif case == "missing checkpoint":
         saved["trials"]["a/fold2"]["checkpoint"] = str(tmp_path / "gone")
     elif case in ("other resolution", "corrupt checkpoint"):
@@ -153,3 +153,30 @@ def test_the_ensemble_job_on_a_real_sweep(
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0 and len(list(out.glob("oof-*.pkl"))) == 1
     assert len(tracker._client.search_runs([tracker._experiment()], filter_string="tags.kind = 'ensemble'")) == 1
+
+
+def test_oof_statistics_are_cached_atomically_and_an_unreadable_cache_is_recomputed(
+    cache: Path, dataset: Path, tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The OOF stage on its own, Ray's tasks replaced: the first run computes and keeps ``oof-<fingerprint>.pkl``
+    (no temporary file left beside it), the next reuses it without a task, a truncated one is recomputed."""
+    import geopose_ray.cluster.ensemble as cluster_ensemble
+    from geopose_ray.ensemble.job import EnsembleOptions, _check, _oof_statistics
+
+    cfg = _sweep(cache, tmp_path, checkpoint, [0, 1, 2, 3], ["a"])
+    job = _check(cfg, EnsembleOptions(dataset / "test", out_dir=tmp_path / "ens"))
+    job.out.mkdir(parents=True)
+    calls: list[list[int]] = []
+
+    def fake(members: Any, cache_path: str, folds: list[int], *rest: Any) -> list[Any]:
+        calls.append(list(folds))
+        return [{"fold": k} for k in folds]
+
+    monkeypatch.setattr(cluster_ensemble, "oof_on_ray", fake)
+    first = _oof_statistics(job)
+    (kept,) = list(job.out.iterdir())
+    assert kept.name.startswith("oof-") and kept.suffix == ".pkl" and calls == [[0, 1, 2, 3]]
+    assert _oof_statistics(job) == first and len(calls) == 1  # reused, no task
+    kept.write_bytes(kept.read_bytes()[:10])  # a file cut short
+    assert _oof_statistics(job) == first and len(calls) == 2
+    assert list(job.out.iterdir()) == [kept]

@@ -163,7 +163,7 @@ def test_a_bad_remote_fold_model_stops_the_ensemble_job_with_the_workers_error(
     """The ensemble job on a sweep stored on the bucket, one of whose fold models is bad: the Ray worker that
     loads it finds it, and the job stops with that error, naming the checkpoint without credentials (not Ray's
     task error and the worker's traceback), before any submission is written."""
-    from geopose_ray.ensemble.job import run_ensemble
+    from geopose_ray.ensemble.job import EnsembleOptions, run_ensemble
     from geopose_ray.sweep.config import SweepConfig
 
     cfg = TrainConfig.from_dict(checkpoint_config)
@@ -195,7 +195,7 @@ def test_a_bad_remote_fold_model_stops_the_ensemble_job_with_the_workers_error(
     fetched = [cached_copy(f.checkpoint).parent for f in member.folds]
     try:
         with pytest.raises(DataError, match=message) as e:
-            run_ensemble(sweep, dataset / "test", out_dir=out)
+            run_ensemble(sweep, EnsembleOptions(dataset / "test", out_dir=out))
     finally:
         for directory in fetched:
             shutil.rmtree(directory, ignore_errors=True)

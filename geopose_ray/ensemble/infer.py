@@ -1,6 +1,6 @@
-"""The ensemble's inference, without Ray: out-of-fold predictions on the training cache (the fitting data), and
+"""The ensemble's inference, without Ray: out-of-fold statistics on the training cache (the fitting data), and
 test predictions where each tile is decoded once and run through every fold model of every member held in the
-same worker. The Ray job (:mod:`.job`) spreads these functions over the cluster."""
+same worker. :mod:`geopose_ray.cluster.ensemble` spreads these functions over the cluster."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from geopose_ray.data.submission import write_prediction
 from geopose_ray.engine.predict import load_model, predict_batch
 from geopose_ray.engine.trainer import resolve_device
 from geopose_ray.ensemble.combine import Prediction, combine
+from geopose_ray.ensemble.fit import TileOof, tile_oof
 from geopose_ray.ensemble.members import FoldModel, Member, check_fold_model, unreadable
 from geopose_ray.errors import DataError, GeoposeError
 
@@ -75,32 +76,29 @@ def fold_runner(fold: FoldModel, device: torch.device, amp: str, downsample: int
     return runner
 
 
-def _batches(items: Sequence[str], size: int) -> list[Sequence[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def oof_predictions(
-    member: Member, cache_path: str, tta: str = "none", device: str = "auto", batch_size: int = 8, amp: str = "auto"
-) -> dict[str, Prediction]:
-    """Each training tile predicted by the fold model that did not train on it (its validation fold).
-
-    Tiles of folds that no fold model of ``member`` validated on are absent.
-    """
+def oof_fold(
+    members: Sequence[Member], cache_path: str, fold: int, tta: str, device: str, threads: int, amp: str = "auto"
+) -> list[TileOof]:
+    """The fitting data of one fold: each member's model validated on ``fold`` predicts that fold's tiles (each
+    read once from the cache), reduced per tile to sufficient statistics. Tiles in the cache's row order."""
+    torch.set_num_threads(threads)
     cache = TrainingCache(cache_path)
     dev = resolve_device(device)
-    out: dict[str, Prediction] = {}
-    for fold in member.folds:
-        model = fold_runner(fold, dev, amp, cache.downsample)
-        stems = [r.stem for r in cache.rows if r.fold == fold.val_fold]
-        for chunk in _batches(stems, batch_size):
-            samples = [cache.load(s) for s in chunk]
-            image = torch.from_numpy(np.stack([np.asarray(s.image).transpose(2, 0, 1) for s in samples])).to(dev)
-            gsd = torch.tensor([s.gsd for s in samples], device=dev)
-            city = torch.tensor([s.city for s in samples], device=dev)
+    models = []
+    for m in members:
+        (f,) = [f for f in m.folds if f.val_fold == fold]
+        models.append((m.name, fold_runner(f, dev, amp, cache.downsample)))
+    out = []
+    for row in (r for r in cache.rows if r.fold == fold):
+        sample = cache.load(row.stem)
+        image = torch.from_numpy(np.asarray(sample.image).transpose(2, 0, 1).copy())[None].to(dev)
+        gsd = torch.tensor([sample.gsd], device=dev)
+        city = torch.tensor([sample.city], device=dev)
+        preds = {}
+        for name, model in models:
             agl, scale, angle = model(image, gsd, city, tta)
-            for j, s in enumerate(samples):
-                out[s.stem] = Prediction(agl[j].astype(np.float32), float(scale[j]), float(angle[j]))
-        del model
+            preds[name] = Prediction(agl[0].astype(np.float32), float(scale[0]), float(angle[0]))
+        out.append(tile_oof(sample, fold, preds))
     return out
 
 
@@ -171,24 +169,3 @@ def predict_shard(
         final = finish(per_member, CITIES[city], gsd)
         write_prediction(Path(out_dir), stem, final.agl, final.scale, final.angle, full_shape=rgb.shape[:2])
     return ShardResult(list(stems), time.perf_counter() - start, loaded)
-
-
-def save_oof(path: Path, preds: dict[str, Prediction]) -> None:
-    """Out-of-fold predictions as one compressed npz (AGL float32 per stem, scale and angle arrays)."""
-    stems = sorted(preds)
-    arrays: dict[str, NDArray[np.generic]] = {f"agl/{s}": preds[s].agl for s in stems}
-    arrays["stems"] = np.array(stems)
-    arrays["scale"] = np.array([preds[s].scale for s in stems])
-    arrays["angle"] = np.array([preds[s].angle for s in stems])
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
-    tmp.replace(path)
-
-
-def load_oof(path: Path) -> dict[str, Prediction]:
-    with np.load(path) as z:
-        stems = [str(s) for s in z["stems"]]
-        return {
-            s: Prediction(z[f"agl/{s}"].astype(np.float32), float(z["scale"][i]), float(z["angle"][i]))
-            for i, s in enumerate(stems)
-        }

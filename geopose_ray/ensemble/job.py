@@ -1,9 +1,10 @@
-"""The ensemble job on Ray: a sweep's finalists → out-of-fold statistics → fitted weights, city factors and scale
-model → test inference spread over the cluster → the submission, its archive, its score, and an MLflow run.
+"""The ensemble job: a sweep's finalists → out-of-fold statistics → fitted weights, city factors and scale model
+→ test inference spread over the cluster → the submission, its archive, its score, and an MLflow run.
 
 Everything that can be checked is checked before any inference starts: the members and every checkpoint, that
 they share one input resolution and cover every fold, and that the test directory has tiles. Checkpoints on
-remote storage are checked by the workers that download them, not downloaded to the head first.
+remote storage are checked by the workers that download them, not downloaded to the head first. No Ray here:
+its tasks are :mod:`geopose_ray.cluster.ensemble`'s, imported when the job reaches them.
 """
 
 from __future__ import annotations
@@ -21,28 +22,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import ray
-import torch
-
-from geopose_ray.cluster.connect import connect
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.data.layout import scan_dir
 from geopose_ray.data.submission import check_submission
 from geopose_ray.engine.predict import tta_transforms
-from geopose_ray.engine.trainer import resolve_device
 from geopose_ray.ensemble.combine import Prediction
-from geopose_ray.ensemble.fit import EnsembleFit, OofStats, TileOof, apply_fit, fit_ensemble, tile_oof
-from geopose_ray.ensemble.infer import ShardResult, fold_runner, predict_shard
+from geopose_ray.ensemble.fit import EnsembleFit, OofStats, TileOof, apply_fit, fit_ensemble
+from geopose_ray.ensemble.infer import ShardResult
 from geopose_ray.ensemble.members import Member, check_members, find_members
-from geopose_ray.errors import DataError, GeoposeError
-from geopose_ray.fsutil import atomic_write_text
+from geopose_ray.errors import DataError
+from geopose_ray.fsutil import atomic_write_bytes, atomic_write_text
 from geopose_ray.metrics import ScoreReport
 from geopose_ray.storage import redact, stat
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnsembleOptions:
+    """What one ensemble job builds from a finished sweep, and how."""
+
+    test_dir: str | Path  # the test tiles (challenge layout)
+    out_dir: str | Path | None = None  # submission, archive, fit.json, OOF statistics; default <sweep dir>/ensemble
+    truth_dir: str | Path | None = None  # the test truth, if known (synthetic test_truth/): the submission is scored
+    members: tuple[str, ...] | None = None  # screening trial ids; default every finalist
+    tta: str = "none"  # test-time augmentation for every member: none, flip, d4
+    # auto: bf16 (fp16 on GPUs without it) and channels-last memory where the device supports it, for the OOF
+    # and the test predictions alike; off: fp32
+    amp: str = "auto"
+    workers: int | None = None  # parallel Ray tasks for the test inference; default the cluster's CPUs, or GPUs
+    gpus_per_worker: float = 0.0  # GPUs per Ray task (OOF and inference); fractions share a GPU
+    device: str = "auto"  # torch device inside each task: auto, cpu, cuda
 
 
 @dataclass
@@ -59,30 +71,17 @@ class EnsembleResult:
     report: ScoreReport | None
 
 
-def oof_fold(
-    members: list[Member], cache_path: str, fold: int, tta: str, device: str, threads: int, amp: str = "auto"
-) -> list[TileOof]:
-    """The fitting data of one fold: each member's model validated on ``fold`` predicts that fold's tiles (read
-    once from the cache), reduced per tile to sufficient statistics."""
-    torch.set_num_threads(threads)
-    cache = TrainingCache(cache_path)
-    dev = resolve_device(device)
-    models = []
-    for m in members:
-        (f,) = [f for f in m.folds if f.val_fold == fold]
-        models.append((m.name, fold_runner(f, dev, amp, cache.downsample)))
-    out = []
-    for row in (r for r in cache.rows if r.fold == fold):
-        sample = cache.load(row.stem)
-        image = torch.from_numpy(np.asarray(sample.image).transpose(2, 0, 1).copy())[None].to(dev)
-        gsd = torch.tensor([sample.gsd], device=dev)
-        city = torch.tensor([sample.city], device=dev)
-        preds = {}
-        for name, model in models:
-            agl, scale, angle = model(image, gsd, city, tta)
-            preds[name] = Prediction(agl[0].astype(np.float32), float(scale[0]), float(angle[0]))
-        out.append(tile_oof(sample, fold, preds))
-    return out
+@dataclass(frozen=True)
+class _Job:
+    """The checked inputs of one run: absolute paths (Ray's workers run in directories of their own)."""
+
+    options: EnsembleOptions
+    test_dir: Path
+    out: Path
+    members: list[Member]
+    cache: TrainingCache
+    folds: list[int]
+    stems: list[str]  # the test tiles
 
 
 class _Finish:
@@ -96,74 +95,46 @@ class _Finish:
         return apply_fit(self.fit, dict(zip(self.names, preds, strict=True)), city, gsd)
 
 
-def _fingerprint(members: list[Member], cache: TrainingCache, tta: str, amp: str) -> str:
-    """Names the OOF statistics: the same members, checkpoints (by path, size and time) and cache reuse them."""
-    h = hashlib.sha256(json.dumps([str(cache.path.resolve()), len(cache), tta, amp]).encode())
-    for m in members:
-        for f in m.folds:
-            size, mtime = stat(f.checkpoint) or (-1, -1)
-            h.update(f"{m.name}|{f.key}|{redact(f.checkpoint)}|{size}|{mtime}".encode())
-    return h.hexdigest()[:16]
-
-
-def _gather(refs: list[Any]) -> list[Any]:
-    """``ray.get`` of the job's tasks; a worker's own error (a fold model that does not load or was trained at
-    another resolution, a test tile of the wrong size) is raised as itself, one line naming the file, not as
-    Ray's task error with the worker's traceback."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        try:  # the other tasks' work is moot now: stop those still running rather than leave them
-            # Only unfinished ones: Ray 2.60 aborts the driver ("Tried to complete task that was not pending") when
-            # a cancel races with the completion of the task it cancels, as it did for the failed task itself.
-            _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-            for ref in unfinished:
-                ray.cancel(ref)
-            if unfinished:
-                ray.wait(unfinished, num_returns=len(unfinished), timeout=60, fetch_local=False)
-        except Exception as cleanup:  # the task's error, not this, is what the user needs
-            log.warning("could not cancel the ensemble's other tasks (%s)", cleanup)
-        if isinstance(e.cause, GeoposeError):
-            raise e.cause from None
-        raise
-
-
-def _shards(stems: list[str], n: int) -> list[list[str]]:
-    return [s for s in (stems[i::n] for i in range(n)) if s]
-
-
-def run_ensemble(
-    cfg: SweepConfig,
-    test_dir: str | Path,
-    out_dir: str | Path | None = None,
-    truth_dir: str | Path | None = None,
-    names: list[str] | None = None,
-    tta: str = "none",
-    workers: int | None = None,
-    gpus_per_worker: float = 0.0,
-    device: str = "auto",
-    amp: str = "auto",
-) -> EnsembleResult:
-    """Build the ensemble of a finished sweep and write its submission.
+def run_ensemble(cfg: SweepConfig, options: EnsembleOptions) -> EnsembleResult:
+    """Build the ensemble of a finished sweep and write its submission: out-of-fold statistics (reused from an
+    earlier run with the same members, checkpoints, cache, tta and amp), the fit, the test inference, the archive,
+    the score when the truth is given, and the MLflow run.
 
     Args:
         cfg: the sweep's config (its files' home holds trials.json; its cache the training tiles).
-        test_dir: the test tiles (challenge layout).
-        out_dir: where the submission, archive and fit go (default ``<sweep dir>/ensemble``).
-        truth_dir: the test truth, if known (the synthetic ``test_truth/``): the submission is scored.
-        names: the members (screening trial ids); default every finalist.
-        tta: test-time augmentation for every member (none, flip, d4).
-        workers: inference tasks (default: the cluster's CPUs, or its GPUs with ``gpus_per_worker``).
-        gpus_per_worker: GPUs per inference task; fractions share a GPU between small members.
-        amp: ``auto`` runs the members in bf16 (fp16 on GPUs without it) with channels-last memory where the
-            device supports it, for the OOF and the test predictions alike; ``off`` keeps fp32.
+        options: the test tiles, outputs, members and how they run.
+
+    Raises:
+        DataError: bad input, before any inference (:func:`_check`), or a worker's own error (a fold model that does
+            not load), after the unfinished tasks are cancelled.
     """
-    tta_transforms(tta)
-    # Ray's workers run in directories of their own: every path they get must be absolute.
-    test_dir = Path(test_dir).resolve()
-    out = (Path(out_dir) if out_dir is not None else cfg.out_dir / "ensemble").resolve()
+    job = _check(cfg, options)
+    job.out.mkdir(parents=True, exist_ok=True)
+    tiles = _oof_statistics(job)
+    fit = _fit(job, tiles)
+    submission, shards, inference_s = _predict(job, fit)
+    archive = _archive(submission, job.out / "submission.tar.gz")
+    report = _score(options.truth_dir, submission)
+    score = report.score if report is not None else None
+    result = EnsembleResult(submission, archive, fit, job.members, len(job.stems), inference_s, score, report)
+    _track(cfg, result, options.tta)
+    log.info("test inference %.1fs, of which loading models %.1fs", inference_s, sum(s.load_seconds for s in shards))
+    return result
+
+
+def _check(cfg: SweepConfig, options: EnsembleOptions) -> _Job:
+    """Every check that needs no inference: the tta name, outputs outside a Ray job's copy of its working
+    directory, the members and their checkpoints (one model per fold of the cache, one resolution), test tiles, the
+    truth directory.
+
+    Raises:
+        DataError, ConfigError: naming the input and the fix.
+    """
+    tta_transforms(options.tta)
+    test_dir = Path(options.test_dir).resolve()
+    out = (Path(options.out_dir) if options.out_dir is not None else cfg.out_dir / "ensemble").resolve()
     cfg.refuse_outputs_in_job_copy(("the ensemble's output directory", out, "Give --out an absolute path outside it."))
-    members = find_members(cfg.files.home, names)
+    members = find_members(cfg.files.home, list(options.members) if options.members is not None else None)
     cache = TrainingCache(cfg.cache)
     folds = sorted({r.fold for r in cache.rows})
     for m in members:
@@ -177,69 +148,99 @@ def run_ensemble(
     stems = sorted(s for s, f in scan_dir(test_dir).items() if f.rgb) if test_dir.is_dir() else []
     if not stems:
         raise DataError(f"{test_dir}: no test tiles (*_RGB.j2k or *_RGB.tif); give the test directory")
-    if truth_dir is not None and not Path(truth_dir).is_dir():
-        raise DataError(f"{truth_dir}: the truth directory does not exist")
-    connect()
-    out.mkdir(parents=True, exist_ok=True)
+    if options.truth_dir is not None and not Path(options.truth_dir).is_dir():
+        raise DataError(f"{options.truth_dir}: the truth directory does not exist")
+    return _Job(options, test_dir, out, members, cache, folds, stems)
 
-    # Out-of-fold statistics: one task per fold, each member's model of that fold in the same worker.
-    resources = {"num_cpus": 1, "num_gpus": gpus_per_worker}
-    oof_path = out / f"oof-{_fingerprint(members, cache, tta, amp)}.pkl"
-    if oof_path.exists():
-        tiles: list[TileOof] = pickle.loads(oof_path.read_bytes())
-        log.info("reusing out-of-fold statistics %s", oof_path)
-    else:
-        oof_task: Any = ray.remote(oof_fold).options(**resources)
-        parts = _gather([oof_task.remote(members, str(cache.path.resolve()), k, tta, device, 1, amp) for k in folds])
-        tiles = [t for part in parts for t in part]
-        tmp = oof_path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(tiles))
-        tmp.replace(oof_path)
+
+def _fingerprint(members: list[Member], cache: TrainingCache, tta: str, amp: str) -> str:
+    """Names the OOF statistics: the same members, checkpoints (by path, size and time) and cache reuse them."""
+    h = hashlib.sha256(json.dumps([str(cache.path.resolve()), len(cache), tta, amp]).encode())
+    for m in members:
+        for f in m.folds:
+            size, mtime = stat(f.checkpoint) or (-1, -1)
+            h.update(f"{m.name}|{f.key}|{redact(f.checkpoint)}|{size}|{mtime}".encode())
+    return h.hexdigest()[:16]
+
+
+def _oof_statistics(job: _Job) -> list[TileOof]:
+    """Every training tile's out-of-fold statistics: one Ray task per fold, each member's model of that fold in
+    the same worker. Kept in ``<out>/oof-<fingerprint>.pkl``, written atomically (a temporary file in the same
+    directory, then renamed), and reused by a later run with the same fingerprint; an unreadable one is recomputed."""
+    o = job.options
+    path = job.out / f"oof-{_fingerprint(job.members, job.cache, o.tta, o.amp)}.pkl"
+    if path.exists():
+        try:
+            tiles: list[TileOof] = pickle.loads(path.read_bytes())
+            log.info("reusing out-of-fold statistics %s", path)
+            return tiles
+        except Exception as e:  # a cache: whatever makes it unreadable, computing it again mends it
+            log.warning("recomputing the out-of-fold statistics: %s is unreadable (%s)", path, e)
+    from geopose_ray.cluster.ensemble import oof_on_ray
+
+    cache_path = str(job.cache.path.resolve())
+    tiles = oof_on_ray(job.members, cache_path, job.folds, o.tta, o.device, o.amp, o.gpus_per_worker)
+    atomic_write_bytes(path, pickle.dumps(tiles))
+    return tiles
+
+
+def _fit(job: _Job, tiles: list[TileOof]) -> EnsembleFit:
+    """Weights, city factors and the scale model fitted on the OOF statistics; written to ``<out>/fit.json``."""
     fit = fit_ensemble(OofStats.from_tiles(tiles))
-    atomic_write_text(out / "fit.json", fit.to_json())
+    atomic_write_text(job.out / "fit.json", fit.to_json())
+    return fit
 
-    # Test inference: each worker loads every active member's fold models once and decodes each tile once.
-    active = [m for m in members if m.name in fit.active_members]
-    if workers is None:
-        avail = ray.available_resources()
-        workers = int(avail.get("GPU", 0) / gpus_per_worker) if gpus_per_worker else int(avail.get("CPU", 1))
-    workers = max(1, min(workers, len(stems)))
-    submission = out / "submission"
+
+def _predict(job: _Job, fit: EnsembleFit) -> tuple[Path, list[ShardResult], float]:
+    """The test tiles predicted by the fit's active members into a fresh ``<out>/submission`` over Ray, each task
+    loading every fold model once and decoding each tile once; checked complete. Returns the submission, each
+    shard's result and the inference's wall time in seconds.
+
+    Raises:
+        DataError: a worker's own error, or a submission missing a tile.
+    """
+    from geopose_ray.cluster.ensemble import predict_on_ray
+
+    o = job.options
+    active = [m for m in job.members if m.name in fit.active_members]
+    submission = job.out / "submission"
     shutil.rmtree(submission, ignore_errors=True)
     submission.mkdir(parents=True)
     finish = _Finish(fit, [m.name for m in active])
-    task: Any = ray.remote(predict_shard).options(**resources)
     start = time.perf_counter()
-    shards: list[ShardResult] = _gather(
-        [
-            task.remote(active, str(test_dir), shard, str(submission), cache.downsample, finish, tta, device, 1, amp)
-            for shard in _shards(stems, workers)
-        ]
-    )
+    shards = predict_on_ray(
+        active, str(job.test_dir), job.stems, str(submission), job.cache.downsample, finish, o.tta, o.device, o.amp,
+        o.workers, o.gpus_per_worker,
+    )  # fmt: skip
     inference_s = time.perf_counter() - start
-    problems = check_submission(submission, test_dir)
+    problems = check_submission(submission, job.test_dir)
     if problems:
         raise DataError(f"{submission}: the written submission is incomplete: {problems[0]}")
-    archive = out / "submission.tar.gz"
+    return submission, shards, inference_s
+
+
+def _archive(submission: Path, archive: Path) -> Path:
+    """``submission``'s files, flat, in the ``.tar.gz`` at ``archive``, written atomically (temp file, rename)."""
     with (
-        tempfile.NamedTemporaryFile(dir=out, suffix=".tar.gz", delete=False) as tmpf,
+        tempfile.NamedTemporaryFile(dir=archive.parent, suffix=".tar.gz", delete=False) as tmpf,
         tarfile.open(fileobj=tmpf, mode="w:gz") as tar,
     ):
         for p in sorted(submission.iterdir()):
             tar.add(p, arcname=p.name)
     Path(tmpf.name).replace(archive)
-    score, report = None, None
-    if truth_dir is not None:
-        from geopose_ray.scoring import score_dirs
-
-        report = score_dirs(truth_dir, submission)
-        score = report.score
-    result = EnsembleResult(submission, archive, fit, members, len(stems), inference_s, score, report)
-    _track(cfg, result, tta, sum(s.load_seconds for s in shards))
-    return result
+    return archive
 
 
-def _track(cfg: SweepConfig, result: EnsembleResult, tta: str, load_s: float) -> None:
+def _score(truth_dir: str | Path | None, submission: Path) -> ScoreReport | None:
+    """The challenge score of ``submission`` against ``truth_dir``; None without a truth directory."""
+    if truth_dir is None:
+        return None
+    from geopose_ray.scoring import score_dirs
+
+    return score_dirs(truth_dir, submission)
+
+
+def _track(cfg: SweepConfig, result: EnsembleResult, tta: str) -> None:
     """The ensemble's MLflow run under the sweep's parent: members, weights, factors, the out-of-fold progression
     (a table and a plot), the test score. MLflow being down never fails the job: the files are on disk."""
     fit = result.fit
@@ -302,7 +303,7 @@ def progression_plot(fit: EnsembleFit, path: Path) -> Path:
 
 
 def result_summary(result: EnsembleResult) -> dict[str, Any]:
-    """The job's outcome as plain values (printed by sweeps/ensemble.py, written to summary.json)."""
+    """The job's outcome as plain values (printed by ``geopose-ray sweep ensemble``, written to summary.json)."""
     return {
         "submission": str(result.submission),
         "archive": str(result.archive),
