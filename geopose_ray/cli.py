@@ -9,6 +9,12 @@ from collections.abc import Sequence
 
 from geopose_ray.errors import GeoposeError
 
+# One meaning of --workers everywhere: how many run in parallel, processes here or Ray tasks on a cluster.
+WORKERS_HELP = (
+    "parallel workers (processes, or Ray tasks for cluster commands; default: one per core / the cluster's CPUs "
+    "or GPUs)"
+)
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -129,6 +135,106 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep_screen(args: argparse.Namespace) -> int:
+    from geopose_ray.sweep.commands import screen
+    from geopose_ray.sweep.config import config_from_args
+
+    return screen(
+        config_from_args(args), smoke_test=args.smoke_test, validate_only=args.validate_only, resume=args.resume
+    )
+
+
+def _cmd_sweep_promote(args: argparse.Namespace) -> int:
+    from geopose_ray.sweep.commands import promote
+    from geopose_ray.sweep.config import config_from_args
+
+    return promote(config_from_args(args), budget_gpu_hours=args.budget, add_rung=args.add_rung)
+
+
+def _cmd_sweep_ensemble(args: argparse.Namespace) -> int:
+    from geopose_ray.ensemble.job import EnsembleOptions
+    from geopose_ray.sweep.commands import ensemble
+    from geopose_ray.sweep.config import config_from_args
+
+    members = tuple(n.strip() for n in args.members.split(",") if n.strip()) if args.members else None
+    options = EnsembleOptions(
+        args.test, args.out, args.truth, members, args.tta, args.amp, args.workers, args.gpus_per_worker
+    )
+    return ensemble(config_from_args(args), options)
+
+
+SCREEN_USAGE = """\
+ray job submit --working-dir . -- python sweeps/screen.py --config sweeps/configs/demo.yaml \\
+    --cache "$PWD/runs/demo/cache" --storage "$PWD/runs/demo/sweeps"   # a job needs absolute paths
+geopose-ray sweep screen --config sweeps/configs/screen-t4.yaml --smoke-test   # a tiny version, locally
+"""
+
+PROMOTE_USAGE = """\
+ray job submit --working-dir . -- python sweeps/promote.py --config launch/sweeps/screen-t4-cloud.yaml --budget 400
+geopose-ray sweep promote --config sweeps/configs/demo.yaml --add-rung 16
+
+Paused trials that qualify under the larger budget are promoted; with a new rung, the best 1/η of the old top
+rung go on to it. Every trial continues from its last checkpoint (no epoch is trained again) in its own MLflow
+run; the new finalists get their fold runs, and existing fold runs continue to the new top rung.
+"""
+
+ENSEMBLE_USAGE = """\
+ray job submit --working-dir . -- python sweeps/ensemble.py --config launch/sweeps/screen-t4-cloud.yaml \\
+    --test /data/geopose/test --out /home/ray/submission   # a job needs absolute paths
+geopose-ray sweep ensemble --config sweeps/configs/demo.yaml --test runs/demo/data/test \\
+    --truth runs/demo/data/test_truth
+"""
+
+
+def _add_sweep(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``geopose-ray sweep screen|promote|ensemble``: the sweep's commands on Ray (``sweeps/*.py`` run these)."""
+    from geopose_ray.sweep.config import add_config_args
+
+    about = "the sweep on Ray: screen a grid, reopen a finished sweep, ensemble its finalists"
+    sweep = sub.add_parser("sweep", help=about, description=about).add_subparsers(dest="sweep_command", required=True)
+
+    def add(name: str, help: str, usage: str) -> argparse.ArgumentParser:
+        return sweep.add_parser(
+            name, help=help, description=help, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    p = add(
+        "screen", "screen a grid with the promoter on Ray Tune, then train the finalists on every fold", SCREEN_USAGE
+    )
+    add_config_args(p)
+    p.add_argument("--smoke-test", action="store_true", help="a tiny version of the sweep")
+    p.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    p.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
+    p.set_defaults(fn=_cmd_sweep_screen)
+
+    p = add("promote", "reopen a finished sweep: raise its GPU-hour budget, add a rung, or both", PROMOTE_USAGE)
+    add_config_args(p, "the sweep's YAML, as it was run (sweeps/configs/)")
+    p.add_argument("--budget", type=float, default=None, help="the new GPU-hour budget (above what is spent)")
+    p.add_argument("--add-rung", type=int, default=None, help="a new top rung, in epochs")
+    p.set_defaults(fn=_cmd_sweep_promote)
+
+    p = add("ensemble", "the ensemble of a sweep's finalists -> submission dir, .tar.gz, score", ENSEMBLE_USAGE)
+    add_config_args(p, "the sweep's YAML, as it was run")
+    p.add_argument("--test", required=True, help="the test tiles (challenge layout)")
+    p.add_argument("--truth", default=None, help="the test truth, if known: the submission is scored")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default <storage>/<name>/ensemble; runs/<name>/ensemble for a bucket)",
+    )
+    p.add_argument("--members", default=None, help="comma-separated screening trial ids (default every finalist)")
+    p.add_argument("--tta", default="none", choices=["none", "flip", "d4"], help="test-time augmentation")
+    p.add_argument("--amp", default="auto", choices=["auto", "off"], help="bf16/fp16 inference where supported")
+    p.add_argument("--workers", type=_positive_int, default=None, help=WORKERS_HELP + "; here Ray inference tasks")
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="GPUs per Ray task (out of fold and inference; fractions share)",
+    )
+    p.set_defaults(fn=_cmd_sweep_ensemble)
+
+
 def _rungs(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(r) for r in text.split(","))
@@ -153,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per core)")
+        p.add_argument("--workers", type=_positive_int, default=None, help=WORKERS_HELP)
         return p
 
     p = add("validate", "check every file of a dataset directory; exit 0 if clean, 1 if not")
@@ -218,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true", help="stop after scoring the trivial predictor")
     p.set_defaults(fn=_cmd_demo)
 
+    _add_sweep(sub)
+
     about = "replay a sweep on simulated T4 workers: promoter vs full grid, Ray's ASHA and random search"
     p = sub.add_parser("simulate", help=about, description=about)
     p.add_argument("--trials", type=_positive_int, default=240, help="configurations (240: the seed's grid)")
@@ -243,16 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: project errors become one line on stderr and exit code 2, never a traceback."""
+    """Entry point: project errors become one line on stderr, ``geopose-ray <command>: error: ...``, and exit code
+    2, never a traceback; an interrupt exits 130."""
     args = build_parser().parse_args(argv)
+    command = " ".join(c for c in (args.command, getattr(args, "sweep_command", None)) if c)
     try:
         code: int = args.fn(args)
         return code
     except GeoposeError as e:
-        print(f"geopose-ray {args.command}: error: {e}", file=sys.stderr)
+        print(f"geopose-ray {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"geopose-ray {args.command}: interrupted; rerun to continue where it stopped", file=sys.stderr)
+        print(f"geopose-ray {command}: interrupted; rerun to continue where it stopped", file=sys.stderr)
         return 130
 
 

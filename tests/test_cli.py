@@ -12,6 +12,8 @@ import pytest
 from geopose_ray.cli import main
 from geopose_ray.demo import run_demo
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("geopose-ray")
@@ -100,3 +102,103 @@ def test_train_with_a_typo_fails_before_training(
     err = capsys.readouterr().err
     assert "Wrong encoder name `resnet344`, supported encoders: [resnet34," in err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def _sweep_yaml(tmp_path: Path, cache: Path, extra: str = "") -> Path:
+    y = tmp_path / "s.yaml"
+    y.write_text(
+        f"name: s\ncache: {cache}\nstorage_path: {tmp_path / 'runs'}\n"
+        "grid: {encoders: [tu-test_resnet], lrs: [0.001, 0.01], accumulation: [1, 4]}\ntrain: {batch_size: 4}\n"
+        f"rungs: [1, 2]\n{extra}"
+    )
+    return y
+
+
+def test_sweep_screen_validates_a_config_without_ray(cache: Path, tmp_path: Path) -> None:
+    """``geopose-ray sweep screen --validate-only`` and its script checks the config and never imports Ray;
+    ``--smoke-test`` validates the tiny version."""
+    y = _sweep_yaml(tmp_path, cache)
+    r = _run("sweep", "screen", "--config", str(y), "--validate-only")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "s: 4 trials (grid), rungs [1, 2], eta 3"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "sweeps" / "screen.py"), "--config", str(y), "--validate-only", "--smoke-test"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "s-smoke: 4 trials (grid), rungs [1, 2, 3], eta 2"
+    code = (
+        "import sys; from geopose_ray.cli import main; "
+        f"assert main(['sweep', 'screen', '--config', {str(y)!r}, '--validate-only']) == 0; "
+        "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'Ray was imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("grid: {encoders: [resnet-34]}\n", "Wrong encoder name `resnet-34`"),
+        ("eta: 1\n", "The value of `eta` is 1, but must be `eta >= 2`"),
+        ("min_results: 0\n", "The value of `min_results` is 0, but must be `min_results >= 1`"),
+        ("budget_gpu_hours: 0\n", "The value of `budget_gpu_hours` is 0, but must be > 0 or null"),
+        ("mode: maximum\n", "The value of `mode` is 'maximum', but must be 'max' or 'min'"),
+        ("grid_size: 3\n", "unknown key(s) ['grid_size'] in the sweep config"),
+    ],
+)
+def test_sweep_screen_bad_config_is_one_line_and_exit_2(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, message: str
+) -> None:
+    y = _sweep_yaml(tmp_path, cache)
+    y.write_text("\n".join(line for line in y.read_text().splitlines() if not line.startswith(extra.split(":")[0]))
+                 + "\n" + extra)  # fmt: skip
+    assert main(["sweep", "screen", "--config", str(y), "--validate-only"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("geopose-ray sweep screen: error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in out + err
+
+
+def test_sweep_rungs_are_checked_as_integers_then_by_the_promoter(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for rungs, message in [
+        ("[1, 2.5]", "The value of `rungs` is [1, 2.5], but must be a list of integer epochs"),
+        ("[0, 2]", "The value of `rungs` is [0, 2], but must be positive epochs"),
+        ("[2, 2]", "The value of `rungs` is [2, 2], but must be strictly increasing"),
+        ("[]", "The value of `rungs` is [], but must be positive epochs"),
+    ]:
+        y = _sweep_yaml(tmp_path, cache)
+        y.write_text(y.read_text().replace("rungs: [1, 2]", f"rungs: {rungs}"))
+        assert main(["sweep", "screen", "--config", str(y), "--validate-only"]) == 2
+        assert message in capsys.readouterr().err, rungs
+
+
+def test_sweep_ensemble_refuses_a_sweep_that_has_not_run(
+    cache: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ensemble's checks come before Ray: a sweep with no trials.json is one line and exit 2."""
+    y = _sweep_yaml(tmp_path, cache)
+    argv = ["--config", str(y), "--test", str(dataset / "test"), "--members", "a, b", "--workers", "2"]
+    assert main(["sweep", "ensemble", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geopose-ray sweep ensemble: error: ") and err.count("\n") == 1
+    assert "no finished sweep here (trials.json missing)" in err
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "ensemble", *argv[:4], "--workers", "0"])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_sweep_ensemble_passes_its_options_through(
+    monkeypatch: pytest.MonkeyPatch, cache: Path, tmp_path: Path
+) -> None:
+    from geopose_ray.ensemble.job import EnsembleOptions
+    from geopose_ray.sweep import commands
+
+    seen: list[EnsembleOptions] = []
+    monkeypatch.setattr(commands, "ensemble", lambda cfg, options: seen.append(options) or 0)
+    y = _sweep_yaml(tmp_path, cache)
+    argv = ["sweep", "ensemble", "--config", str(y), "--test", "t", "--members", "a, b,", "--tta", "flip",
+            "--amp", "off", "--workers", "3", "--gpus-per-worker", "0.5", "--out", "o", "--truth", "tr"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen == [EnsembleOptions("t", "o", "tr", ("a", "b"), "flip", "off", 3, 0.5)]
