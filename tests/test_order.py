@@ -136,28 +136,6 @@ def test_the_tune_searcher_hands_out_the_costliest_finalists_fold_runs_first() -
     assert search.suggest("f6") == Searcher.FINISHED
 
 
-def test_the_scheduler_starts_the_waiting_fold_run_with_most_hours_left_first() -> None:
-    """Tune's waiting fold runs (real Trial objects, no cluster), ranked by hours left: their finalists' device
-    hours per epoch (carried in each config) times the epochs they have left. Not started: b (600 h), c (400 h),
-    a (200 h); a paused run of b at epoch 150 has 150 h left, so it comes last: hours left count, not the
-    architecture."""
-    from ray.tune.experiment import Trial
-
-    from geopose_ray.cluster.scheduler import PromoterScheduler, fold_costs
-    from geopose_ray.sweep.promoter import Promoter
-
-    def fold(finalist: str, k: int, hours: float) -> Trial:
-        cfg = {"model": {"encoder": finalist, "decoder": "Unet"}, "epochs": 200, "val_fold": k, "_finalist": finalist,
-               "_epoch_hours": hours}  # fmt: skip
-        return Trial("train_trial", config={"cfg": cfg}, trial_id=f"{finalist}{k}", stub=True)
-
-    folds = [fold("a", 1, 1.0), fold("b", 1, 3.0), fold("c", 1, 2.0), fold("b", 2, 3.0)]
-    folds[3].update_last_result({"epoch": 150})
-    scheduler = PromoterScheduler(Promoter((1, 2), 3, "max", 1))
-    ranked = scheduler._most_hours_left(folds, fold_costs(folds, scheduler._screened_cost))
-    assert [t.trial_id for t in ranked] == ["b1", "c1", "a1", "b2"]
-
-
 def test_a_fold_run_yields_only_to_a_costlier_architecture_with_half_as_many_hours_left_again() -> None:
     from geopose_ray.sweep.order import PREEMPT_RATIO, pre_empts
 
@@ -169,27 +147,3 @@ def test_a_fold_run_yields_only_to_a_costlier_architecture_with_half_as_many_hou
     assert not pre_empts(0.5, 10.0, [(0.5, 100.0), (0.25, 100.0), (math.nan, 100.0)])
     assert not pre_empts(math.nan, 10.0, [(0.75, 100.0)])
     assert not pre_empts(0.5, 10.0, [])
-
-
-def test_fold_run_costs_are_per_architecture_means_of_their_finalists_screening() -> None:
-    """Two finalists of one architecture measured 0.10 and 0.12 h an epoch: all their fold runs cost 0.11, so
-    they never pre-empt each other on noise; a run without the figure is unknown (NaN), and so is its
-    architecture's if none of its runs has it. Hours left count from the last epoch reported."""
-    from ray.tune.experiment import Trial
-
-    from geopose_ray.cluster.scheduler import _hours_left, fold_costs
-
-    def run(encoder: str, decoder: str, hours: float | None) -> Trial:
-        cfg: dict[str, object] = {"model": {"encoder": encoder, "decoder": decoder}, "epochs": 200, "val_fold": 1}
-        if hours is not None:
-            cfg["_epoch_hours"] = hours
-        return Trial("train_trial", config={"cfg": cfg}, stub=True)
-
-    runs = [run("a", "Unet", 0.10), run("a", "Unet", 0.12), run("a", "FPN", 0.3), run("b", "Unet", None)]
-    cost = fold_costs(runs)
-    assert [cost[t.trial_id] for t in runs[:3]] == pytest.approx([0.11, 0.11, 0.3])
-    assert math.isnan(cost[runs[3].trial_id])
-    runs[2].update_last_result({"epoch": 150})
-    assert _hours_left(runs[2], 0.3) == pytest.approx(15.0)
-    assert _hours_left(runs[0], 0.11) == pytest.approx(22.0)
-    assert _hours_left(runs[0], 0.11, epoch=100) == pytest.approx(11.0)

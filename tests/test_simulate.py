@@ -12,11 +12,10 @@ from geopose_ray.cli import main
 from geopose_ray.simulate import (
     AshaPolicy,
     Curves,
-    FoldRuns,
     GridPolicy,
-    PromoterPolicy,
     RandomPolicy,
     Run,
+    SweepPolicy,
     draw_curves,
     evaluate,
     replay,
@@ -70,12 +69,12 @@ def test_the_promoter_never_trains_an_epoch_twice(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(Promoter, "promote", spy)
     order = list(np.random.default_rng(0).permutation(len(curves)))
-    policy = PromoterPolicy(curves, order, (20, 60, 200), 3, 9)
+    policy = SweepPolicy(curves, order, (20, 60, 200), 3, 9)
     run = replay(curves, 16, policy)
     assert len(resumed) >= 5  # paused trials did resume (most promotions happen on arrival)
     assert np.array_equal(run.epochs, run.reached)  # every epoch trained once: resumed, never restarted
     assert run.gpu_hours == pytest.approx(float(np.sum(run.epochs * curves.minutes) / 60.0), rel=1e-9)
-    p = policy.promoter
+    p = policy.dispatch.promoter
     assert set(p.paused).isdisjoint(p.finalists)
     reported = np.minimum(run.reached, curves.fail_epoch - 1)  # the promoter heard of every epoch but a failing one
     assert p.spent_gpu_hours == pytest.approx(float(np.sum(reported * curves.minutes) / 60.0), rel=1e-9)
@@ -103,7 +102,7 @@ def test_asha_stops_the_late_bloomer_that_the_promoter_keeps() -> None:
     order = list(range(9))
     asha = AshaPolicy(curves, order, (2, 6, 18), 3)
     asha_run = replay(curves, 1, asha)
-    promoter_run = replay(curves, 1, PromoterPolicy(curves, order, (2, 6, 18), 3, 1))
+    promoter_run = replay(curves, 1, SweepPolicy(curves, order, (2, 6, 18), 3, 1))
     assert 1 in asha.stopped and asha_run.reached[1] == 2
     assert 1 in {t for _, _, t in promoter_run.finishes}
     assert evaluate(promoter_run, curves, math.inf).regret == pytest.approx(0.0)
@@ -120,34 +119,39 @@ def test_asha_cutoff_is_rays_percentile_of_earlier_results() -> None:
     assert list(run.reached) == [2, 1, 2, 1]
 
 
-def test_promoter_in_tune_order_starts_every_new_trial_before_resuming_any() -> None:
+def test_the_sweep_policy_resumes_a_promoted_trial_before_it_starts_a_new_one() -> None:
+    """One worker, 60 trials: whenever the promoter has a paused trial to promote, the free worker resumes it
+    (towards the next rung), though new trials wait; as asynchronous successive halving has it."""
     curves = draw_curves(60, seed=2)
-    policy = PromoterPolicy(curves, list(range(60)), (20, 60, 200), 3, 1, new_first=True)
-    jobs = []
+    policy = SweepPolicy(curves, list(range(60)), (20, 60, 200), 3, 1)
+    seen: list[tuple[bool, tuple[int, int]]] = []
     real = policy.next_job
 
-    def logged() -> tuple[int, int] | None:
-        job = real()
+    def logged(now: float = 0.0, free: int = 1) -> tuple[int, int] | None:
+        promotable = bool(policy.dispatch.promoter.promotable())
+        job = real(now, free)
         if job is not None:
-            jobs.append(job)
+            seen.append((promotable, job))
         return job
 
     policy.next_job = logged  # type: ignore[method-assign]
     replay(curves, 1, policy)
-    firsts = [stop for _, stop in jobs[:60]]
-    assert firsts == [20] * 60 and all(stop > 20 for _, stop in jobs[60:])
+    resumed = [job for promotable, job in seen if promotable]
+    assert len(resumed) >= 3 and all(stop > 20 for _, stop in resumed)
+    new = [i for i, (_, (_, stop)) in enumerate(seen) if stop == 20]
+    assert len(new) == 60 and any(stop > 20 for _, (_, stop) in seen[: new[-1]])  # resumed while new ones waited
 
 
 def test_fold_runs_after_screening_or_backfilling_the_idle_workers() -> None:
     curves = draw_curves(240, seed=2)
     order = [int(i) for i in np.random.default_rng(2).permutation(240)]
 
-    def promoter() -> PromoterPolicy:
-        return PromoterPolicy(curves, order, (20, 60, 200), 3, 9)
+    def sweep(fold_runs: int = 0, backfill: bool = True) -> SweepPolicy:
+        return SweepPolicy(curves, order, (20, 60, 200), 3, 9, fold_runs=fold_runs, backfill=backfill)
 
-    alone = replay(curves, 16, promoter())
-    after = replay(curves, 16, FoldRuns(promoter(), curves, 4, backfill=False), fold_runs=4)
-    back = replay(curves, 16, FoldRuns(promoter(), curves, 4, backfill=True), fold_runs=4)
+    alone = replay(curves, 16, sweep())
+    after = replay(curves, 16, sweep(4, backfill=False), fold_runs=4)
+    back = replay(curves, 16, sweep(4, backfill=True), fold_runs=4)
     # After screening (search: grid): screening exactly as alone, then 4 runs of 200 epochs per finalist.
     assert after.screen_h == pytest.approx(alone.makespan_h) and after.screen_busy_h == pytest.approx(alone.gpu_hours)
     assert np.array_equal(after.epochs, alone.epochs)
@@ -162,31 +166,33 @@ def test_fold_runs_after_screening_or_backfilling_the_idle_workers() -> None:
     assert back.screen_h == pytest.approx(alone.makespan_h) and np.array_equal(back.epochs, alone.epochs)
 
 
-@pytest.mark.parametrize(("longest", "makespan"), [(True, 7.0), (False, 8.0)])
-def test_the_longest_fold_runs_start_first(longest: bool, makespan: float) -> None:
-    """Two workers, three one-epoch trials screened in grid order, one fold run each, after screening. Trials 0
-    and 1 cost 1 h an epoch and end at hour 1; trial 2 costs 3 h and ends screening at hour 4. In the order the
-    finalists finished, fold runs 0 and 1 take hours 4-5 and run 2 hours 5-8; the costliest first, run 2 takes
-    hours 4-7 while 0 and 1 share the other worker: the pipeline ends at 7."""
+def test_the_longest_fold_runs_start_first() -> None:
+    """Two workers, three one-epoch trials screened in grid order (one rung: each is a finalist), one fold run
+    each, after screening. Trials 0 and 1 cost 1 h an epoch and end at hour 1; trial 2 costs 3 h and ends
+    screening at hour 4. The costliest first, run 2 takes hours 4-7 while 0 and 1 share the other worker: the
+    pipeline ends at 7 (in the order the finalists finished, run 2 would take hours 5-8)."""
     curves = hand_curves([[0.8], [0.7], [0.9]], minutes=[60, 60, 180])
-    policy = FoldRuns(GridPolicy(curves, [0, 1, 2]), curves, 1, backfill=False, longest_first=longest)
+    policy = SweepPolicy(curves, [0, 1, 2], (1,), 2, 1, fold_runs=1, backfill=False)
     run = replay(curves, 2, policy, fold_runs=1)
-    assert run.screen_h == pytest.approx(4.0) and run.makespan_h == pytest.approx(makespan)
+    assert run.screen_h == pytest.approx(4.0) and run.makespan_h == pytest.approx(7.0)
     assert run.fold_gpu_hours == pytest.approx(5.0)
 
 
 def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_running_one() -> None:
-    """Three workers, four epochs, three runs per finalist. Trials 0 and 1 cost 0.75 h an epoch (3 h a run) and
-    end screening at hour 3; trial 2 costs 2 h an epoch and screens until hour 8. Trials 0 and 1's six runs take
-    two workers from hour 3: two at a time, 3-6, then 6-9. Without pre-emption trial 2's other two runs wait for
-    hour 9 and end at 17, and the last cheap run ends at 20. With it, at hour 8.25 (an epoch before their end, 0.75
-    h left, less than 8 h / 1.5) both cheap runs yield: trial 2's runs end at 16 and 16.25, the two cheap runs not
-    yet started take 16-19 and 16.25-19.25, and the two pre-empted ones restart (RESUME_H each) on the third
-    worker. Two runs of one architecture never pre-empt each other (none does before hour 8 here)."""
+    """Three workers, four epochs, one rung (every trial a finalist), three runs per finalist. Trials 0 and 1 cost
+    0.75 h an epoch (3 h a run) and end screening at hour 3; trial 2 costs 2 h an epoch and screens until hour 8.
+    Trials 0 and 1's six runs take two workers from hour 3: two at a time, 3-6, then 6-9. At hour 8 trial 2's
+    worker takes one of its own runs. Without pre-emption its other two wait for hour 9 and end at 17, and the
+    last cheap run ends at 20. With it, at hour 8.25 (an epoch before their end, 0.75 h left, less than 8 h / 1.5,
+    and the costly runs have waited the 15 minutes a pre-emption needs) both cheap runs yield: trial 2's runs end
+    at 16 and 16.25, the two cheap runs not yet started take 16-19 and 16.25-19.25, and the two pre-empted ones
+    restart (RESUME_H each) on the third worker. Two runs of one architecture never pre-empt each other (none
+    does before hour 8 here). Waiting a minute less than that at hour 8.25 (a 16-minute wait) changes the story:
+    the cheap runs end at 9 first."""
     curves = hand_curves([[0.8] * 4, [0.8] * 4, [0.9] * 4], minutes=[45, 45, 120])
 
-    def pipeline(preempt: bool) -> Run:
-        policy = FoldRuns(GridPolicy(curves, [0, 1, 2]), curves, 3, True, preempt=preempt)
+    def pipeline(preempt: bool, after_s: float = 900.0) -> Run:
+        policy = SweepPolicy(curves, [0, 1, 2], (4,), 2, 1, fold_runs=3, preempt=preempt, preempt_after_s=after_s)
         return replay(curves, 3, policy, fold_runs=3)
 
     plain, pre = pipeline(False), pipeline(True)
@@ -194,6 +200,8 @@ def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_running_one()
     assert pre.makespan_h == pytest.approx(19.25) and pre.fold_restarts == 2
     assert pre.fold_gpu_hours == pytest.approx(6 * 3.0 + 3 * 8.0 + 2 * RESUME_H)
     assert np.array_equal(pre.epochs, plain.epochs) and len(pre.fold_finishes) == len(plain.fold_finishes) == 9
+    patient = pipeline(True, after_s=960.0)
+    assert patient.fold_restarts == 0 and patient.makespan_h == pytest.approx(plain.makespan_h)
 
 
 def test_pre_empted_fold_runs_train_every_epoch_once_and_end_no_later() -> None:
@@ -201,8 +209,8 @@ def test_pre_empted_fold_runs_train_every_epoch_once_and_end_no_later() -> None:
     order = [int(i) for i in np.random.default_rng(6).permutation(240)]
 
     def pipeline(preempt: bool) -> Run:
-        inner = PromoterPolicy(curves, order, (20, 40, 100, 200), 3, 9)
-        return replay(curves, 16, FoldRuns(inner, curves, 4, True, preempt=preempt), fold_runs=4)
+        policy = SweepPolicy(curves, order, (20, 40, 100, 200), 3, 9, fold_runs=4, preempt=preempt)
+        return replay(curves, 16, policy, fold_runs=4)
 
     plain, pre = pipeline(False), pipeline(True)
     assert pre.fold_restarts > 0

@@ -13,7 +13,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from geopose_ray.sweep.order import GuidedOrder, longest_first
+from geopose_ray.sweep.dispatch import State, TrialView, arch_costs, by_hours_left
+from geopose_ray.sweep.order import GuidedOrder
 from geopose_ray.sweep.records import EPOCH_HOURS, per_epoch_hours
 
 GUIDED_AXES = ("encoder", "decoder", "lr", "accumulation")
@@ -92,8 +93,7 @@ class GuidedSearch(Searcher):
                 {**point, "val_fold": k, "epochs": self.top, "_finalist": trial_id, EPOCH_HOURS: self.cost[trial_id]}
                 for k in self.folds
             ]
-            costs = [self.cost.get(str(q["_finalist"]), math.nan) for q in self.queue]
-            self.queue = [self.queue[i] for i in longest_first(costs)]
+            self.queue = fold_queue(self.queue)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -103,6 +103,17 @@ class GuidedSearch(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         self.__dict__.setdefault("cost", {})  # saved before fold runs were ordered by cost
+
+
+def fold_queue(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold-run configs not yet handed out, in the dispatch policy's order (its :func:`by_hours_left`)."""
+    views = []
+    for i, cfg in enumerate(configs):
+        model = cfg.get("model") or {}
+        arch = f"{model.get('encoder')}/{model.get('decoder')}"
+        hours = float(cfg.get(EPOCH_HOURS, math.nan))
+        views.append(TrialView(str(i), True, State.PENDING, 0, int(cfg.get("epochs", 0)), hours, arch))
+    return [configs[int(v.key)] for v in by_hours_left(views, arch_costs(views))]
 
 
 @contextmanager

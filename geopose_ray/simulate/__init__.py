@@ -9,11 +9,10 @@ from __future__ import annotations
 from geopose_ray.simulate.curves import Curves, draw_curves
 from geopose_ray.simulate.engine import (
     AshaPolicy,
-    FoldRuns,
     GridPolicy,
-    PromoterPolicy,
     RandomPolicy,
     Run,
+    SweepPolicy,
     replay,
 )
 from geopose_ray.simulate.measure import Outcome, evaluate, fold_pipeline, format_table, simulate, simulate_seed
@@ -21,12 +20,11 @@ from geopose_ray.simulate.measure import Outcome, evaluate, fold_pipeline, forma
 __all__ = [
     "AshaPolicy",
     "Curves",
-    "FoldRuns",
     "GridPolicy",
     "Outcome",
-    "PromoterPolicy",
     "RandomPolicy",
     "Run",
+    "SweepPolicy",
     "draw_curves",
     "evaluate",
     "fold_pipeline",

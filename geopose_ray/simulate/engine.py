@@ -11,28 +11,32 @@ the policy is told it is idle and may create more work (the promoter's ``close``
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
 from geopose_ray.errors import ConfigError
 from geopose_ray.simulate.curves import Curves
-from geopose_ray.sweep.order import GuidedOrder, longest_first, pre_empts
+from geopose_ray.sweep.dispatch import PREEMPT_AFTER_S, Dispatch, Kind, State, TrialView
+from geopose_ray.sweep.order import GuidedOrder
 from geopose_ray.sweep.promoter import Decision, Promoter
 
 
 class Policy(Protocol):
     name: str
 
-    def next_job(self) -> tuple[int, int] | None:
-        """(trial, epoch to stop at) for a free worker, or None: nothing to hand out now."""
+    def next_job(self, now: float, free: int) -> tuple[int, int] | None:
+        """(trial, epoch to stop at) for a free worker (``free`` of them, at hour ``now``), or None: nothing to
+        hand out now."""
         ...
 
-    def on_stop(self, trial: int, epoch: int) -> int | None:
-        """The trial reached the stop epoch: a further stop epoch keeps it on its worker; None frees it."""
+    def on_stop(self, trial: int, epoch: int, now: float, free: int) -> int | None:
+        """The trial reached the stop epoch (hour ``now``, ``free`` workers idle): a further stop epoch keeps it
+        on its worker; None frees it."""
         ...
 
     def on_error(self, trial: int, epoch: int) -> None:
@@ -130,7 +134,7 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
 
     while True:
         while free:
-            job = policy.next_job()
+            job = policy.next_job(now, free)
             if job is None:
                 break
             launch(*job, taken_up=True)
@@ -153,7 +157,7 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
             continue
         if epoch == top:
             (finishes if trial < n else fold_finishes).append((now, spent, trial))
-        nxt = policy.on_stop(trial, epoch)
+        nxt = policy.on_stop(trial, epoch, now, free)
         if nxt is None:
             free += 1
             freed.append(now)
@@ -181,6 +185,7 @@ class Arrivals:
         self.fixed: deque[int] = deque(order)
         self.guided: GuidedOrder | None = None
         self.lag = lag
+        self.exhausted = not order
         if guided:
             keys = ("decoder", "encoder", "lr", "accumulation")
             self.guided = GuidedOrder([dict(zip(keys, n.split("/"), strict=True)) for n in curves.names], seed=seed)
@@ -205,6 +210,16 @@ class Arrivals:
         if self.guided is not None:
             self.guided.observe(trial, score)
 
+    def create(self) -> int | None:
+        """The next trial, decided now (no look-ahead: the caller keeps its own pending trials); None when every
+        trial has been handed out."""
+        if self.fixed:
+            return self.fixed.popleft()
+        trial = self.guided.next() if self.guided is not None else None
+        if trial is None:
+            self.exhausted = True
+        return trial
+
 
 class GridPolicy:
     """Every trial trained to the top rung, in arrival order."""
@@ -215,10 +230,10 @@ class GridPolicy:
         self.top = curves.top
         self.pending = deque(order)
 
-    def next_job(self) -> tuple[int, int] | None:
+    def next_job(self, now: float = 0.0, free: int = 1) -> tuple[int, int] | None:
         return (self.pending.popleft(), self.top) if self.pending else None
 
-    def on_stop(self, trial: int, epoch: int) -> int | None:
+    def on_stop(self, trial: int, epoch: int, now: float = 0.0, free: int = 0) -> int | None:
         return None
 
     def on_error(self, trial: int, epoch: int) -> None:
@@ -240,7 +255,7 @@ class RandomPolicy:
         self.budget = budget_gpu_hours
         self.committed = 0.0
 
-    def next_job(self) -> tuple[int, int] | None:
+    def next_job(self, now: float = 0.0, free: int = 1) -> tuple[int, int] | None:
         if not self.pending:
             return None
         cost = self.curves.hours(self.pending[0], self.curves.top)
@@ -249,7 +264,7 @@ class RandomPolicy:
         self.committed += cost
         return self.pending.popleft(), self.curves.top
 
-    def on_stop(self, trial: int, epoch: int) -> int | None:
+    def on_stop(self, trial: int, epoch: int, now: float = 0.0, free: int = 0) -> int | None:
         return None
 
     def on_error(self, trial: int, epoch: int) -> None:
@@ -276,10 +291,10 @@ class AshaPolicy:
         self.recorded: list[list[float]] = [[] for _ in self.rungs[:-1]]
         self.stopped: set[int] = set()
 
-    def next_job(self) -> tuple[int, int] | None:
+    def next_job(self, now: float = 0.0, free: int = 1) -> tuple[int, int] | None:
         return (self.pending.popleft(), self.rungs[0]) if self.pending else None
 
-    def on_stop(self, trial: int, epoch: int) -> int | None:
+    def on_stop(self, trial: int, epoch: int, now: float = 0.0, free: int = 0) -> int | None:
         i = self.rungs.index(epoch)
         value = float(self.curves.observed[trial, epoch - 1])
         if i == 0:
@@ -302,16 +317,21 @@ class AshaPolicy:
         return False
 
 
-class PromoterPolicy:
-    """The project's promoter, the real :class:`Promoter`, dispatched as a Ray scheduler would.
+class SweepPolicy:
+    """The sweep's own dispatch policy, :class:`~geopose_ray.sweep.dispatch.Dispatch` (the object the Ray
+    scheduler runs), driven by the simulated cluster: the promoter's screening, then each finalist's runs on its
+    K − 1 other folds (``fold_runs`` = K − 1; job ids as :func:`replay` numbers them).
 
-    Every epoch's score goes to ``on_result`` (with the trial's GPU-hours so far). CONTINUE keeps the trial on
-    its worker; PAUSE and FINALIST free it. A free worker resumes the first trial :meth:`Promoter.promotable`
-    names (from its checkpoint: no epoch is trained again), else starts a new trial; with ``new_first`` it
-    starts new trials first and resumes only when none is left (an ablation: ``PromoterScheduler``
-    promotes first, as here). When no new trial is left and nothing runs, :meth:`Promoter.close` decides what resumes.
-    Without a budget the trial runs rung to rung (nothing between rungs changes a decision); with one it stops
-    every epoch, so the spent GPU-hours are current when a rung decides.
+    Every epoch a screening trial trains is reported to the policy (with its GPU-hours so far), rung to rung
+    without a budget (nothing between rungs changes a decision) and epoch by epoch with one; a fold run reports
+    every epoch with ``preempt`` (the policy may take its worker at any epoch's end), else runs to the top rung.
+    New trials are created as the driver's searcher creates them, ``lag`` ahead (Ray Tune's pending trials), in
+    ``order`` or, ``guided``, in a :class:`~geopose_ray.sweep.order.GuidedOrder` over the first-rung scores.
+
+    ``backfill`` is ``search: guided``: a finalist's fold runs wait for a worker as soon as it is a finalist,
+    and the policy gives them the workers screening leaves idle. Without it (``search: grid``) they start once
+    screening is over, as the driver's second Tuner does. The clock is the simulator's hours; the policy's
+    wait before a pre-emption (``preempt_after_s``) is in seconds of it.
     """
 
     def __init__(
@@ -322,163 +342,138 @@ class PromoterPolicy:
         eta: int,
         min_results: int,
         budget_gpu_hours: float | None = None,
-        new_first: bool = False,
         guided: bool = False,
         lag: int = 0,
+        fold_runs: int = 0,
+        backfill: bool = True,
+        preempt: bool = False,
+        preempt_after_s: float = PREEMPT_AFTER_S,
     ) -> None:
-        self.name = "promoter (new trials first)" if new_first else "promoter"
-        if guided:
-            self.name += ", guided order"
+        self.name = "promoter, guided order" if guided else "promoter"
+        if fold_runs:
+            self.name += f" + folds {'backfilled' if backfill else 'after'}"
+            if preempt:
+                self.name += ", pre-empted"
         self.curves = curves
-        self.promoter = Promoter(rungs, eta, "max", min_results, budget_gpu_hours)
-        self.rungs = list(self.promoter.rungs)
+        promoter = Promoter(rungs, eta, "max", min_results, budget_gpu_hours)
+        self.rungs = list(promoter.rungs)
         if self.rungs[-1] != curves.top:
             raise ConfigError(f"The top rung {self.rungs[-1]} must be the curves' last epoch {curves.top}")
-        self.pending = Arrivals(curves, order, guided, lag, seed=order[0] if order else 0)
-        self.resume: deque[int] = deque()
-        self.new_first = new_first
+        self.dispatch = Dispatch(promoter, preempt=preempt, preempt_after_s=preempt_after_s)
+        # The searcher: new trials decided as they are created, in order or in the guided order.
+        self.arrivals = Arrivals(curves, order, guided, seed=order[0] if order else 0)
+        self.lag = lag
         self.every_epoch = budget_gpu_hours is not None
-        self.names = [f"t{i:05d}" for i in range(len(curves))]
-        self.index = {name: i for i, name in enumerate(self.names)}
-        self.reported = np.zeros(len(curves), dtype=int)
+        self.n, self.top, self.fold_runs = len(curves), curves.top, fold_runs
+        self.backfill, self.preempt = backfill, preempt
+        self.names = [f"t{i:05d}" for i in range(self.n)]
+        self.jobs: dict[str, int] = {}  # key -> job id
+        self.views: dict[str, TrialView] = {}  # the trials that may run again, screening ones in creation order
+        self.later: list[TrialView] = []  # fold runs held until screening is over (no backfill)
+        self.reported = np.zeros(self.n, dtype=int)
+        self.screening = 0  # screening trials created and not ended
 
-    def _stop_after(self, epoch: int) -> int:
-        return epoch + 1 if self.every_epoch else next(r for r in self.rungs if r > epoch)
+    def _key(self, job: int) -> str:
+        if job < self.n:
+            return self.names[job]
+        t, k = divmod(job - self.n, self.fold_runs)
+        return f"{self.names[t]}/fold{k + 1}"
 
-    def next_job(self) -> tuple[int, int] | None:
-        if self.resume:
-            trial = self.resume.popleft()
-        elif self.new_first and self.pending:
-            trial = self.pending.popleft()
-        elif ready := self.promoter.promotable():
-            self.promoter.promote(ready[0])
-            trial = self.index[ready[0]]
-        elif self.pending:
-            trial = self.pending.popleft()
-        else:
-            return None
-        return trial, self._stop_after(int(self.reported[trial]))
+    def _set(self, key: str, **change: object) -> TrialView:
+        v = self.views[key] = replace(self.views[key], **change)  # type: ignore[arg-type]
+        return v
+
+    def _end(self, key: str) -> None:
+        if not self.views.pop(key).fold:
+            self.screening -= 1
+
+    def _create(self) -> None:
+        """New screening trials, as the searcher hands them out: ``lag`` + 1 waiting to start at most."""
+        waiting = sum(1 for v in self.views.values() if not v.fold and v.state is State.PENDING and v.epoch == 0)
+        while waiting <= self.lag and (trial := self.arrivals.create()) is not None:
+            key = self.names[trial]
+            self.jobs[key] = trial
+            self.views[key] = TrialView(key, fold=False, state=State.PENDING, epochs=self.top)
+            self.screening += 1
+            waiting += 1
+
+    def next_job(self, now: float = 0.0, free: int = 1) -> tuple[int, int] | None:
+        while True:
+            self._create()
+            pick = self.dispatch.pick(list(self.views.values()), free, now * 3600.0)
+            if pick.kind is Kind.STOP:
+                for key in pick.keys:
+                    self._end(key)
+                continue
+            if pick.key is None:
+                if self.later and self.screening == 0 and self.arrivals.exhausted:
+                    for v in self.later:  # screening is over: the fold runs' Tuner starts
+                        self.views[v.key] = v
+                    self.later = []
+                    continue
+                return None
+            v = self._set(pick.key, state=State.RUNNING)
+            return self.jobs[v.key], self._stop_after(v)
+
+    def _stop_after(self, v: TrialView) -> int:
+        if v.fold:
+            return v.epoch + 1 if self.preempt else self.top
+        if self.every_epoch:
+            return v.epoch + 1
+        return next(r for r in self.rungs if r > v.epoch)
 
     def _report(self, trial: int, upto: int) -> Decision:
         decision = Decision.CONTINUE
+        key = self.names[trial]
         for e in range(int(self.reported[trial]) + 1, upto + 1):
             value = float(self.curves.observed[trial, e - 1])
-            decision = self.promoter.on_result(self.names[trial], e, value, self.curves.hours(trial, e))
+            decision = self.dispatch.on_result(replace(self.views[key], epoch=e), value, self.curves.hours(trial, e))
             if e == self.rungs[0]:
-                self.pending.observe(trial, value)
+                self.arrivals.observe(trial, value)
         self.reported[trial] = upto
         return decision
 
-    def on_stop(self, trial: int, epoch: int) -> int | None:
-        decision = self._report(trial, epoch)
-        return self._stop_after(epoch) if decision is Decision.CONTINUE else None
-
-    def on_error(self, trial: int, epoch: int) -> None:
-        self._report(trial, epoch - 1)  # the epochs before the failing one were reported; Tune drops the trial
-        if epoch <= self.rungs[0]:
-            self.pending.observe(trial, None)
-
-    def on_idle(self) -> bool:
-        if self.pending:
-            return False
-        chosen = self.promoter.close()
-        self.resume.extend(self.index[t] for t in chosen)
-        return bool(chosen)
-
-
-class FoldRuns:
-    """A screening policy followed by every finalist's runs on its K − 1 other folds (the design's next stage).
-
-    ``backfill=False`` is the driver with ``search: grid``: the fold runs start once screening is over (a second
-    Tuner). ``backfill=True`` is ``search: guided``: a worker that screening leaves idle takes a finalist's fold
-    run instead; screening still goes first whenever it has a job, and the inner policy's idle rule (the
-    promoter's ``close``) runs as soon as no screening trial runs, fold runs or not. ``longest_first`` starts
-    the waiting fold run of the most expensive architecture first, as the driver does
-    (:func:`~geopose_ray.sweep.order.longest_first`); without it they start in the order their finalists finished.
-
-    ``preempt`` is the driver's rule (:func:`~geopose_ray.sweep.order.pre_empts`, as the guided driver's scheduler
-    applies it): fold runs train an epoch at a time, and a waiting fold run of a costlier architecture (more minutes
-    per epoch) with more than ``PREEMPT_RATIO`` times the hours left of a running one takes its worker; the
-    pre-empted run waits with its epochs kept, and a free worker takes the waiting fold run with the most hours
-    left. Runs of equally costly architectures never pre-empt each other, so a finalist's runs are not interleaved
-    with its peers' and restarts stay few.
-    """
-
-    def __init__(
-        self,
-        inner: Policy,
-        curves: Curves,
-        fold_runs: int,
-        backfill: bool,
-        longest_first: bool = True,
-        preempt: bool = False,
-    ) -> None:
-        self.name = f"{inner.name} + folds {'backfilled' if backfill else 'after'}"
-        if preempt:
-            self.name += ", pre-empted"
-        elif not longest_first:
-            self.name += ", in finishing order"
-        self.preempt = preempt
-        self.done: dict[int, int] = {}  # fold run -> epochs it has trained (pre-emption only)
-        self.inner = inner
-        self.minutes = curves.minutes
-        self.longest_first = longest_first
-        self.n, self.top = len(curves), curves.top
-        self.fold_runs = fold_runs
-        self.backfill = backfill
-        self.queue: deque[int] = deque()
-        self.screening = 0  # screening segments running
-        self.screened = False  # the inner policy has nothing left
-
-    def next_job(self) -> tuple[int, int] | None:
-        if not self.screened:
-            job = self.inner.next_job()
-            while job is None and self.screening == 0 and self.inner.on_idle():
-                job = self.inner.next_job()
-            if job is not None:
-                self.screening += 1
-                return job
-            self.screened = self.screening == 0
-            if not (self.backfill or self.screened):
+    def on_stop(self, trial: int, epoch: int, now: float = 0.0, free: int = 0) -> int | None:
+        key = self._key(trial)
+        if trial >= self.n:  # a fold run
+            v = self._set(key, epoch=epoch)
+            if epoch >= self.top:
+                self._end(key)
                 return None
-        if not self.queue:
-            return None
-        if self.preempt:
-            fold = max(self.queue, key=self._hours_left)
-            self.queue.remove(fold)
-            return fold, self.done.get(fold, 0) + 1
-        if self.longest_first:
-            fold = self.queue[longest_first([self._minutes(j) for j in self.queue])[0]]
-            self.queue.remove(fold)
-            return fold, self.top
-        return self.queue.popleft(), self.top
-
-    def _minutes(self, job: int) -> float:
-        return float(self.minutes[(job - self.n) // self.fold_runs])
-
-    def _hours_left(self, job: int) -> float:
-        return (self.top - self.done.get(job, 0)) * self._minutes(job) / 60.0
-
-    def on_stop(self, trial: int, epoch: int) -> int | None:
-        if trial >= self.n:
-            if not self.preempt or epoch == self.top:
-                return None
-            self.done[trial] = epoch
-            waiting = [(self._minutes(j), self._hours_left(j)) for j in self.queue]
-            if pre_empts(self._minutes(trial), self._hours_left(trial), waiting):
-                self.queue.append(trial)  # pre-empted: its worker goes to the waiting run with more hours left
+            decision = self.dispatch.on_result(v, math.nan, 0.0, list(self.views.values()), free, now * 3600.0)
+            if decision is Decision.YIELD:
+                self._set(key, state=State.PAUSED)
                 return None
             return epoch + 1
-        nxt = self.inner.on_stop(trial, epoch)
-        if epoch == self.top:
-            self.queue.extend(self.n + trial * self.fold_runs + k for k in range(self.fold_runs))
-        if nxt is None:
-            self.screening -= 1
-        return nxt
+        decision = self._report(trial, epoch)
+        self._set(key, epoch=epoch)
+        if decision is Decision.CONTINUE:
+            return self._stop_after(self.views[key])
+        if decision is Decision.FINALIST:
+            self._end(key)
+            self._add_folds(trial)
+        else:
+            self._set(key, state=State.PAUSED)
+        return None
+
+    def _add_folds(self, trial: int) -> None:
+        name = self.curves.names[trial].split("/")
+        arch, cost = "/".join(name[:2]), float(self.curves.minutes[trial]) / 60.0
+        for k in range(self.fold_runs):
+            job = self.n + trial * self.fold_runs + k
+            key = self._key(job)
+            self.jobs[key] = job
+            v = TrialView(key, True, State.PENDING, 0, self.top, cost, arch, self.names[trial])
+            if self.backfill:
+                self.views[key] = v
+            else:
+                self.later.append(v)
 
     def on_error(self, trial: int, epoch: int) -> None:
-        self.inner.on_error(trial, epoch)
-        self.screening -= 1
+        self._report(trial, epoch - 1)  # the epochs before the failing one were reported; Tune ends the trial
+        if epoch <= self.rungs[0]:
+            self.arrivals.observe(trial, None)
+        self._end(self.names[trial])
 
     def on_idle(self) -> bool:
-        return False  # next_job already ran the inner policy's idle rule
+        return False  # next_job runs the policy's rule for an idle sweep (the promoter's close)

@@ -31,12 +31,11 @@ from geopose_ray.metrics import window_epochs
 from geopose_ray.simulate.curves import PERSISTENT, Curves, draw_curves
 from geopose_ray.simulate.engine import (
     AshaPolicy,
-    FoldRuns,
     GridPolicy,
     Policy,
-    PromoterPolicy,
     RandomPolicy,
     Run,
+    SweepPolicy,
     replay,
 )
 from geopose_ray.sweep.promoter import Promoter
@@ -45,7 +44,7 @@ TOLERANCE = 0.002  # "within 0.002 of the best"
 GRID_SHARE = 0.20  # the target: near the best with at most this share of the grid's GPU-hours
 GUIDED = "promoter, guided order"
 GUIDED_ASHA = "asha, guided order"
-POLICIES = ("grid", "promoter", GUIDED, "promoter (new trials first)", "asha", GUIDED_ASHA, "random")
+POLICIES = ("grid", "promoter", GUIDED, "asha", GUIDED_ASHA, "random")
 PENDING = 16  # the driver's default pending_trials: how far ahead a guided order decides
 
 
@@ -135,11 +134,11 @@ def simulate_seed(
     order = [int(i) for i in rng.permutation(trials)]  # a grid's order says nothing about quality
     random_order = [int(i) for i in rng.permutation(trials)]
 
-    def promoter(new_first: bool = False, guided: bool = False) -> Run:
-        policy = PromoterPolicy(curves, order, rungs, eta, min_results, budget, new_first, guided, PENDING)
+    def promoter(guided: bool = False) -> Run:
+        policy = SweepPolicy(curves, order, rungs, eta, min_results, budget, guided, PENDING)
         return replay(curves, workers, policy)
 
-    runs = {"promoter": promoter(), GUIDED: promoter(guided=True), "promoter (new trials first)": promoter(True)}
+    runs = {"promoter": promoter(), GUIDED: promoter(guided=True)}
     matched = budget if budget is not None else runs["promoter"].gpu_hours
     matched_guided = budget if budget is not None else runs[GUIDED].gpu_hours
     others: list[Policy] = [
@@ -344,10 +343,10 @@ def fold_pipeline(
     first_seed: int = 0,
     persistent: float = PERSISTENT,
 ) -> dict[str, dict[str, Any]]:
-    """The promoter followed by its finalists' runs on the other ``folds − 1`` folds, the fold runs started after
-    screening (``search: grid``: a second Tuner) or backfilling idle workers during it (``search: guided``, also
-    measured with the listed order), the most expensive fold run first (and, guided, in the order the finalists
-    finished, for comparison; and with fold runs pre-empted by costlier ones, as the guided driver does).
+    """The sweep's dispatch policy (:class:`~geopose_ray.simulate.engine.SweepPolicy`) followed by its finalists'
+    runs on the other ``folds − 1`` folds: started after screening (``search: grid``: a second Tuner), or
+    backfilling idle workers during it (in the listed order, and with ``search: guided``; and guided with fold runs
+    pre-empted by costlier ones, the guided driver's default).
     Per variant: utilisation while screening, screening hours, hours and
     utilisation of the whole pipeline, fold-run GPU-hours, the regret of the screening pick, and the pick after
     the fold stage (:func:`fold_pick`): its regret, and whether it came within :data:`TOLERANCE` of the best by
@@ -358,15 +357,15 @@ def fold_pipeline(
         order = [int(i) for i in np.random.default_rng(np.random.SeedSequence([seed, 11])).permutation(trials)]
         scores = fold_scores(curves, folds - 1, seed)
         grid = grid_gpu_hours(curves)
-        for guided, backfill, longest, preempt in (
-            (False, False, True, False),
-            (False, True, True, False),
-            (True, True, True, False),
-            (True, True, False, False),
-            (True, True, True, True),
+        for guided, backfill, preempt in (
+            (False, False, False),
+            (False, True, False),
+            (True, True, False),
+            (True, True, True),
         ):
-            inner = PromoterPolicy(curves, order, rungs, eta, min_results, guided=guided, lag=PENDING)
-            policy = FoldRuns(inner, curves, folds - 1, backfill, longest, preempt)
+            policy = SweepPolicy(
+                curves, order, rungs, eta, min_results, None, guided, PENDING, folds - 1, backfill, preempt
+            )
             run = replay(curves, workers, policy, fold_runs=folds - 1)
             near, regret = fold_pick(run, curves, folds, scores)
             rows.setdefault(policy.name, []).append(

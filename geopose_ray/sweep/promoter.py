@@ -50,6 +50,7 @@ class Decision(StrEnum):
     CONTINUE = "continue"  # not at a rung, or promoted on arrival
     PAUSE = "pause"  # at a rung, not (yet) in its top 1/η, or the budget is spent
     FINALIST = "finalist"  # reached the top rung: done screening
+    YIELD = "yield"  # a fold run gives its worker up to a costlier one (sweep.dispatch), keeping its epochs
 
 
 @dataclass
