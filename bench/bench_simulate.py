@@ -1,4 +1,5 @@
-"""The sweep simulator at the seed's scale and at 1,000 trials on 64 workers: the table and the plot for BENCHMARKS.md.
+"""The sweep simulator at the seed's scale and at 1,000 trials on 64 workers: the tables and the plot of
+docs/benchmarks/sweep-policies.md.
 
 Each scale runs every policy on ``--seeds`` populations (``geopose_ray.simulate``); the table is the same one
 ``geopose-ray simulate`` prints. The plot shows, per policy, the mean regret of the pick and the share of seeds
@@ -7,8 +8,8 @@ within 0.002 of the best, as GPU-hours are spent (as % of the full grid's GPU-ho
     .venv/bin/python bench/bench_simulate.py [--seeds 200] [--fold-seeds 50] [--rungs 20,40,100,200]
         [--persistent 0.5] [--plot PNG] [--json out.json]
 
-``--persistent`` is the share of a fold score's noise variance that is the run's own (curves.py); BENCHMARKS.md
-gives the targets at 0, 0.5 and 1 (``--fold-seeds 0`` skips the fold table, ``--plot ''`` the plot).
+``--persistent`` is the share of a fold score's noise variance that is the run's own (curves.py);
+docs/benchmarks/sweep-targets.md gives the targets at 0, 0.5 and 1 (``--fold-seeds 0`` skips the fold table, ``--plot ''`` the plot).
 
 Rungs, η and min_results are screen-t4.yaml's unless --rungs says otherwise.
 
@@ -70,7 +71,7 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> None:
 
     xs = np.logspace(-2, 0, 4001)
     fig, axes = plt.subplots(2, len(results), figsize=(6.2 * len(results), 7.5), sharex=True, squeeze=False)
-    palette = ["#555555", "#d62728", "#9467bd", "#ff9896", "#1f77b4", "#17becf", "#2ca02c"]
+    palette = ["#555555", "#d62728", "#9467bd", "#1f77b4", "#17becf", "#2ca02c"]
     colours = dict(zip(POLICIES, palette, strict=True))
     for col, (title, result) in enumerate(results.items()):
         top, bottom = axes[0, col], axes[1, col]

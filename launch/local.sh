@@ -25,7 +25,7 @@
 #   MLFLOW_APP_NAME               e.g. basic-auth (then also set MLFLOW_AUTH_ADMIN_PASSWORD and
 #                                 MLFLOW_FLASK_SERVER_SECRET_KEY in the environment)
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  default false: no MLflow background-job runner (eight processes that
-#                                 the sweep never uses and that cost an idle head over half a core: BENCHMARKS.md,
+#                                 the sweep never uses and that cost an idle head over half a core: docs/benchmarks/mlflow-server.md,
 #                                 "The MLflow server"); true turns it back on
 #   MLFLOW_DISABLE_TELEMETRY     default true: MLflow 3 sends usage telemetry unless told not to
 set -euo pipefail

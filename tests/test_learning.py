@@ -3,7 +3,7 @@
 Two sizes of one test (docs/testing.md). The suite's run is the smallest that still shows every part learning:
 480 tiles at 32 px, timm's test ResNet, 10 epochs (about 40 s on one core); measured over its last three epochs,
 score 0.40 against a floor (training means) of -0.005, AGL R² 0.55 and the direction's squared error 0.26 (about
-0.5 means no direction learned). The soak run (`make soak`) is the full one of BENCHMARKS.md, "Learning": U-Net on
+0.5 means no direction learned). The soak run (`make soak`) is the full one of docs/benchmarks/learning.md: U-Net on
 ResNet-18 at 64 px for 20 epochs, whose last five epochs averaged 0.51, AGL R² 0.63 and direction 0.21. Each bound
 keeps a wide margin below what was measured.
 """

@@ -1,6 +1,6 @@
 """Load: many short trials through the promoter on the local Ray, tracked on the session's real `mlflow server`.
 
-Two sizes of one test (docs/testing.md): the suite runs 30 trials, `make soak` the 300 of BENCHMARKS.md's
+Two sizes of one test (docs/testing.md): the suite runs 30 trials, `make soak` the 300 of docs/benchmarks/load.md's
 reliability table."""
 
 from __future__ import annotations

@@ -232,7 +232,8 @@ def test_random_search_stays_within_its_budget() -> None:
 
 
 def test_the_curve_family_reproduces_the_seed_table() -> None:
-    """The U-Net rows of GEOPOSE.md's screening table, and DeepLabV3/ResNet34 and FPN/ResNeXt50, within 0.0025."""
+    """The U-Net rows of the seed's screening table (docs/simulator.md), and DeepLabV3/ResNet34 and FPN/ResNeXt50,
+    within 0.0025."""
     table = {
         ("resnet34", "Unet"): [(200, 0.8224), (300, 0.8260), (400, 0.8286), (500, 0.8294)],
         ("efficientnet-b0", "Unet"): [(200, 0.7929), (400, 0.7938)],
@@ -278,7 +279,8 @@ def test_instability_and_slow_starts_follow_the_learning_rate() -> None:
 
 
 def test_at_the_seeds_scale_the_promoter_screens_at_a_quarter_of_the_grid_and_finds_the_best() -> None:
-    """What the simulator shows on 6 seeds (see BENCHMARKS.md for the targets and where they are not met)."""
+    """What the simulator shows on 6 seeds (docs/benchmarks/sweep-targets.md has the targets and where they are not
+    met)."""
     result = simulate(trials=240, workers=16, seeds=6)
     p, grid, rnd = (result["policies"][k] for k in ("promoter", "grid", "random"))
     assert 0.2 < p["grid_share"]["median"] < 0.35

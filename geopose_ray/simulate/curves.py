@@ -30,8 +30,8 @@ Everything else is an assumption, stated here and drawn afresh per seed so no ra
   the run's own, the same at every epoch (how its validation fold happens to suit this configuration: it does
   not average out over epochs, only over folds), the rest wobbles from epoch to epoch (which batches the last
   steps saw: it averages out over the last epochs). The table cannot tell the two apart; the share that
-  persists is a parameter, ``persistent`` (variance share, default :data:`PERSISTENT` = ½), and BENCHMARKS.md
-  gives the targets at 0, ½ and 1.
+  persists is a parameter, ``persistent`` (variance share, default :data:`PERSISTENT` = ½), and
+  docs/benchmarks/sweep-targets.md gives the targets at 0, ½ and 1.
 - Learning rate: each (encoder, decoder) pair has its own best lr, 10^N(−4, 0.25). With
   x = log10(lr / best) − ½ log10(accumulation) (Adam's square-root rule: accumulating k micro-batches per step
   takes k× fewer steps per epoch), the plateau loses 0.004 x² below the best and 0.015 x² above it, the rise

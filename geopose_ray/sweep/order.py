@@ -135,7 +135,7 @@ def longest_first(costs: Sequence[float]) -> list[int]:
     longest-processing-time rule. Started in the order they came, the last long job can begin when the rest of the
     pool is running out of work and hold the batch's end back by its whole length; started first, the long jobs
     end while short ones still fill the pool. For the finalists' fold runs (200 epochs each, 55 to 150 T4-hours
-    by architecture) this is what keeps a fixed pool busy to the end (BENCHMARKS.md: fold runs). Unknown costs
+    by architecture) this is what keeps a fixed pool busy to the end (docs/benchmarks/sweep-fold-runs.md). Unknown costs
     (NaN) go last; equal costs keep their order."""
     return sorted(range(len(costs)), key=lambda i: (costs[i] != costs[i], -costs[i] if costs[i] == costs[i] else 0))
 
@@ -147,7 +147,7 @@ def pre_empts(cost: float, hours_left: float, waiting: Iterable[tuple[float, flo
     """Whether a running fold run (its architecture's hours per epoch, its hours left) gives up its worker at
     an epoch's end to a waiting one (``waiting``: the same pair for each): to one of a costlier architecture with
     more than :data:`PREEMPT_RATIO` times its hours left. The run that yields keeps its epochs and waits; the
-    worker goes to the waiting run with the most hours left (BENCHMARKS.md: pre-empting fold runs). Runs of
+    worker goes to the waiting run with the most hours left (docs/sweeps.md, pre-emption). Runs of
     equally costly architectures never pre-empt each other, so a finalist's runs are not interleaved with its
     peers' and restarts stay few; an unknown cost (NaN) pre-empts nothing and is never pre-empted."""
     return any(c > cost and left > PREEMPT_RATIO * hours_left for c, left in waiting)
