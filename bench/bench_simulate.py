@@ -9,7 +9,8 @@ within 0.002 of the best, as GPU-hours are spent (as % of the full grid's GPU-ho
         [--persistent 0.5] [--plot PNG] [--json out.json]
 
 ``--persistent`` is the share of a fold score's noise variance that is the run's own (curves.py);
-docs/benchmarks/sweep-targets.md gives the targets at 0, 0.5 and 1 (``--fold-seeds 0`` skips the fold table, ``--plot ''`` the plot).
+docs/benchmarks/sweep-targets.md gives the targets at 0, 0.5 and 1 (``--fold-seeds 0`` skips the fold table,
+``--plot ''`` the plot).
 
 Rungs, η and min_results are screen-t4.yaml's unless --rungs says otherwise.
 
