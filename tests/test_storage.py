@@ -251,7 +251,7 @@ def test_a_sweeps_own_files_live_on_its_storage_and_a_driver_elsewhere_starts_fr
         restored, callback = pickle.loads(scheduler)
     assert restored.files is later and callback.table is table
     assert callback.promoter is restored.promoter
-    assert restored.promoter.paused == {"a": 0} and restored._resume == ["a"]
+    assert restored.promoter.paused == {"a": 0} and restored.dispatch.resume == ["a"]
     assert restored.promoter.spent_gpu_hours == pytest.approx(0.1)
     restored.promoter.on_result("b", 1, 0.7, 0.2)
     restored._save()
