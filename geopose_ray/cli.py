@@ -126,7 +126,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from geopose_ray.tracking import Tracker, results_table
 
     cfg = SweepConfig.from_yaml(args.config)
-    tracker = Tracker(args.tracking_uri or cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name)
+    tracker = Tracker.for_sweep(cfg, args.tracking_uri)
     try:
         rows = results_table(tracker)
     except Exception as e:  # the tracking server or database is unreachable

@@ -25,16 +25,16 @@ from geopose_ray.cluster.faults import KillAfterResult
 from geopose_ray.cluster.replay import newest
 from geopose_ray.cluster.restore import restoring_into
 from geopose_ray.cluster.scheduler import PromoterScheduler
-from geopose_ray.cluster.search import GuidedSearch, pending_trials
+from geopose_ray.cluster.search import GuidedSearch, fold_queue, pending_trials
 from geopose_ray.cluster.trainable import train_trial
 from geopose_ray.data.cache import TrainingCache
 from geopose_ray.errors import ConfigError, DataError, GeoposeError
 from geopose_ray.storage import checkpoint_location, is_remote, join, redact, storage_errors
 from geopose_ray.sweep.config import SweepConfig
 from geopose_ray.sweep.files import PROMOTER, STATE, TRIALS
-from geopose_ray.sweep.order import longest_first
 from geopose_ray.sweep.promoter import Promoter
 from geopose_ray.sweep.records import (
+    EPOCH_HOURS,
     Stage,
     Status,
     SweepRecords,
@@ -265,15 +265,14 @@ class _Sweep:
                 done = self.records.get(key)
                 if done is not None and done.error is None and int(done.metrics.get("epoch", 0)) >= top:
                     continue
-                fold_cfg = {**self.records[t].cfg, "val_fold": k, "epochs": top, "_finalist": t}
+                hours = per_epoch_hours(self.records[t].metrics)
+                fold_cfg = {**self.records[t].cfg, "val_fold": k, "epochs": top, "_finalist": t, EPOCH_HOURS: hours}
                 if done is not None and done.checkpoint:
                     fold_cfg["_resume_from"] = done.checkpoint
                 todo.append(fold_cfg)
         if not todo:
             return
-        # The most expensive finalists' fold runs first: the Tuner starts them in this order (longest_first).
-        cost = [per_epoch_hours(self.records[str(c["_finalist"])].metrics) for c in todo]
-        todo = [todo[i] for i in longest_first(cost)]
+        todo = fold_queue(todo)  # the dispatch policy's order: the Tuner starts them in it
         callback = MlflowCallback(self.tracker, None, Stage.FOLD, self.table)
         with restoring_into(self.files, self.tracker, self.table):
             grid = _tuner(self.cfg, f"{self.cfg.name}-folds{self._suffix()}", todo, None, [callback], resume).fit()

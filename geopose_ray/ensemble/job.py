@@ -244,9 +244,7 @@ def _track(cfg: SweepConfig, result: EnsembleResult, tta: str) -> None:
     """The ensemble's MLflow run under the sweep's parent: members, weights, factors, the out-of-fold progression
     (a table and a plot), the test score. MLflow being down never fails the job: the files are on disk."""
     fit = result.fit
-    local = not cfg.mlflow_uri.startswith(("http://", "https://"))
-    artifacts = str(cfg.out_dir / "mlartifacts") if local else None
-    tracker = Tracker(cfg.mlflow_uri, cfg.experiment or cfg.name, cfg.name, artifacts)
+    tracker = Tracker.for_sweep(cfg)
     params = {
         "members": ",".join(m.name for m in result.members),
         "method": fit.method,
@@ -255,29 +253,25 @@ def _track(cfg: SweepConfig, result: EnsembleResult, tta: str) -> None:
         **{f"weight.{m}": f"{w:.4f}" for m, w in fit.weights.items()},
         **{f"city_factor.{c}": f"{f:.4f}" for c, f in fit.city_factors.items()},
     }
-    try:
-        run = tracker.child("ensemble", params, "ensemble", "ensemble")
-        if run is None:
-            return
-        metrics = {"oof_score": fit.score, "test_tiles_per_s": result.tiles / max(result.inference_s, 1e-9)}
-        if result.score is not None and math.isfinite(result.score):
-            metrics["test_score"] = result.score
-        tracker.metrics(run, metrics, 0)
-        with tempfile.TemporaryDirectory() as d:
-            table = Path(d) / "progression.csv"
-            table.write_text("step,oof_score,kept\n" + "".join(
-                f"\"{s}\",{v:.6f},{kept}\n" for rows, kept in ((fit.progression, 1), (fit.rejected, 0)) for s, v in rows
-            ))  # fmt: skip
-            tracker.artifact(run, table)
-            tracker.artifact(run, progression_plot(fit, Path(d) / "progression.png"))
-            fit_file = Path(d) / "fit.json"
-            fit_file.write_text(fit.to_json())
-            tracker.artifact(run, fit_file)
-        tracker.tags(run, {"status": "done", "submission": str(result.submission.resolve())})
-        tracker.finish(run)
-        tracker.flush(timeout_s=30)
-    except Exception as e:  # the submission and fit.json are written; MLflow is a record, not a dependency
-        log.warning("MLflow unavailable for the ensemble run (%s); fit.json is at %s", e, result.submission.parent)
+    run = tracker.child("ensemble", params, "ensemble", "ensemble")
+    metrics = {"oof_score": fit.score, "test_tiles_per_s": result.tiles / max(result.inference_s, 1e-9)}
+    if result.score is not None and math.isfinite(result.score):
+        metrics["test_score"] = result.score
+    tracker.metrics(run, metrics, 0)
+    with tempfile.TemporaryDirectory() as d:
+        table = Path(d) / "progression.csv"
+        table.write_text("step,oof_score,kept\n" + "".join(
+            f"\"{s}\",{v:.6f},{kept}\n" for rows, kept in ((fit.progression, 1), (fit.rejected, 0)) for s, v in rows
+        ))  # fmt: skip
+        tracker.artifact(run, table)
+        tracker.artifact(run, progression_plot(fit, Path(d) / "progression.png"))
+        fit_file = Path(d) / "fit.json"
+        fit_file.write_text(fit.to_json())
+        tracker.artifact(run, fit_file)
+    tracker.tags(run, {"status": "done", "submission": str(result.submission.resolve())})
+    tracker.finish(run)
+    if not tracker.flush(timeout_s=30):  # the submission and fit.json are written: MLflow is a record
+        log.warning("MLflow unavailable for the ensemble run; fit.json is at %s", result.submission.parent)
 
 
 def progression_plot(fit: EnsembleFit, path: Path) -> Path:
