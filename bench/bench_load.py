@@ -148,7 +148,7 @@ def run_load(
         logged = sum(len(v) for v in steps.values())
         duplicates = sum(len(v) - len(set(v)) for v in steps.values())
         mismatched = [k for k in reported if sorted(steps.get(k, [])) != reported[k]]
-        parent = t._client.get_run(t.parent()).data.metrics
+        parent = t._client.get_run(t.parent().id).data.metrics
         return {
             "trials": len([k for k in reported if "/fold" not in k]),
             "fold_runs": len([k for k in reported if "/fold" in k]),

@@ -224,7 +224,10 @@ class Tracker:
                 (Path(d) / name).write_bytes(data)
                 self._client.log_artifact(_id(run), str(Path(d) / name))
 
-        self._call(f"artifact {name} of {_name(run)}", send)
+        what = f"artifact {name} of {_name(run)}"
+        # While the server is down only the newest copy of a file waits: the table is rewritten every 30 s.
+        self._queue = [(w, c) for w, c in self._queue if w != what]
+        self._call(what, send)
 
     def finish(self, run: Run | str, failed: bool = False) -> None:
         status = "FAILED" if failed else "FINISHED"

@@ -210,3 +210,33 @@ def test_the_simulator_runs_the_same_policy_object(preempt: bool) -> None:
     curves = Curves(["a/x/1/1"], np.array([60.0]), SCORES[:1], np.array([5]), SCORES[:1, -1].copy())
     policy = SweepPolicy(curves, [0], RUNGS, ETA, 1, fold_runs=1, preempt=preempt)
     assert type(policy.dispatch) is Dispatch and policy.dispatch.preempt is preempt
+
+
+def test_the_policys_state_is_written_when_it_changes_not_on_every_step(
+    ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tune asks the scheduler for a trial every step of its loop (10 a second): promoter.json is rewritten when a
+    result or a pick changes the policy's state, not on every question."""
+    from ray.tune.experiment import Trial
+
+    from geopose_ray.cluster.scheduler import PromoterScheduler
+    from geopose_ray.sweep.files import PROMOTER, SweepFiles
+
+    files = SweepFiles(home=str(tmp_path), local=tmp_path)
+    writes: list[str] = []
+    real = SweepFiles.write
+
+    def counted(self: SweepFiles, name: str, text: str, required: bool = True) -> None:
+        writes.append(name)
+        real(self, name, text, required)
+
+    monkeypatch.setattr(SweepFiles, "write", counted)
+    s = PromoterScheduler(Promoter(rungs=[1, 2], eta=2), files=files)
+    a, b = trial("wa", Trial.RUNNING, None), trial("wb", Trial.PENDING, None)
+    ctl = Controller(a, b)
+    for _ in range(5):
+        assert s.choose_trial_to_run(ctl) is b
+    assert writes == [PROMOTER]  # the first question wrote the state once
+    s.on_trial_result(ctl, a, {"epoch": 1, "score": 0.5})  # a pauses at rung 1: the state changed
+    assert writes == [PROMOTER, PROMOTER]
+    assert json.loads((tmp_path / PROMOTER).read_text())["promoter"]["paused"] == {"wa": 0}

@@ -39,11 +39,12 @@ def test_runs_are_created_once_and_reattached(tmp_path: Path) -> None:
 
 
 def test_a_run_created_while_the_server_is_down_gets_its_params_metrics_tags_and_end_once_it_is_back(
-    mlflow_server: MlflowServer,
+    mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
     """The server is down before the sweep's first call: the parent run and a trial's run are handles at once, and
     every call against them waits for their creation. Once the server is back each run exists once, under its
-    parent, with its params, every epoch once, its last tags and its end."""
+    parent, with its params, every epoch once, its last tags and its end; of a file logged twice meanwhile (the
+    results table, rewritten), only the newest copy waits and arrives."""
     mlflow_server.stop()
     t = Tracker(mlflow_server.uri, "exp-down", "sweep-c")
     parent = t.parent({"eta": 3})
@@ -53,8 +54,12 @@ def test_a_run_created_while_the_server_is_down_gets_its_params_metrics_tags_and
         t.metrics(run, {"score": 0.1 * epoch}, epoch)
     t.tags(run, {"status": "paused"})
     t.tags(run, {"status": "finalist"})
+    table = tmp_path / "results.csv"
+    for version in ("first", "second"):
+        table.write_text(version)
+        t.artifact(parent, table)
     t.finish(run)
-    assert t.trial("trial-1", CFG, "screen") is run and t.pending == 8  # 2 creations, 3 epochs, 2 tags, 1 end
+    assert t.trial("trial-1", CFG, "screen") is run and t.pending == 9  # 2 creations, 3 epochs, 2 tags, 1 file, 1 end
     mlflow_server.start()
     assert t.flush(timeout_s=30) and run.id is not None and parent.id is not None
     again = Tracker(mlflow_server.uri, "exp-down", "sweep-c")
@@ -65,6 +70,8 @@ def test_a_run_created_while_the_server_is_down_gets_its_params_metrics_tags_and
     assert again._client.get_run(parent.id).data.params == {"eta": "3"}
     history = again._client.get_metric_history(run.id, "score")
     assert sorted(m.step for m in history) == [1, 2, 3]
+    got = again._client.download_artifacts(parent.id, "results.csv", str(tmp_path / "back"))
+    assert Path(got).read_text() == "second"
 
 
 class _FlakyClient:

@@ -375,7 +375,9 @@ def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_ru
     fold runs (existing fold runs continue to the new top rung)."""
     cfg.refuse_outputs_in_job_copy()
     saved, promoter = load_records(cfg)
-    cfg = dataclasses.replace(cfg, rungs=list(saved.rungs), budget_gpu_hours=promoter.budget_gpu_hours)
+    cfg = dataclasses.replace(
+        cfg, rungs=list(saved.rungs or promoter.rungs), budget_gpu_hours=promoter.budget_gpu_hours
+    )
     if budget_gpu_hours is not None:
         if budget_gpu_hours <= promoter.spent_gpu_hours:
             raise ConfigError(

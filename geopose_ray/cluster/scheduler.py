@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -34,23 +36,28 @@ def _pid(trial: Trial) -> str:
     return _PIDS[trial.trial_id]
 
 
+_VIEWS: dict[str, TrialView] = {}  # Tune trial id -> what its config says (resolved once: a draw is rebuilt)
+
+
 def view(trial: Trial, epoch: int | None = None) -> TrialView:
     """A Tune trial as the dispatch policy sees it; ``epoch``: the one it reports now (default: its last result's).
     A fold run's cost is its finalist's device hours per epoch, carried in its config (``_epoch_hours``)."""
-    cfg = resolve_config(trial.config or {})
-    model = cfg.get("model") or {}
+    static = _VIEWS.get(trial.trial_id)
+    if static is None:
+        cfg = resolve_config(trial.config or {})
+        model = cfg.get("model") or {}
+        static = _VIEWS[trial.trial_id] = TrialView(
+            key=_pid(trial),
+            fold=is_fold_run(_pid(trial)),
+            state=State.ENDED,
+            epochs=int(cfg.get("epochs", 0) or 0),
+            cost=float(cfg.get(EPOCH_HOURS, math.nan)),
+            arch=f"{model.get('encoder')}/{model.get('decoder')}",
+            finalist=str(cfg.get("_finalist", "")),
+        )
     if epoch is None:
         epoch = int((trial.last_result or {}).get("epoch", 0) or 0)
-    return TrialView(
-        key=_pid(trial),
-        fold=is_fold_run(_pid(trial)),
-        state=_STATES.get(trial.status, State.ENDED),
-        epoch=epoch,
-        epochs=int(cfg.get("epochs", 0) or 0),
-        cost=float(cfg.get(EPOCH_HOURS, math.nan)),
-        arch=f"{model.get('encoder')}/{model.get('decoder')}",
-        finalist=str(cfg.get("_finalist", "")),
-    )
+    return replace(static, state=_STATES.get(trial.status, State.ENDED), epoch=epoch)
 
 
 def free_workers(trials: list[Trial], like: Trial) -> int:
@@ -67,7 +74,9 @@ def free_workers(trials: list[Trial], like: Trial) -> int:
             for k, v in needs(t).items():
                 free[k] = free.get(k, 0.0) - v
     want = {k: v for k, v in needs(like).items() if v > 0}
-    return max(0, min((int(free.get(k, 0.0) // v) for k, v in want.items()), default=0))
+    if not want:
+        return sys.maxsize  # a trial that needs nothing always fits
+    return max(0, min(int(free.get(k, 0.0) // v) for k, v in want.items()))
 
 
 class PromoterScheduler(FIFOScheduler):
@@ -90,6 +99,7 @@ class PromoterScheduler(FIFOScheduler):
         self.dispatch = Dispatch(promoter, preempt_folds, preempt_after_s)
         self._score_key = metric
         self.files = files  # where the policy's state is rewritten after every change
+        self._saved: str | None = None  # what was written last: an unchanged state is not written again
 
     @property
     def promoter(self) -> Promoter:
@@ -101,11 +111,14 @@ class PromoterScheduler(FIFOScheduler):
 
     def _save(self) -> None:
         if self.files is not None:
-            self.files.write(PROMOTER, json.dumps(self.dispatch.to_dict()), required=False)
+            text = json.dumps(self.dispatch.to_dict())
+            if text != self._saved:
+                self.files.write(PROMOTER, text, required=False)
+                self._saved = text
 
     def __getstate__(self) -> dict[str, Any]:
         # Where the files are is the running driver's business (its working directory), not the pickle's.
-        return {**self.__dict__, "files": None}
+        return {**self.__dict__, "files": None, "_saved": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Tuner.restore unpickles the scheduler as it was when the sweep started; the saved state is newer. The
@@ -127,7 +140,7 @@ class PromoterScheduler(FIFOScheduler):
         if text is not None:
             self.dispatch.load(json.loads(text))
         else:
-            self.dispatch.leaving, self.dispatch.waiting_since = set(), {}  # the waits start again
+            self.dispatch.leaving, self.dispatch.waiting_since, self.dispatch.stopped = set(), {}, set()
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         # Tune starts every PENDING trial by itself; the scheduler only picks which goes first. A trial that
@@ -142,7 +155,7 @@ class PromoterScheduler(FIFOScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         me = view(trial, int(result.get("epoch", 0) or 0))
         if me.fold:
-            if result.get("replayed"):  # an epoch taken up again after a restore: it was not trained now
+            if result.get("replayed") or not self.dispatch.preempt:  # replayed: an epoch taken up, not trained now
                 return TrialScheduler.CONTINUE
             trials = tune_controller.get_trials()
             others = [me if t is trial else view(t) for t in trials]
@@ -173,7 +186,7 @@ class PromoterScheduler(FIFOScheduler):
         trials, which is what an autoscaler sees) and gives it the worker a paused or finished trial's cached actor
         frees first."""
         trials = tune_controller.get_trials()
-        by_key = {_pid(t): t for t in trials}
+        by_key = {_pid(t): t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)}  # the pick waits
         while True:
             views = [view(t) for t in trials]
             pick = self.dispatch.pick(views, 1, time.time())

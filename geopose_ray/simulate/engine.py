@@ -96,7 +96,7 @@ def replay(curves: Curves, workers: int, policy: Policy, fold_runs: int = 0) -> 
     again costs min(end − t, IDLE_TIMEOUT_H).
 
     With ``fold_runs`` = K − 1, job ids n + t·(K − 1) + k (k < K − 1) are trial t's runs on its other folds: the
-    top rung's epochs at the trial's cost, never erroring, not counted as screening (see :class:`FoldRuns`). A
+    top rung's epochs at the trial's cost, never erroring, not counted as screening (see :class:`SweepPolicy`). A
     fold run a free worker takes up part-way (it was pre-empted) first spends :data:`RESUME_H` restarting, busy.
     """
     if workers < 1:

@@ -143,7 +143,9 @@ class Dispatch:
 
     def pick(self, trials: Sequence[TrialView], free_workers: int = 1, now: float = 0.0) -> Pick:
         """What a free worker does (the rules in the class's docstring). ``trials``: every trial the backend has
-        (ended ones may be left out), screening trials in the order they were created."""
+        (ended ones may be left out), screening trials in the order they were created. ``free_workers`` (how many
+        are free, at least the one asking) and ``now`` (seconds) are the backend's; the rules of a pick do not
+        depend on the number free, and ``now`` starts the waits of the fold runs it sees waiting."""
         screen = [t for t in trials if not t.fold and t.key not in self.stopped]
         by_key = {t.key: t for t in screen}
         waiting = {t.key: t for t in screen if self._held(t)}
@@ -244,15 +246,15 @@ class Dispatch:
     # -- persistence ------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The state ``promoter.json`` holds: the promoter's and the promoted trials not yet running again. Waits
-        and yields are not kept: after a restart they start again."""
+        """The state ``promoter.json`` holds: the promoter's and the promoted trials not yet running again. Waits,
+        yields and stops are not kept: after a restart they start again (a stopped trial has ended by then)."""
         return {"promoter": self.promoter.to_dict(), "resume": list(self.resume)}
 
     def load(self, d: dict[str, Any]) -> None:
         """Take the state of :meth:`to_dict` in place (the promoter object is kept: others hold it)."""
         self.promoter.__dict__.update(Promoter.from_dict(d["promoter"]).__dict__)
         self.resume = list(d.get("resume", []))
-        self.leaving, self.waiting_since = set(), {}
+        self.leaving, self.waiting_since, self.stopped = set(), {}, set()
 
     @staticmethod
     def from_dict(d: dict[str, Any], preempt: bool = True, preempt_after_s: float = PREEMPT_AFTER_S) -> Dispatch:

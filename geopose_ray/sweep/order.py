@@ -15,7 +15,7 @@ still starts: the grid is not pruned, only reordered.
   draws one set of weights from the posterior and starts the not-yet-started configuration they score highest:
   promising levels are tried more, uncertain ones still get tried.
 
-Pure Python and numpy: the sweep driver wraps it as a Ray Tune searcher (:mod:`geopose_ray.sweep.tune`), the
+Pure Python and numpy: the sweep driver wraps it as a Ray Tune searcher (:mod:`geopose_ray.cluster.search`), the
 simulator calls it directly.
 """
 

@@ -206,7 +206,8 @@ class SweepTable:
         self.files.write(RESULTS, rows_csv(list(self.rows.values())), required=force)
         screen = {k: v for k, v in self.curves.items() if self.rows.get(k, {}).get("stage") == Stage.SCREEN}
         parent = tracker.parent()
-        tracker.artifact(parent, self.path)
+        if self.path.is_file():  # its local copy could not be written (a full disk): MLflow gets the next one
+            tracker.artifact(parent, self.path)
         log_curves_plot(
             tracker, parent, screen, "screen_curves.png", rungs=self.rungs, highlight=self.finalists,
             title=f"{self.title}: screening (finalists bold)",
