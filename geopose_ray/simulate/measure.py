@@ -186,7 +186,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def _targets(
     policies: dict[str, dict[str, Any]], per_seed: list[dict[str, Outcome]], promoter: str, asha: str
 ) -> dict[str, Any]:
-    """The issue's targets for one promoter row, against ASHA with the same arrival order, with 95 % intervals
+    """The targets for one promoter row, against ASHA with the same arrival order, with 95 % intervals
     over seeds: Wilson's for the rate, a paired normal one for the mean regret difference (seeds where either
     policy had no pick at B are left out of the difference)."""
     p = policies[promoter]
@@ -222,7 +222,7 @@ def simulate(
     persistent: float = PERSISTENT,
 ) -> dict[str, Any]:
     """Every policy on ``seeds`` populations; per policy the median and spread of each measure, the rates, and
-    whether the issue's targets hold for the promoter. JSON-ready (None for never)."""
+    whether the targets hold for the promoter. JSON-ready (None for never)."""
     if seeds < 1:
         raise ConfigError(f"The value of `seeds` is {seeds}, but must be `seeds >= 1`")
     if budget is not None and budget <= 0:
