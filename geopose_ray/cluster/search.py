@@ -24,16 +24,13 @@ class GuidedSearch(Searcher):
     """Every point of a grid exactly once, in a :class:`GuidedOrder` that learns from the first-rung scores, then
     each finalist's runs on the other folds as soon as it is a finalist.
 
-    Ray Tune asks for a trial whenever it has room for one more pending trial (the driver sets how many, its
-    ``pending_trials``); each answer is the grid point the order picks with what the first rung has shown by
-    then. Once every grid point has started, the answers are fold runs (``folds``: the other validation folds;
-    trained to ``top`` epochs) of the trials that have finished the top rung, the most expensive finalist's
-    first (its hours per epoch, which each fold run's config carries as ``_epoch_hours``;
-    :func:`~geopose_ray.sweep.order.longest_first`). The scheduler ranks them after every promotion and new trial,
-    so they fill the workers screening leaves idle (Tune starts pending trials as resources free up: the ranking is
-    a priority), and lets a waiting one of a costlier architecture pre-empt a running one. None means
-    "nothing yet" (a finalist may still come); FINISHED once screening is over and every fold run has been
-    handed out. Its state is pickled with the experiment, so a restarted driver goes on where it stopped.
+    Ray Tune asks for a trial whenever it has room for one more pending trial (the driver's ``pending_trials``);
+    each answer is the grid point the order picks with what the first rung has shown by then. Once every grid
+    point has started, the answers are the fold runs (``folds``: the other validation folds, trained to ``top``
+    epochs) of the trials that have finished the top rung, in the dispatch policy's order (:func:`fold_queue`),
+    each config carrying its finalist's hours per epoch (``_epoch_hours``). None means "nothing yet" (a finalist
+    may still come); FINISHED once screening is over and every fold run has been handed out. Its state is pickled
+    with the experiment, so a restarted driver goes on where it stopped.
     """
 
     def __init__(

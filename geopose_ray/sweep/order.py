@@ -131,12 +131,9 @@ def _normal_scores(values: np.ndarray) -> np.ndarray:
 
 def longest_first(costs: Sequence[float]) -> list[int]:
     """The order to start a batch of long jobs in on a pool of workers, as indices into ``costs`` (each job's
-    hours, or hours per epoch when all train the same epochs): the most expensive first, the
-    longest-processing-time rule. Started in the order they came, the last long job can begin when the rest of the
-    pool is running out of work and hold the batch's end back by its whole length; started first, the long jobs
-    end while short ones still fill the pool. For the finalists' fold runs (200 epochs each, 55 to 150 T4-hours
-    by architecture) this is what keeps a fixed pool busy to the end (docs/benchmarks/sweep-fold-runs.md). Unknown costs
-    (NaN) go last; equal costs keep their order."""
+    hours, or hours per epoch when all train the same epochs): the most expensive first (the
+    longest-processing-time rule), unknown costs (NaN) last, equal costs in their given order. Why, and what it
+    does for the fold runs: docs/benchmarks/sweep-fold-runs.md."""
     return sorted(range(len(costs)), key=lambda i: (costs[i] != costs[i], -costs[i] if costs[i] == costs[i] else 0))
 
 
