@@ -133,6 +133,7 @@ class PromoterScheduler(FIFOScheduler):
                 )
             }  # fmt: skip
         self.__dict__.update(state)
+        self._saved = None  # the file this driver finds is not known to hold this state
         self.files = _RESTORING[-1].files if _RESTORING else None
         if _RESTORING and _RESTORING[-1].preempt_folds is not None:  # the config the driver runs with now
             self.dispatch.preempt = _RESTORING[-1].preempt_folds
