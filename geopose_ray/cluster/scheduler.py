@@ -24,37 +24,39 @@ from geopose_ray.sweep.records import EPOCH_HOURS, is_fold_run, resolve_config, 
 log = logging.getLogger(__name__)
 
 
-_PIDS: dict[str, str] = {}  # Tune trial id -> trial key (a drawn config is rebuilt to find it: keep it)
-
 _STATES = {Trial.PENDING: State.PENDING, Trial.PAUSED: State.PAUSED, Trial.RUNNING: State.RUNNING}
 
-
-def _pid(trial: Trial) -> str:
-    """The trial key of a Tune trial (the promoter's name for it)."""
-    if trial.trial_id not in _PIDS:
-        _PIDS[trial.trial_id] = trial_key(trial.trial_id, resolve_config(trial.config or {}))[0]
-    return _PIDS[trial.trial_id]
+_CONFIGS: dict[str, TrialView] = {}  # Tune trial id -> what its config says (resolved once: a draw is rebuilt)
 
 
-_VIEWS: dict[str, TrialView] = {}  # Tune trial id -> what its config says (resolved once: a draw is rebuilt)
-
-
-def view(trial: Trial, epoch: int | None = None) -> TrialView:
-    """A Tune trial as the dispatch policy sees it; ``epoch``: the one it reports now (default: its last result's).
-    A fold run's cost is its finalist's device hours per epoch, carried in its config (``_epoch_hours``)."""
-    static = _VIEWS.get(trial.trial_id)
+def _static(trial: Trial) -> TrialView:
+    """What a Tune trial's config says of it (its key, stage, epochs, cost, architecture), read once."""
+    static = _CONFIGS.get(trial.trial_id)
     if static is None:
         cfg = resolve_config(trial.config or {})
+        key = trial_key(trial.trial_id, cfg)[0]
         model = cfg.get("model") or {}
-        static = _VIEWS[trial.trial_id] = TrialView(
-            key=_pid(trial),
-            fold=is_fold_run(_pid(trial)),
+        static = _CONFIGS[trial.trial_id] = TrialView(
+            key=key,
+            fold=is_fold_run(key),
             state=State.ENDED,
             epochs=int(cfg.get("epochs", 0) or 0),
             cost=float(cfg.get(EPOCH_HOURS, math.nan)),
             arch=f"{model.get('encoder')}/{model.get('decoder')}",
             finalist=str(cfg.get("_finalist", "")),
         )
+    return static
+
+
+def _pid(trial: Trial) -> str:
+    """The trial key of a Tune trial (the promoter's name for it)."""
+    return _static(trial).key
+
+
+def view(trial: Trial, epoch: int | None = None) -> TrialView:
+    """A Tune trial as the dispatch policy sees it; ``epoch``: the one it reports now (default: its last result's).
+    A fold run's cost is its finalist's device hours per epoch, carried in its config (``_epoch_hours``)."""
+    static = _static(trial)
     if epoch is None:
         epoch = int((trial.last_result or {}).get("epoch", 0) or 0)
     return replace(static, state=_STATES.get(trial.status, State.ENDED), epoch=epoch)

@@ -208,7 +208,7 @@ class Dispatch:
         folds = [t for t in trials if t.fold]
         self._note(folds, now)
         cost = self.costs(folds)
-        waiting = self.fold_order([t for t in folds if t.key != trial.key and t.state in WAITING], folds)
+        waiting = by_hours_left([t for t in folds if t.key != trial.key and t.state in WAITING], cost)
         if not waiting or now - self.waiting_since.get(waiting[0].key, now) < self.preempt_after_s:
             return False
         head = waiting[0]
