@@ -221,11 +221,27 @@ class TrainingCache:
                 raise DataError(f"{p}: cache entry missing; rerun geopose-ray prepare to complete it") from e
         return self._meta[stem]
 
-    def load(self, stem: str) -> Sample:
+    def shape(self, stem: str) -> tuple[int, int]:
+        """(rows, columns) of a cached tile."""
+        h, w = self.meta(stem)["shape"]  # type: ignore[misc]
+        return int(h), int(w)
+
+    def load(self, stem: str, window: tuple[int, int, int, int] | None = None) -> Sample:
+        """A cached tile, or the part of it in ``window`` = (row, column, rows, columns).
+
+        The arrays are memory-mapped: only the pixels asked for are read from disk and converted, so a crop of a
+        2048² tile costs a crop's worth of I/O and arithmetic, not a tile's. The image stays a read-only view.
+        """
         rgb_p, agl_p, _ = _entry_paths(self.path / "entries", stem)
         meta = self.meta(stem)
         rgb = np.load(rgb_p, mmap_mode="r")
         agl_cm = np.load(agl_p, mmap_mode="r")
+        if window is not None:
+            r, c, h, w = window
+            if r < 0 or c < 0 or h < 1 or w < 1 or r + h > agl_cm.shape[0] or c + w > agl_cm.shape[1]:
+                raise DataError(f"{stem}: window {window} is outside the {agl_cm.shape[1]}x{agl_cm.shape[0]} tile")
+            rgb = rgb[r : r + h, c : c + w]
+            agl_cm = agl_cm[r : r + h, c : c + w]
         return Sample(
             stem=stem,
             image=rgb,

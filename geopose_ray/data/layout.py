@@ -151,6 +151,25 @@ def read_metadata(path: str | Path) -> dict[str, MetadataRow]:
         raise DataError(f"{path}: missing; the dataset needs a metadata.csv with id, city and gsd") from e
 
 
+def locate_metadata(directory: str | Path, explicit: str | Path | None = None) -> Path | None:
+    """The ``metadata.csv`` that describes the tiles of ``directory``.
+
+    ``explicit`` (``--metadata PATH``) wins and must exist. Otherwise the file beside the tiles, else the one at
+    the data root above them: the competition ships a single ``metadata.csv`` there, keyed by bare id and
+    covering train and test. None when there is neither.
+    """
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise DataError(f"{path}: --metadata file not found; pass the metadata.csv with id, city and gsd")
+        return path
+    directory = Path(directory)
+    for candidate in (directory / METADATA_FILE, directory.resolve().parent / METADATA_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def metadata_duplicates(path: str | Path) -> list[str]:
     """Ids that appear more than once in ``metadata.csv``."""
     seen: set[str] = set()
