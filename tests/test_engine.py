@@ -196,8 +196,8 @@ def test_train_losses_are_the_sample_weighted_means_of_the_steps(
     micro-batches, the short last one included."""
     steps: list[tuple[int, dict[str, float]]] = []
 
-    def recording(pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], cfg: Any) -> Any:
-        losses = geopose_loss(pred, batch, cfg)
+    def recording(pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], cfg: Any, **kw: Any) -> Any:
+        losses = geopose_loss(pred, batch, cfg, **kw)
         steps.append((int(batch["image"].shape[0]), {k: float(v.detach()) for k, v in losses.items()}))
         return losses
 

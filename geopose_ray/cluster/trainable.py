@@ -1,10 +1,9 @@
-"""The Ray Tune function trainable: one TrainConfig trained with a checkpoint every epoch, an out-of-memory
-retry, and a scratch directory per trial.
+"""The Ray Tune function trainable: one TrainConfig trained with a checkpoint every epoch, the engine's retries
+(out of memory, fp16 overflow: :mod:`geopose_ray.engine.retry`), and a scratch directory per trial.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from ray import tune
 from geopose_ray.cluster.faults import _injected_delay
 from geopose_ray.cluster.replay import REPORTED, _replay, _unregistered
 from geopose_ray.engine import TrainConfig, Trainer
+from geopose_ray.engine.retry import fit_with_retries
 from geopose_ray.engine.trainer import LAST
 from geopose_ray.fsutil import atomic_write_text
 from geopose_ray.storage import copy_file, join
@@ -42,12 +42,13 @@ def train_trial(config: dict[str, Any]) -> None:
     unregistered: list[tuple[Path, int]] = []
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            shutil.copy(Path(d) / LAST, work / LAST)
+            for f in Path(d).glob("*.pt"):  # last.pt, best.pt and the top-k checkpoints
+                shutil.copy(f, work / f.name)
         unregistered = _unregistered(checkpoint)
     elif raw.get("_resume_from"):  # continued in a reopened sweep: from its last checkpoint there
         copy_file(join(raw["_resume_from"], LAST), work / LAST)
 
-    trainers: list[Trainer] = []  # the one running (a second after an out-of-memory retry)
+    trainers: list[Trainer] = []  # the one running (a second after a retry)
 
     delay = _injected_delay(raw, cfg)
 
@@ -62,27 +63,9 @@ def train_trial(config: dict[str, Any]) -> None:
         atomic_write_text(last.parent / REPORTED, json.dumps(out))
         tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(last.parent)))
 
-    retried: dict[str, float] = {}
-
-    def report_with_retry(metrics: dict[str, float], last: Path) -> None:
-        report({**metrics, **retried}, last)
-
     try:
         _replay(unregistered, work)
-        try:
-            _fit(cfg, work, report_with_retry, raw, trainers)
-        except torch.OutOfMemoryError:
-            if cfg.batch_size < 2:
-                raise
-            # Out of memory: once more with half the micro-batch and twice the accumulation (the same effective
-            # batch for an even batch size), from the last checkpoint if an epoch was completed.
-            smaller = dataclasses.replace(cfg, batch_size=cfg.batch_size // 2, accumulation=cfg.accumulation * 2)
-            log.warning("trial ran out of memory at batch %d; retrying at %d x %d", cfg.batch_size,
-                        smaller.batch_size, smaller.accumulation)  # fmt: skip
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            retried.update(oom_retry=1.0, batch_size=smaller.batch_size, accumulation=smaller.accumulation)
-            _fit(smaller, work, report_with_retry, raw, trainers)
+        fit_with_retries(cfg, work, report, faults=raw.get("_faults"), trainers=trainers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -115,11 +98,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-def _fit(cfg: TrainConfig, work: Path, on_epoch: Any, raw: dict[str, Any], trainers: list[Trainer]) -> None:
-    trainers.append(Trainer(cfg, work, on_epoch=on_epoch))
-    limit = raw.get("_faults", {}).get("oom_above_batch")
-    if limit is not None and cfg.batch_size > int(limit):  # fault injection (tests): as a too-large batch does
-        raise torch.OutOfMemoryError(f"simulated: batch {cfg.batch_size} > {limit} does not fit")
-    trainers[-1].fit()

@@ -17,7 +17,7 @@ from geopose_ray.metrics import SCORE_WINDOW
 from geopose_ray.models.config import ModelConfig
 
 OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -31,15 +31,36 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None = no augmentation
-    epochs: int = 20
+    epochs: int = 20  # in all; with `stages`, the last stage runs to here
     batch_size: int = 4  # samples per micro-batch
     accumulation: int = 1  # micro-batches per optimizer step: effective batch = batch_size × accumulation
+    # Random crops of the cached tiles, taken before augmentation and read from the memory-mapped cache without
+    # loading the rest of the tile. None = whole tiles.
+    crop: int | None = None  # side in pixels at the cache's resolution
+    crops_per_tile: int = 1  # crops drawn from each training tile per epoch
+    # Random-sized crops: a square of side crop × u, u uniform in this range, resized to crop (flow lengths, hence
+    # magnitude and scale, scale by 1/u; heights do not). (1, 1) = plain crops.
+    crop_scale: tuple[float, float] = (1.0, 1.0)
     lr: float = 1e-4
     optimizer: str = "adam"  # adam | adamw
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine (per optimizer step, down to 0 at the last epoch)
+    decay_norm_and_bias: bool = False  # apply weight decay to biases and normalisation parameters too
+    # constant | cosine (per optimizer step, from lr down to lr_min at the horizon) | step (× step_gamma at
+    # each epoch of step_at); every schedule starts with warmup_epochs of linear warmup.
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    lr_min: float = 0.0  # the floor of cosine and step decay
+    # The cosine horizon in epochs; None = the epochs the run (or stage) was started with. The horizon is kept
+    # in the checkpoint, so raising `epochs` later (a new top rung) continues at the floor instead of sending
+    # the rate back up mid-run.
+    schedule_epochs: int | None = None
+    step_at: tuple[int, ...] = ()  # epochs (of the run or stage) after which step decay multiplies by step_gamma
+    step_gamma: float = 0.1
     grad_clip: float | None = None  # max gradient norm; None = no clipping
-    amp: str = "auto"  # auto (fp16 on CUDA, off on CPU) | off | fp16 (with a grad scaler) | bf16
+    # auto: on CUDA bf16 where the GPU computes it natively (compute capability 8.0 and newer), else fp16 with
+    # a grad scaler; off on the CPU | off | fp16 | bf16. A run whose fp16 loss turns non-finite is retried once
+    # from its last checkpoint in bf16 where native, else in full precision (tagged nan_retry).
+    amp: str = "auto"
     channels_last: bool = True  # measured faster on CPU (1.3x) and the usual choice with AMP on GPUs
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
@@ -49,13 +70,31 @@ class TrainConfig:
     # score_avg: the mean score of the last max(1, round(score_window × epoch)) epochs (10 of 200 by default; the
     # plain score at a 20-epoch rung). The results table ranks trials at the same epoch by it.
     score_window: float = SCORE_WINDOW
+    val_batch_size: int | None = None  # whole validation tiles per batch; None = batch_size
+    val_every: int = 1  # validate every this many epochs (and always at the last)
+    top_k: int = 1  # keep the k best checkpoints by validation score (top-*.pt); the ensemble averages them
+    # Warm start: the weights of a checkpoint (a .pt file, or a run or trial directory holding best.pt or
+    # last.pt; local or on the sweep's storage), with a fresh optimizer, step and schedule. Used only when the
+    # run starts; a resumed run continues from its own checkpoint.
+    init_from: str | None = None
+    # Stages of one run, in order: each a mapping of the keys in STAGE_KEYS that differ from the run's, with its
+    # `epochs` (the last may leave it out to run to `epochs`). Each stage starts a fresh optimizer and schedule
+    # from the weights the last one ended with; a run resumes exactly mid-stage.
+    stages: tuple[dict[str, Any], ...] = ()
 
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.accumulation
 
     def validate(self) -> None:
-        """Check every value; raises ConfigError naming the field, the value and what is allowed."""
+        """Check every value and that the cache exists; raises ConfigError naming the field, the value and what
+        is allowed."""
+        self.validate_values()
+        if not Path(self.cache, "cache.json").exists():
+            raise ConfigError(f"`cache` {self.cache!r} is not a training cache; run geopose-ray prepare first")
+
+    def validate_values(self) -> None:
+        """Check every value (the cache is not opened)."""
         checks: list[tuple[bool, str]] = [
             (self.epochs >= 1, f"The value of `epochs` is {self.epochs}, but must be `epochs >= 1`"),
             (self.batch_size >= 1, f"The value of `batch_size` is {self.batch_size}, but must be `batch_size >= 1`"),
@@ -82,12 +121,90 @@ class TrainConfig:
                 self.bad_tiles in ("skip", "fail"),
                 f"The value of `bad_tiles` is {self.bad_tiles!r}, but must be 'skip' or 'fail'",
             ),
+            (
+                self.crop is None or self.crop >= 32,
+                f"The value of `crop` is {self.crop}, but must be a side in pixels (>= 32) or null for whole tiles",
+            ),
+            (
+                self.crops_per_tile >= 1,
+                f"The value of `crops_per_tile` is {self.crops_per_tile}, but must be `crops_per_tile >= 1`",
+            ),
+            (
+                len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1],
+                f"The value of `crop_scale` is {list(self.crop_scale)}, but must be [low, high] with 0 < low <= high",
+            ),
+            (
+                self.crop is not None or (self.crops_per_tile == 1 and tuple(self.crop_scale) == (1.0, 1.0)),
+                "`crops_per_tile` and `crop_scale` need `crop` (a crop side in pixels)",
+            ),
+            (
+                self.warmup_epochs >= 0,
+                f"The value of `warmup_epochs` is {self.warmup_epochs}, but must be `warmup_epochs >= 0`",
+            ),
+            (
+                math.isfinite(self.lr_min) and 0 <= self.lr_min <= self.lr,
+                f"The value of `lr_min` is {self.lr_min}, but must be `0 <= lr_min <= lr` ({self.lr})",
+            ),
+            (
+                self.schedule_epochs is None or self.schedule_epochs >= 1,
+                f"The value of `schedule_epochs` is {self.schedule_epochs}, but must be `>= 1` or null",
+            ),
+            (
+                all(isinstance(e, int) and e >= 1 for e in self.step_at) and list(self.step_at) == sorted(self.step_at),
+                f"The value of `step_at` is {list(self.step_at)}, but must be increasing epochs >= 1",
+            ),
+            (
+                0 < self.step_gamma <= 1,
+                f"The value of `step_gamma` is {self.step_gamma}, but must be `0 < step_gamma <= 1`",
+            ),
+            (
+                self.val_batch_size is None or self.val_batch_size >= 1,
+                f"The value of `val_batch_size` is {self.val_batch_size}, but must be `>= 1` or null",
+            ),
+            (self.val_every >= 1, f"The value of `val_every` is {self.val_every}, but must be `val_every >= 1`"),
+            (self.top_k >= 1, f"The value of `top_k` is {self.top_k}, but must be `top_k >= 1`"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if not Path(self.cache, "cache.json").exists():
-            raise ConfigError(f"`cache` {self.cache!r} is not a training cache; run geopose-ray prepare first")
+        if self.stages:
+            self.plan()  # checks every stage
+
+    def plan(self) -> list[Stage]:
+        """The run's stages with their epochs: one stage of the whole run when ``stages`` is empty."""
+        if not self.stages:
+            return [Stage(0, 0, self.epochs, self)]
+        out: list[Stage] = []
+        start = 0
+        for i, raw in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if not isinstance(raw, dict):
+                raise ConfigError(f"`{where}` must be a mapping of training keys, got {raw!r}")
+            unknown = sorted(set(raw) - set(STAGE_KEYS) - {"epochs"})
+            if unknown:
+                raise ConfigError(f"`{where}` cannot change {unknown}; a stage may set epochs and {list(STAGE_KEYS)}")
+            last = i == len(self.stages) - 1
+            length = raw.get("epochs")
+            if length is None and not last:
+                raise ConfigError(f"`{where}` needs `epochs` (only the last stage may run to the run's `epochs`)")
+            end = self.epochs if length is None else start + _int(length, f"{where}.epochs")
+            if end <= start or (length is not None and int(length) < 1):
+                raise ConfigError(
+                    f"`{where}` would run epochs {start + 1}..{end}: every stage needs >= 1 epoch within `epochs` "
+                    f"({self.epochs})"
+                )
+            if last and end != self.epochs:
+                raise ConfigError(
+                    f"the stages add up to {end} epochs but `epochs` is {self.epochs}; make them agree or leave out "
+                    "the last stage's epochs"
+                )
+            overrides = {k: v for k, v in raw.items() if k != "epochs"}
+            merged = {**self.to_dict(), "stages": [], **_stage_overrides(self, overrides, where)}
+            stage_cfg = TrainConfig.from_dict(merged)
+            stage_cfg.validate_values()
+            out.append(Stage(i, start, end, stage_cfg))
+            start = end
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (lists, not tuples): fit for YAML, JSON and ``torch.load(weights_only=True)``."""
@@ -105,11 +222,57 @@ class TrainConfig:
                     nested[name] = None
                 else:
                     nested[name] = _build(cls, value or {}, name)
+        stages = raw.get("stages")
+        if stages:
+            if not isinstance(stages, list | tuple):
+                raise ConfigError(f"`stages` must be a list of mappings, got {stages!r}")
+            raw["stages"] = tuple(dict(st) if isinstance(st, dict) else st for st in stages)
+            lengths = [st.get("epochs") if isinstance(st, dict) else None for st in stages]
+            if "epochs" not in raw and all(e is not None for e in lengths):
+                raw["epochs"] = sum(_int(e, "stages[].epochs") for e in lengths)
+        elif stages is not None:
+            raw["stages"] = ()
+        for key in ("crop_scale", "step_at"):
+            if isinstance(raw.get(key), list):
+                raw[key] = tuple(raw[key])
         return _build(TrainConfig, {**raw, **nested}, "train")
 
     @staticmethod
     def from_yaml(path: str | Path) -> TrainConfig:
         return TrainConfig.from_dict(read_yaml_mapping(path, "training config"))
+
+
+# What a stage may change; the model, the data, the seed and the device are the run's.
+STAGE_KEYS: tuple[str, ...] = (
+    "batch_size", "accumulation", "crop", "crops_per_tile", "crop_scale", "lr", "optimizer", "weight_decay",
+    "decay_norm_and_bias", "schedule", "warmup_epochs", "lr_min", "schedule_epochs", "step_at", "step_gamma",
+    "grad_clip", "amp", "loss", "augment", "val_every", "val_batch_size",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: epochs [start, end) with its own configuration (the run's with the stage's keys)."""
+
+    index: int
+    start: int
+    end: int
+    cfg: TrainConfig
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"The value of `{where}` is {value!r}, but must be an integer")
+    return value
+
+
+def _stage_overrides(base: TrainConfig, overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """A stage's keys as plain values; a nested mapping (loss, augment) replaces the run's whole."""
+    out = dict(overrides)
+    for name in ("loss", "augment"):
+        if name in out and out[name] is not None and not isinstance(out[name], dict):
+            raise ConfigError(f"`{where}.{name}` must be a mapping or null, got {out[name]!r}")
+    return out
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:

@@ -282,10 +282,25 @@ class SweepConfig:
         for cfg in self.trial_configs():
             t = TrainConfig.from_dict(cfg)
             t.validate()
-            combo = (t.model.decoder, t.model.encoder, t.batch_size)
-            if combo not in seen:  # one model check per architecture, not per learning rate
-                seen.add(combo)
-                validate_model_config(t.model, size, t.batch_size)
+            bad = [r for r in self.rungs if r % t.val_every and r != t.epochs]
+            if bad:
+                raise ConfigError(
+                    f"The value of `val_every` is {t.val_every}, but the rungs {bad} are not multiples of it: a trial "
+                    "is ranked at every rung by the score of that epoch; use val_every 1 or rungs that it divides"
+                )
+            large = [st.cfg.crop for st in t.plan() if st.cfg.crop and st.cfg.crop > size]
+            if large:
+                raise ConfigError(
+                    f"The value of `crop` is {large[0]}, but the cache's tiles are {size} px: use a crop <= {size} "
+                    "or a cache with less downsampling"
+                )
+            # Trained on crops (each stage's) and validated on whole tiles: the model must take every size.
+            shapes = {(st.cfg.crop or size, st.cfg.batch_size) for st in t.plan()} | {(size, 2)}
+            for shape, batch in sorted(shapes):
+                combo = (t.model.decoder, t.model.encoder, shape, batch)
+                if combo not in seen:  # one model check per architecture and input, not per learning rate
+                    seen.add(combo)
+                    validate_model_config(t.model, shape, batch)
         return notes
 
 
