@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,7 +11,18 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from geopose_ray.data.augment import AugmentConfig, GeoSample, affine, augment, flip_columns, flip_rows, rot90
+from geopose_ray.data.augment import (
+    AugmentConfig,
+    GeoSample,
+    PhotometricConfig,
+    affine,
+    augment,
+    flip_columns,
+    flip_rows,
+    hue_matrix,
+    photometric,
+    rot90,
+)
 from geopose_ray.data.synth import draw_object
 from geopose_ray.errors import ConfigError
 
@@ -121,3 +133,75 @@ def test_dataset_draws_per_sample_and_epoch(cache: object) -> None:
 def test_bad_augment_values(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         AugmentConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# -- photometric ------------------------------------------------------------------------------------------------
+
+EVERY = PhotometricConfig(
+    p=1.0, brightness=0.2, contrast=0.2, gamma=(0.7, 1.4), hue=0.1, saturation=0.5, noise=4.0, dropout=3
+)
+
+
+def _sample(seed: int) -> GeoSample:
+    rng = np.random.default_rng(seed)
+    agl = rng.uniform(0, 30, (24, 32)).astype(np.float32)
+    agl[rng.random(agl.shape) < 0.1] = np.nan
+    image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    return GeoSample(image, agl, 0.7, 1.1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**20))
+def test_photometric_changes_the_image_only(seed: int) -> None:
+    """Labels are bit-identical with and without the photometric block for the same draws (geometry included);
+    the image changes, deterministically for a seed."""
+    geometric = AugmentConfig(rot90=True, flip=True, rotate_deg=20.0, zoom=(0.9, 1.1))
+    coloured = AugmentConfig(rot90=True, flip=True, rotate_deg=20.0, zoom=(0.9, 1.1), photometric=EVERY)
+    plain = augment(_sample(seed), geometric, np.random.default_rng([seed, 1]))
+    jittered = augment(_sample(seed), coloured, np.random.default_rng([seed, 1]))
+    again = augment(_sample(seed), coloured, np.random.default_rng([seed, 1]))
+    np.testing.assert_array_equal(plain.agl, jittered.agl)  # NaN positions included
+    assert (plain.scale, plain.angle) == (jittered.scale, jittered.angle)
+    assert not np.array_equal(plain.image, jittered.image)
+    np.testing.assert_array_equal(jittered.image, again.image)
+    other = augment(_sample(seed), coloured, np.random.default_rng([seed, 2]))
+    assert not np.array_equal(other.image, jittered.image)
+
+
+def test_each_photometric_effect_does_what_it_says() -> None:
+    flat = np.full((40, 40, 3), 100, dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    shifted = photometric(flat, PhotometricConfig(p=1.0, brightness=0.2), np.random.default_rng(0))
+    draw = rng.random(8)[1]
+    assert np.all(shifted == round(100 + (2 * draw - 1) * 0.2 * 255))
+    ramp = np.tile(np.arange(0, 200, 5, dtype=np.uint8)[None, :, None], (40, 1, 3))
+    contrasted = photometric(ramp, PhotometricConfig(p=1.0, contrast=0.5), np.random.default_rng(1))
+    assert abs(contrasted.astype(float).mean() - ramp.astype(float).mean()) < 1.0  # about the mean
+    assert contrasted.std() != pytest.approx(ramp.std(), rel=0.01)
+    gamma = photometric(flat, PhotometricConfig(p=1.0, gamma=(2.0, 2.0)), np.random.default_rng(0))
+    assert np.all(gamma == round(255 * (100 / 255) ** 2))
+    colour = np.zeros((8, 8, 3), dtype=np.uint8)
+    colour[..., 0] = 200
+    grey = photometric(colour, PhotometricConfig(p=1.0, saturation=1.0), np.random.default_rng(0))
+    factor = 1 + (2 * np.random.default_rng(0).random(8)[4] - 1)
+    luma = 0.299 * 200
+    assert np.allclose(grey[0, 0], np.clip(np.rint(luma + (np.array([200, 0, 0]) - luma) * factor), 0, 255))
+    np.testing.assert_allclose(hue_matrix(0.0), np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(hue_matrix(1 / 3) @ np.array([1.0, 0, 0]), [0, 1, 0], atol=1e-6)  # red to green
+    np.testing.assert_allclose(hue_matrix(0.2) @ np.ones(3), np.ones(3), atol=1e-6)  # grey stays grey
+    noisy = photometric(flat, PhotometricConfig(p=1.0, noise=5.0), np.random.default_rng(3)).astype(float)
+    assert noisy.std() == pytest.approx(5.0, rel=0.1) and abs(noisy.mean() - 100) < 0.5
+    holes = photometric(ramp, PhotometricConfig(p=1.0, dropout=1, dropout_size=(0.25, 0.25)), np.random.default_rng(4))
+    changed = np.argwhere(np.any(holes != ramp, axis=-1))
+    assert len(changed) <= 10 * 10 and np.ptp(changed[:, 0]) < 10 and np.ptp(changed[:, 1]) < 10
+    assert np.array_equal(photometric(ramp, PhotometricConfig(p=0.0, brightness=0.5), rng), ramp)  # p = 0: never
+
+
+def test_photometric_config_from_yaml_values_and_checks() -> None:
+    cfg = AugmentConfig(photometric={"brightness": 0.1, "gamma": [0.8, 1.2]})  # type: ignore[arg-type]
+    assert cfg.photometric == PhotometricConfig(brightness=0.1, gamma=(0.8, 1.2))
+    assert AugmentConfig(**dataclasses.asdict(cfg)) == cfg  # a checkpoint's plain dict builds it again
+    with pytest.raises(ConfigError, match=r"`photometric.hue` is 0.7, but must be in \[0, 0.5\]"):
+        PhotometricConfig(hue=0.7)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['colour'\] in `augment.photometric`"):
+        AugmentConfig(photometric={"colour": 1})  # type: ignore[arg-type]

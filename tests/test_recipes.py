@@ -282,3 +282,14 @@ def test_auto_precision_is_native_only() -> None:
     cpu = torch.device("cpu")
     assert not native_bf16(cpu) and resolve_amp("auto", cpu) is None
     assert resolve_amp("fp16", cpu) == torch.float16 and resolve_amp("bf16", cpu) == torch.bfloat16
+
+
+def test_the_winners_recipe_is_a_valid_two_stage_config() -> None:
+    root = Path(__file__).resolve().parents[1]
+    cfg = TrainConfig.from_yaml(root / "sweeps" / "configs" / "train-winners.yaml")
+    cfg.validate_values()
+    first, second = cfg.plan()
+    assert (first.start, first.end, second.end) == (0, 100, 175) and cfg.epochs == 175
+    assert (first.cfg.crop, first.cfg.crops_per_tile, second.cfg.crop, second.cfg.lr) == (896, 4, 1792, 3e-5)
+    assert first.cfg.augment is not None and first.cfg.augment.photometric is not None and second.cfg.augment is None
+    assert first.cfg.loss.weights()["r2_agl"] > 0 and cfg.top_k == 3 and cfg.optimizer == "adamw"

@@ -4,12 +4,13 @@ them)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from geopose_ray.engine.checkpoint import load_checkpoint
-from geopose_ray.engine.trainer import BEST, LAST
+from geopose_ray.engine.trainer import BEST, LAST, TOP_LIST
 from geopose_ray.errors import DataError
 from geopose_ray.storage import is_remote, join, read_text, redact, stat
 from geopose_ray.sweep.files import TRIALS
@@ -23,6 +24,13 @@ class FoldModel:
     key: str  # "<trial>" (the screening run) or "<trial>/fold<k>"
     checkpoint: str  # best.pt (the best validation epoch), else last.pt: a path, or a URI on remote storage
     val_fold: int
+    # With the trial's top_k > 1: its other kept checkpoints (top-{epoch}.pt, best first after `checkpoint`),
+    # whose predictions are averaged with the best's as one model of the member.
+    extra: tuple[str, ...] = ()
+
+    @property
+    def checkpoints(self) -> tuple[str, ...]:
+        return (self.checkpoint, *self.extra)
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,21 @@ class Member:
     name: str  # the screening trial id
     label: str  # encoder / decoder, lr, accumulation: for tables and plots
     folds: tuple[FoldModel, ...]
+
+
+def _fold_model(key: str, record: TrialRecord) -> FoldModel:
+    """The fold model of a trial: its best.pt, and its other top-k checkpoints when it kept more than one."""
+    best = _checkpoint(record)
+    extra: tuple[str, ...] = ()
+    if int(record.cfg.get("top_k", 1) or 1) > 1 and record.checkpoint:
+        listed = read_text(join(record.checkpoint, TOP_LIST))
+        if listed is not None:
+            try:
+                files = [str(d["file"]) for d in json.loads(listed)]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{redact(join(record.checkpoint, TOP_LIST))}: malformed ({e}); rerun its trial") from e
+            extra = tuple(join(record.checkpoint, f) for f in files[1:])  # the first is best.pt's epoch
+    return FoldModel(key, best, int(record.cfg["val_fold"]), extra)
 
 
 def _checkpoint(record: TrialRecord) -> str:
@@ -74,10 +97,10 @@ def find_members(sweep_dir: str | Path, names: list[str] | None = None) -> list[
             raise DataError(f"no screening trial {name!r} in {redact(path)}; the trials are {screened}")
         record = trials[name]
         cfg = record.cfg
-        folds = [FoldModel(name, _checkpoint(record), int(cfg["val_fold"]))]
+        folds = [_fold_model(name, record)]
         for key, r in sorted(trials.items()):
             if r.stage == Stage.FOLD and r.key.trial == name:
-                folds.append(FoldModel(key, _checkpoint(r), int(r.cfg["val_fold"])))
+                folds.append(_fold_model(key, r))
         model = cfg["model"]
         label = f"{model['decoder']}/{model['encoder']} lr {cfg['lr']:.2g} acc {cfg['accumulation']}"
         members.append(Member(name, label, tuple(sorted(folds, key=lambda f: f.val_fold))))
@@ -93,14 +116,16 @@ def check_members(members: list[Member], downsample: int) -> dict[str, Any]:
     configs = {}
     for m in members:
         for f in m.folds:
-            if is_remote(f.checkpoint):
-                continue
-            try:
-                state = load_checkpoint(f.checkpoint, mmap=True)
-                trained_at, configs[f.key] = int(state["downsample"]), state["config"]
-            except (DataError, KeyError, TypeError, ValueError) as e:
-                raise unreadable(f, e) from e
-            check_fold_model(f, trained_at, downsample)
+            for location in f.checkpoints:
+                if is_remote(location):
+                    continue
+                try:
+                    state = load_checkpoint(location, mmap=True)
+                    trained_at = int(state["downsample"])
+                    configs.setdefault(f.key, state["config"])
+                except (DataError, KeyError, TypeError, ValueError) as e:
+                    raise unreadable(f, e) from e
+                check_fold_model(f, trained_at, downsample)
     return configs
 
 
