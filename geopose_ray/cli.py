@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -13,6 +14,12 @@ from geopose_ray.errors import GeoposeError
 WORKERS_HELP = (
     "parallel workers (processes, or Ray tasks for cluster commands; default: one per core / the cluster's CPUs "
     "or GPUs)"
+)
+
+
+METADATA_HELP = (
+    "the metadata.csv (id, city, gsd; ids full stems or bare ids); default the one beside the tiles, else the one "
+    "at the data root above them, as the competition ships it"
 )
 
 
@@ -26,7 +33,9 @@ def _positive_int(text: str) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from geopose_ray.data.validate import validate_dir
 
-    report = validate_dir(args.dir, split=args.split, workers=args.workers)
+    report = validate_dir(args.dir, split=args.split, workers=args.workers, metadata=args.metadata)
+    if report.metadata is not None and report.metadata.parent.resolve() != report.directory.resolve():
+        print(f"metadata: {report.metadata}")  # the data root's, or --metadata
     for p in report.problems:
         print(p)
     print(report.summary())
@@ -36,7 +45,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from geopose_ray.data.cache import TrainingCache, prepare_cache
 
-    result = prepare_cache(args.dir, args.out, args.downsample, args.folds, args.seed, args.workers)
+    result = prepare_cache(
+        args.dir, args.out, args.downsample, args.folds, args.seed, args.workers,
+        metadata=args.metadata, groups=args.groups, on_estimate=lambda e: print(f"prepare: {e.describe()}", flush=True),
+    )  # fmt: skip
     for e in result.errors:
         print(e)
     print(f"{result.cache}: {result.written} entries written, {result.skipped} already complete")
@@ -90,32 +102,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from geopose_ray.data.cache import TrainingCache
     from geopose_ray.engine import TrainConfig, Trainer
+    from geopose_ray.engine.retry import fit_with_retries
     from geopose_ray.models import validate_model_config
 
     cfg = TrainConfig.from_yaml(args.config)
     if args.epochs is not None:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": args.epochs})
     cfg.validate()
-    size = TrainingCache(cfg.cache).tile_size
-    for note in validate_model_config(cfg.model, size, cfg.batch_size):
+    tile = TrainingCache(cfg.cache).tile_size
+    notes: list[str] = []
+    for size, batch in sorted({(st.cfg.crop or tile, st.cfg.batch_size) for st in cfg.plan()} | {(tile, 1)}):
+        notes += [n for n in validate_model_config(cfg.model, size, max(batch, 2)) if n not in notes]
+    for note in notes:
         print(f"note: {note}")
 
     def report(m: dict[str, float], ckpt: object) -> None:
         shown = {k: m[k] for k in ("train/total", "val/total", "score", "agl_r2", "flow_r2", "images_per_s") if k in m}
         print(f"epoch {int(m['epoch'])}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
 
-    trainer = Trainer(cfg, args.out, on_epoch=report)
-    if trainer.epoch:
-        print(f"resuming {args.out} after epoch {trainer.epoch}")
-    trainer.fit()
-    print(f"checkpoints: {args.out}/last.pt, {args.out}/best.pt (best validation score {trainer.best_score:.4f})")
+    if os.path.exists(os.path.join(args.out, "last.pt")):
+        from geopose_ray.engine.checkpoint import load_checkpoint
+
+        done = int(load_checkpoint(os.path.join(args.out, "last.pt"), mmap=True)["epoch"])
+        print(f"resuming {args.out} after epoch {done}")
+    trainer: Trainer = fit_with_retries(cfg, args.out, on_epoch=report)
+    kept = ", ".join(str(p) for p in trainer.top_checkpoints()[1:])
+    print(
+        f"checkpoints: {args.out}/last.pt, {args.out}/best.pt (best validation score {trainer.best_score:.4f})"
+        + (f"; top {cfg.top_k}: {kept}" if kept else "")
+    )
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from geopose_ray.engine.predict import predict_dir
 
-    n = predict_dir(args.checkpoint, args.test, args.out, tta=args.tta, batch_size=args.batch_size)
+    n = predict_dir(
+        args.checkpoint, args.test, args.out, tta=args.tta, batch_size=args.batch_size, metadata=args.metadata
+    )
     print(f"{args.out}: {n} tiles predicted (tta: {args.tta}); complete and well formed")
     return 0
 
@@ -158,8 +182,9 @@ def _cmd_sweep_ensemble(args: argparse.Namespace) -> int:
 
     members = tuple(n.strip() for n in args.members.split(",") if n.strip()) if args.members else None
     options = EnsembleOptions(
-        args.test, args.out, args.truth, members, args.tta, args.amp, args.workers, args.gpus_per_worker
-    )
+        args.test, args.out, args.truth, members, args.tta, args.amp, args.workers, args.gpus_per_worker,
+        metadata=args.metadata,
+    )  # fmt: skip
     return ensemble(config_from_args(args), options)
 
 
@@ -232,6 +257,7 @@ def _add_sweep(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=0.0,
         help="GPUs per Ray task (out of fold and inference; fractions share)",
     )
+    p.add_argument("--metadata", default=None, metavar="PATH", help=METADATA_HELP)
     p.set_defaults(fn=_cmd_sweep_ensemble)
 
 
@@ -265,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", "check every file of a dataset directory; exit 0 if clean, 1 if not")
     p.add_argument("dir")
     p.add_argument("--split", choices=["auto", "train", "test", "truth"], default="auto")
+    p.add_argument("--metadata", default=None, metavar="PATH", help=METADATA_HELP)
     p.set_defaults(fn=_cmd_validate)
 
     p = add("prepare", "decode a labelled dataset once into a memory-mappable training cache")
@@ -273,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downsample", type=_positive_int, default=2, help="integer factor (default 2: 2048 -> 1024)")
     p.add_argument("--folds", type=int, default=5, help="city-stratified folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    p.add_argument("--metadata", default=None, metavar="PATH", help=METADATA_HELP)
+    p.add_argument(
+        "--groups", default=None, metavar="FILE",
+        help="CSV with columns id,group (ids: stems or bare ids): tiles of one group share a fold; tiles not in "
+        "it are their own group",
+    )  # fmt: skip
     p.set_defaults(fn=_cmd_prepare)
 
     p = add("synth", "write a synthetic dataset in the challenge layout (train/, test/, test_truth/)")
@@ -307,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="submission directory to write")
     p.add_argument("--tta", choices=["none", "flip", "d4"], default="none", help="test-time augmentation")
     p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--metadata", default=None, metavar="PATH", help=METADATA_HELP)
     p.set_defaults(fn=_cmd_predict)
 
     p = add("results", "print a sweep's results table, as the MLflow run table holds it")

@@ -180,3 +180,73 @@ def test_oof_statistics_are_cached_atomically_and_an_unreadable_cache_is_recompu
     kept.write_bytes(kept.read_bytes()[:10])  # a file cut short
     assert _oof_statistics(job) == first and len(calls) == 2
     assert list(job.out.iterdir()) == [kept]
+
+
+def test_gsd_check_on_the_members_configs(dataset: Path, tmp_path: Path) -> None:
+    """The up-front check on fold models' configs alone (no model built): needed only when one uses metadata."""
+    import math
+
+    from data_root import data_root
+
+    from geopose_ray.ensemble.job import check_test_gsd
+
+    root = data_root(dataset, tmp_path / "root", ("test",))
+    test = root / "test"
+    stems = sorted(p.name[: -len("_RGB.j2k")] for p in test.glob("*_RGB.j2k"))
+    plain = {"a": {"model": {"encoder": "x"}}, "a/fold1": {"model": {"metadata": False}}}
+    uses = {**plain, "b/fold2": {"model": {"metadata": True}}}
+    path, gsd = check_test_gsd(uses, test, stems)
+    assert path == root / "metadata.csv" and all(gsd[s] > 0 for s in stems)
+    lines = (root / "metadata.csv").read_text().splitlines()
+    drop = {s.split("_")[1] for s in stems[:3]}
+    (root / "metadata.csv").write_text("\n".join(ln for ln in lines if ln.split(",")[0] not in drop) + "\n")
+    _, gsd = check_test_gsd(plain, test, stems)  # no member needs it: NaN, no error
+    assert [math.isnan(gsd[s]) for s in stems] == [True, True, True, False]
+    with pytest.raises(DataError) as e:
+        check_test_gsd(uses, test, stems)
+    message = str(e.value)
+    assert message.startswith(f"{root / 'metadata.csv'}: 3 of 4 tile(s) of {test} have no finite gsd > 0 (")
+    assert ", ".join(stems[:3]) in message and "fold model b/fold2 (it uses gsd) needs it" in message
+    assert "\n" not in message
+    (tmp_path / "meta.csv").write_text("\n".join(lines) + "\n")  # --metadata PATH: a complete copy elsewhere
+    assert check_test_gsd(uses, test, stems, tmp_path / "meta.csv")[0] == tmp_path / "meta.csv"
+    (root / "metadata.csv").unlink()
+    with pytest.raises(DataError, match=r"no metadata\.csv beside the tiles or at the data root"):
+        check_test_gsd(uses, test, stems)
+    assert all(math.isnan(g) for g in check_test_gsd(plain, test, stems)[1].values())
+
+
+def test_a_member_that_uses_gsd_is_checked_before_any_model_loads(
+    cache: Path, dataset: Path, tmp_path: Path, checkpoint: Path
+) -> None:
+    """The job's own check: a fold model's checkpoint config (read memory-mapped) says it uses metadata, a test
+    tile has no gsd: refused in one line, before the OOF stage; with the data root's metadata.csv it passes, and
+    the gsd resolved on the head travels to the workers with the job's finish."""
+    from data_root import data_root
+
+    from geopose_ray.ensemble.infer import test_inputs
+    from geopose_ray.ensemble.job import EnsembleOptions, _check, _Finish
+
+    other = tmp_path / "meta-model"
+    shutil.copytree(checkpoint, other)
+    state = load_checkpoint(other / "best.pt")
+    config = {**state["config"], "model": {**state["config"]["model"], "metadata": True}}
+    save_checkpoint(other / "best.pt", {**state, "config": config})
+    cfg = _sweep(cache, tmp_path, checkpoint, [0, 1, 2, 3], ["a"])
+    trials_path = cfg.out_dir / "trials.json"
+    saved = json.loads(trials_path.read_text())
+    saved["trials"]["a/fold2"]["checkpoint"] = str(other)
+    trials_path.write_text(json.dumps(saved))
+    bare = tmp_path / "bare-test"
+    shutil.copytree(dataset / "test", bare, ignore=shutil.ignore_patterns("metadata.csv"))
+    with pytest.raises(DataError, match=r"no metadata.csv beside the tiles .*fold model a/fold2 \(it uses gsd\)"):
+        _run(cfg, bare)
+    assert not (cfg.out_dir / "ens").exists()  # refused before anything ran
+    root = data_root(dataset, tmp_path / "root", ("test",))
+    job = _check(cfg, EnsembleOptions(root / "test", out_dir=tmp_path / "ens"))
+    assert job.meta_path == root / "metadata.csv" and set(job.gsd) == set(job.stems)
+    finish = _Finish(None, [], job.gsd)  # type: ignore[arg-type]
+    inputs = test_inputs(job.test_dir, job.stems, finish.test_gsd)
+    assert [inputs[s][1] for s in job.stems] == [job.gsd[s] for s in job.stems]
+    explicit = _check(cfg, EnsembleOptions(bare, out_dir=tmp_path / "ens", metadata=root / "metadata.csv"))
+    assert explicit.gsd == job.gsd

@@ -108,3 +108,115 @@ def test_metadata_round_trip_and_id_forms(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("id,gsd\nA,1\n")
     with pytest.raises(DataError, match=r"missing column\(s\) \['city'\]"):
         read_metadata(tmp_path / "bad.csv")
+
+
+# --- group folds and the data-root metadata -----------------------------------------------------------------------
+
+
+def test_without_groups_the_folds_are_unchanged() -> None:
+    """No groups (None or empty) deals exactly the round-robin folds of before groups existed (pinned here)."""
+    stems = _stems({"ARG": 5, "ATL": 3, "JAX": 7, "OMA": 4})
+    pinned = [1, 1, 0, 2, 0, 1, 2, 0, 1, 0, 1, 0, 2, 2, 2, 2, 0, 1, 0]
+    for groups in (None, {}):
+        folds = assign_folds(stems, 3, 7, groups)
+        assert [folds[s] for s in sorted(stems)] == pinned
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.fixed_dictionaries({c: st.integers(0, 40) for c in CITIES}),
+    k=st.integers(2, 6),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+def test_group_folds_never_split_a_group_and_stay_balanced(
+    counts: dict[str, int], k: int, seed: int, data: st.DataObject
+) -> None:
+    stems = _stems(counts)
+    # Each tile joins one of a few groups of its city (up to 20 near-duplicates each), or none (its own group).
+    labels = data.draw(st.lists(st.integers(-1, 5), min_size=len(stems), max_size=len(stems)))
+    groups = {s: f"{s[:3]}-{g}" for s, g in zip(stems, labels, strict=True) if g >= 0}
+    folds = assign_folds(stems, k, seed, groups)
+    assert set(folds) == set(stems) and set(folds.values()) <= set(range(k))
+    members: dict[str, set[int]] = {}
+    for s, g in groups.items():
+        members.setdefault(g, set()).add(folds[s])
+    assert all(len(f) == 1 for f in members.values())  # never split
+    spread = 0
+    for city in CITIES:
+        sizes = Counter(g for s, g in groups.items() if s.startswith(city))
+        largest = max([*sizes.values(), 1])
+        per_fold = Counter(folds[s] for s in stems if s.startswith(city))
+        loads = [per_fold.get(f, 0) for f in range(k)]
+        assert max(loads) - min(loads) <= largest, (city, loads, largest)  # largest first to the smallest fold
+        spread += largest
+    overall = Counter(folds.values())
+    assert max(overall.get(f, 0) for f in range(k)) - min(overall.get(f, 0) for f in range(k)) <= spread
+    # Deterministic, and independent of the order of the tiles and of the groups.
+    assert assign_folds(list(reversed(stems)), k, seed, dict(reversed(list(groups.items())))) == folds
+
+
+def test_group_folds_of_single_tiles_are_as_balanced_as_without() -> None:
+    stems = _stems({"ARG": 23, "JAX": 11, "OMA": 5})
+    folds = assign_folds(stems, 5, 2, {s: s for s in stems})
+    for city in ("ARG", "JAX", "OMA"):
+        per_fold = Counter(folds[s] for s in stems if s.startswith(city))
+        assert max(per_fold.values()) - min(per_fold.get(f, 0) for f in range(5)) <= 1
+    assert assign_folds(stems, 5, 2, {s: s for s in stems}) != assign_folds(stems, 5, 3, {s: s for s in stems})
+
+
+def test_groups_file_keeps_near_duplicates_in_one_fold(dataset: Path, tmp_path: Path) -> None:
+    from geopose_ray.data.manifest import read_groups, resolve_groups
+
+    stems = sorted(r.stem for r in build_manifest(dataset / "train", k=4))
+    jax = [s for s in stems if s.startswith("JAX")]
+    test_stem = next(iter(read_metadata(dataset / "test" / "metadata.csv")))
+    groups = tmp_path / "groups.csv"
+    # Full stems and bare ids alike; a row for a test tile is ignored.
+    lines = ["id,group", *(f"{s.split('_')[1]},dup" for s in jax[:2]), f"{jax[2]},dup", f"{stems[0]},other",
+             f"{test_stem},dup"]  # fmt: skip
+    groups.write_text("\n".join(lines) + "\n")
+    assert resolve_groups(read_groups(groups), stems, groups) == {**dict.fromkeys(jax[:3], "dup"), stems[0]: "other"}
+    for seed in range(6):
+        rows = build_manifest(dataset / "train", k=4, seed=seed, groups=groups)
+        assert len({r.fold for r in rows if r.stem in jax[:3]}) == 1
+    assert [r.fold for r in build_manifest(dataset / "train", k=4, seed=1)] == [
+        r.fold for r in build_manifest(dataset / "train", k=4, seed=1, groups=None)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("id,cluster\nA,1\n", r"missing column\(s\) \['group'\]; a groups file has columns id,group"),
+        ("id,group\nA,1\nA,2\n", r"id A is in group '1' and, on line 3, in '2'; keep one"),
+        ("id,group\nA,\n", r"line 2 has an empty id or group"),
+        ("id,group\nNOSUCH,1\n", r"none of its 1 id\(s\) names a tile here"),
+    ],
+)
+def test_bad_groups_files_are_one_line_naming_the_file(dataset: Path, tmp_path: Path, text: str, message: str) -> None:
+    groups = tmp_path / "groups.csv"
+    groups.write_text(text)
+    with pytest.raises(DataError, match=message) as e:
+        build_manifest(dataset / "train", k=4, groups=groups)
+    assert str(e.value).startswith(str(groups)) and "\n" not in str(e.value)
+    with pytest.raises(DataError, match="--groups file not found"):
+        build_manifest(dataset / "train", k=4, groups=tmp_path / "none.csv")
+
+
+def test_manifest_reads_the_data_root_metadata_or_metadata_path(dataset: Path, tmp_path: Path) -> None:
+    from data_root import data_root
+
+    root = data_root(dataset, tmp_path / "root", ("train",))
+    assert not (root / "train" / "metadata.csv").exists()
+    rows = build_manifest(root / "train", k=4)
+    assert rows == build_manifest(dataset / "train", k=4)  # same gsd, bare ids or not
+    elsewhere = tmp_path / "meta.csv"
+    (root / "metadata.csv").rename(elsewhere)
+    with pytest.raises(DataError, match=r"no metadata.csv beside the tiles or at the data root .*--metadata PATH"):
+        build_manifest(root / "train", k=4)
+    assert build_manifest(root / "train", k=4, metadata=elsewhere) == rows
+    lines = elsewhere.read_text().splitlines()
+    elsewhere.write_text("\n".join(lines[:1] + lines[4:]) + "\n")  # no rows for three train tiles
+    with pytest.raises(DataError, match=r"meta.csv: no row for 3 tile\(s\) of .*add them"):
+        build_manifest(root / "train", k=4, metadata=elsewhere)

@@ -81,3 +81,76 @@ def test_predict_refuses_a_missing_checkpoint(
 ) -> None:
     code = main(["predict", str(tmp_path / "none.pt"), "--test", str(dataset / "test"), "--out", str(tmp_path / "s")])
     assert code == 2 and "none.pt: checkpoint not found" in capsys.readouterr().err
+
+
+def test_predict_reads_the_data_root_metadata(
+    checkpoint: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The competition's layout: test/ without a metadata.csv, the root's (bare ids) beside it."""
+    from data_root import data_root
+
+    root = data_root(dataset, tmp_path / "root", ("test",))
+    sub = tmp_path / "sub"
+    assert main(["predict", str(checkpoint), "--test", str(root / "test"), "--out", str(sub)]) == 0
+    assert set(scan_dir(sub)) == set(scan_dir(dataset / "test"))
+
+
+class _GsdRecorder(Equivariant):
+    """Equivariant, recording the gsd each batch is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gsd: list[float] = []
+
+    def forward(self, image: torch.Tensor, gsd: Any = None, city: Any = None) -> dict[str, torch.Tensor]:
+        self.gsd += [float(g) for g in gsd]
+        return super().forward(image, gsd, city)
+
+
+def test_a_model_that_uses_gsd_gets_it_or_is_refused_up_front(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from data_root import data_root
+
+    import geopose_ray.engine.predict as predict
+    from geopose_ray.data.layout import lookup_metadata, read_metadata
+
+    model = _GsdRecorder()
+    monkeypatch.setattr(
+        predict, "load_model", lambda ckpt, dev: (model, SimpleNamespace(model=SimpleNamespace(metadata=True)), 2)
+    )
+    root = data_root(dataset, tmp_path / "root", ("test",))
+    stems = sorted(scan_dir(root / "test"))
+    meta = read_metadata(root / "metadata.csv")
+    assert predict.predict_dir("model.pt", root / "test", tmp_path / "sub", batch_size=1) == len(stems)
+    assert model.gsd == pytest.approx([getattr(lookup_metadata(meta, s), "gsd", None) for s in stems])
+    # Two tiles without a usable gsd: one line naming the file, the count and the tiles, before any prediction.
+    lines = (root / "metadata.csv").read_text().splitlines()
+    bare = [s.split("_")[1] for s in stems[:2]]
+    broken = [ln for ln in lines if ln.split(",")[0] != bare[0]]
+    broken = [ln if ln.split(",")[0] != bare[1] else ln.rsplit(",", 1)[0] + ",nan" for ln in broken]
+    elsewhere = tmp_path / "meta.csv"
+    elsewhere.write_text("\n".join(broken) + "\n")
+    model.gsd.clear()
+    argv = [
+        "predict",
+        "model.pt",
+        "--test",
+        str(root / "test"),
+        "--out",
+        str(tmp_path / "s2"),
+        "--metadata",
+        str(elsewhere),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"geopose-ray predict: error: {elsewhere}: 2 of {len(stems)} tile(s)"
+    )
+    assert f"({stems[0]}, {stems[1]})" in err and "this model (it uses gsd) needs it" in err
+    assert model.gsd == [] and not (tmp_path / "s2").exists()
+    (root / "metadata.csv").unlink()
+    assert main(argv[:-2]) == 2
+    assert "no metadata.csv beside the tiles or at the data root" in capsys.readouterr().err

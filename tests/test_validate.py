@@ -177,3 +177,47 @@ def test_vflow_with_wrong_types_is_reported(train: Path) -> None:
     assert next(str(x) for x in report.problems if p.name in x.path).endswith(
         'write {"scale": <px per cm>, "angle": <radians>}'
     )
+
+
+def test_the_data_root_metadata_serves_every_split(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The competition's layout: one metadata.csv at the root, bare ids, train and test rows together. Each split
+    is judged only on its own tiles' rows: test tiles' rows, even a duplicated one, are no problem of train."""
+    from data_root import data_root
+
+    root = data_root(dataset, tmp_path / "root")
+    meta = root / "metadata.csv"
+    for split in ("train", "test", "test_truth"):
+        report = validate_dir(root / split, workers=1)
+        assert report.ok, report.problems
+        assert report.metadata == meta
+    lines = meta.read_text().splitlines()
+    meta.write_text("\n".join([*lines, lines[-1]]) + "\n")  # a test tile's row twice
+    assert validate_dir(root / "train", workers=1).ok
+    assert "appears more than once" in str(validate_dir(root / "test", workers=1).problems[0])
+    assert main(["validate", str(root / "train"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"metadata: {meta}" in out and "all files valid" in out
+    meta.write_text("\n".join([*lines, lines[1]]) + "\n")  # a train tile's row twice
+    (problem,) = validate_dir(root / "train", workers=1).problems
+    assert str(problem) == f"{meta}: id {lines[1].split(',')[0]} appears more than once; keep one row per tile"
+
+
+def test_metadata_path_is_used_and_a_missing_one_is_one_line(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from data_root import data_root
+
+    root = data_root(dataset, tmp_path / "root", ("train",))
+    elsewhere = tmp_path / "meta.csv"
+    (root / "metadata.csv").rename(elsewhere)
+    assert main(["validate", str(root / "train"), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert f"{root / 'train' / 'metadata.csv'}: missing; the dataset needs a metadata.csv" in out
+    assert "--metadata PATH" in out
+    assert main(["validate", str(root / "train"), "--workers", "1", "--metadata", str(elsewhere)]) == 0
+    assert f"metadata: {elsewhere}" in capsys.readouterr().out
+    assert main(["validate", str(root / "train"), "--metadata", str(tmp_path / "nope.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.csv: --metadata file not found" in err

@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ RGB_SUFFIXES: tuple[str, ...] = ("_RGB.j2k", "_RGB.tif")
 AGL_SUFFIX = "_AGL.tif"
 VFLOW_SUFFIX = "_VFLOW.json"
 METADATA_FILE = "metadata.csv"
+SHOWN = 5  # stems named in a one-line error about many tiles
 STEM_RE = re.compile(r"^(?P<city>[A-Za-z]+)_(?P<id>[A-Za-z0-9]+)$")
 FILE_RE = re.compile(r"^(?P<stem>.+?)(?P<suffix>_RGB\.j2k|_RGB\.tif|_AGL\.tif|_VFLOW\.json)$")
 
@@ -170,21 +171,68 @@ def locate_metadata(directory: str | Path, explicit: str | Path | None = None) -
     return None
 
 
-def metadata_duplicates(path: str | Path) -> list[str]:
-    """Ids that appear more than once in ``metadata.csv``."""
+def metadata_duplicates(path: str | Path, stems: Iterable[str] | None = None) -> list[str]:
+    """Ids that appear more than once in ``metadata.csv``; with ``stems``, only the ids of those tiles (a full
+    stem or its bare id), so that a file covering train and test is judged only on the tiles at hand."""
+    wanted = None if stems is None else {key for s in stems for key in (s, bare_id(s))}
     seen: set[str] = set()
     dups: list[str] = []
     with open(path, newline="") as f:
         for rec in csv.DictReader(f):
-            if rec.get("id") in seen:
-                dups.append(rec["id"])
-            seen.add(rec.get("id", ""))
+            key = rec.get("id", "")
+            if key in seen and (wanted is None or key in wanted):
+                dups.append(key)
+            seen.add(key)
     return dups
+
+
+def bare_id(stem: str) -> str:
+    """The ID part of a stem (``JAX_ABCDEF`` → ``ABCDEF``), as the competition's metadata.csv keys its rows."""
+    return stem.split("_", 1)[-1]
 
 
 def lookup_metadata(meta: dict[str, MetadataRow], stem: str) -> MetadataRow | None:
     """The metadata row of a stem, whether ``id`` holds the full stem or only its ID part."""
-    return meta.get(stem) or meta.get(stem.split("_", 1)[-1])
+    return meta.get(stem) or meta.get(bare_id(stem))
+
+
+def no_metadata_error(directory: str | Path) -> DataError:
+    """The error for a tile folder with no ``metadata.csv`` beside it or at the data root above it."""
+    directory = Path(directory)
+    return DataError(
+        f"{directory}: no {METADATA_FILE} beside the tiles or at the data root {directory.resolve().parent}; "
+        "put the competition's metadata.csv (id, city, gsd) there or pass --metadata PATH"
+    )
+
+
+def missing_gsd(meta: dict[str, MetadataRow], stems: Iterable[str]) -> list[str]:
+    """The stems, in order, whose metadata row is missing or whose gsd is not a finite number > 0."""
+    bad = []
+    for stem in stems:
+        row = lookup_metadata(meta, stem)
+        if row is None or not (math.isfinite(row.gsd) and row.gsd > 0):
+            bad.append(stem)
+    return bad
+
+
+def require_gsd(
+    meta_path: Path | None, meta: dict[str, MetadataRow], stems: Sequence[str], directory: str | Path, who: str
+) -> None:
+    """Refuse, in one line, when any of ``stems`` lacks a finite positive gsd that ``who`` (e.g. "this model")
+    needs: the count and the first few stems, the file and what to do.
+
+    Raises:
+        DataError: naming ``meta_path`` (or ``directory`` when there is no metadata.csv at all).
+    """
+    if meta_path is None:
+        raise DataError(f"{no_metadata_error(directory)} ({who} needs each tile's gsd)")
+    bad = missing_gsd(meta, stems)
+    if bad:
+        shown = ", ".join(bad[:SHOWN]) + (", ..." if len(bad) > SHOWN else "")
+        raise DataError(
+            f"{meta_path}: {len(bad)} of {len(stems)} tile(s) of {directory} have no finite gsd > 0 ({shown}), "
+            f"and {who} needs it; add their rows (id, city, gsd) or pass --metadata PATH"
+        )
 
 
 def write_metadata(path: str | Path, rows: Iterable[MetadataRow]) -> None:

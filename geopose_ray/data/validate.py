@@ -11,6 +11,7 @@ from geopose_ray.data.layout import (
     METADATA_FILE,
     StemFiles,
     city_of,
+    locate_metadata,
     lookup_metadata,
     metadata_duplicates,
     read_metadata,
@@ -45,6 +46,7 @@ class Report:
     split: str  # train (RGB+AGL+VFLOW), test (RGB only) or truth (AGL+VFLOW only)
     stems: int
     problems: list[Problem]
+    metadata: Path | None = None  # the metadata.csv the tiles were checked against, None without one
 
     @property
     def ok(self) -> bool:
@@ -128,16 +130,29 @@ def _check_vflow(path: Path) -> list[Problem]:
     return problems
 
 
-def _dataset_problems(directory: Path, tiles: dict[str, StemFiles], split: str) -> list[Problem]:
+def _dataset_problems(
+    directory: Path, tiles: dict[str, StemFiles], split: str, meta_path: Path | None
+) -> list[Problem]:
+    """Problems of the dataset as a whole: names, partner files, and the rows of ``meta_path`` for these tiles
+    (a metadata.csv covering other tiles too, the data root's for train and test, is judged only on these)."""
     problems: list[Problem] = []
-    meta_path = directory / METADATA_FILE
     meta = None
-    if split != "truth" or meta_path.exists():
+    if meta_path is None:
+        if split != "truth":
+            problems.append(
+                Problem(
+                    str(directory / METADATA_FILE),
+                    "missing",
+                    f"the dataset needs a metadata.csv (id, city, gsd) beside the tiles or at the data root "
+                    f"{directory.resolve().parent}; or pass --metadata PATH",
+                )
+            )
+    else:
         try:
             meta = read_metadata(meta_path)
             problems += [
                 Problem(str(meta_path), f"id {d} appears more than once", "keep one row per tile")
-                for d in metadata_duplicates(meta_path)
+                for d in metadata_duplicates(meta_path, tiles)
             ]
         except DataError as e:
             problems.append(Problem(str(meta_path), _reason(e, meta_path), "fix or regenerate metadata.csv"))
@@ -172,7 +187,8 @@ def _dataset_problems(directory: Path, tiles: dict[str, StemFiles], split: str) 
         if meta is not None:
             row = lookup_metadata(meta, stem)
             if row is None:
-                problems.append(Problem(str(meta_path), f"no row for {stem}", "add id, city and gsd for it"))
+                fix = "add id, city and gsd for it, or pass --metadata PATH"
+                problems.append(Problem(str(meta_path), f"no row for {stem}", fix))
             else:
                 if not (math.isfinite(row.gsd) and row.gsd > 0):
                     problems.append(
@@ -189,12 +205,17 @@ def _dataset_problems(directory: Path, tiles: dict[str, StemFiles], split: str) 
     return problems
 
 
-def validate_dir(directory: str | Path, split: str = "auto", workers: int | None = None) -> Report:
+def validate_dir(
+    directory: str | Path, split: str = "auto", workers: int | None = None, metadata: str | Path | None = None
+) -> Report:
     """Check a dataset directory.
 
     Args:
         split: ``train``, ``test`` or ``truth`` (which files each stem must have); ``auto`` detects it.
         workers: processes decoding files in parallel (default: one per core).
+        metadata: the metadata.csv to check the tiles against (``--metadata``); default the one beside the tiles,
+            else the data root's above them (:func:`~geopose_ray.data.layout.locate_metadata`). Only the rows of
+            the tiles present are judged. Optional for ``truth``.
     """
     directory = Path(directory)
     tiles = scan_dir(directory)
@@ -204,7 +225,8 @@ def validate_dir(directory: str | Path, split: str = "auto", workers: int | None
         raise DataError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     if split == "auto":
         split = detect_split(tiles)
-    problems = _dataset_problems(directory, tiles, split)
+    meta_path = locate_metadata(directory, metadata)
+    problems = _dataset_problems(directory, tiles, split, meta_path)
     for found in pmap(check_stem, tiles.values(), workers=workers, desc="validate"):
         problems += found
-    return Report(directory, split, len(tiles), problems)
+    return Report(directory, split, len(tiles), problems, meta_path)

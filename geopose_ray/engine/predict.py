@@ -18,7 +18,15 @@ from numpy.typing import NDArray
 from torch import nn
 
 from geopose_ray.data.cache import downsample_rgb
-from geopose_ray.data.layout import CITIES, METADATA_FILE, city_of, lookup_metadata, read_metadata, scan_dir
+from geopose_ray.data.layout import (
+    CITIES,
+    city_of,
+    locate_metadata,
+    lookup_metadata,
+    read_metadata,
+    require_gsd,
+    scan_dir,
+)
 from geopose_ray.data.rasters import read_rgb
 from geopose_ray.data.submission import check_submission, write_prediction
 from geopose_ray.engine.checkpoint import load_checkpoint
@@ -106,18 +114,25 @@ def predict_dir(
     tta: str = "none",
     batch_size: int = 4,
     device: str = "auto",
+    metadata: str | Path | None = None,
 ) -> int:
-    """Predict every test tile of ``test_dir`` into a submission at ``out_dir``; returns the tile count."""
+    """Predict every test tile of ``test_dir`` into a submission at ``out_dir``; returns the tile count.
+
+    ``metadata``: the metadata.csv with the tiles' gsd (``--metadata``); default the one beside the tiles, else
+    the data root's above them (:func:`~geopose_ray.data.layout.locate_metadata`). A model that uses gsd is
+    refused, before any tile is predicted, when a test tile has no finite gsd > 0.
+    """
     test_dir, out_dir = Path(test_dir), Path(out_dir)
     tta_transforms(tta)  # validate before loading anything
     stems = sorted(s for s, f in scan_dir(test_dir).items() if f.rgb)
     if not stems:
         raise DataError(f"{test_dir}: no test tiles (*_RGB.j2k or *_RGB.tif) to predict")
+    meta_path = locate_metadata(test_dir, metadata)
+    meta = read_metadata(meta_path) if meta_path is not None else {}
     dev = resolve_device(device)
     model, cfg, k = load_model(checkpoint, dev)
-    meta = read_metadata(test_dir / METADATA_FILE) if (test_dir / METADATA_FILE).exists() else {}
-    if cfg.model.metadata and not meta:
-        raise DataError(f"{test_dir}: this model uses gsd and city, but there is no {METADATA_FILE} to read them")
+    if cfg.model.metadata:
+        require_gsd(meta_path, meta, stems, test_dir, "this model (it uses gsd)")
     files = scan_dir(test_dir)
     for start in range(0, len(stems), batch_size):
         chunk = stems[start : start + batch_size]
@@ -129,8 +144,6 @@ def predict_dir(
             shapes.append(rgb.shape[:2])
             images.append(torch.from_numpy(downsample_rgb(rgb, k).transpose(2, 0, 1).copy()))
             row = lookup_metadata(meta, stem)
-            if row is None and cfg.model.metadata:
-                raise DataError(f"{test_dir / METADATA_FILE}: no row for {stem}; this model needs its gsd")
             gsds.append(row.gsd if row is not None else math.nan)
             cities.append(CITIES.index(city_of(stem)))
         if len({tuple(i.shape) for i in images}) > 1:

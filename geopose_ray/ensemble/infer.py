@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,15 @@ import torch
 from numpy.typing import NDArray
 
 from geopose_ray.data.cache import TrainingCache, downsample_rgb
-from geopose_ray.data.layout import CITIES, METADATA_FILE, city_of, lookup_metadata, read_metadata, scan_dir
+from geopose_ray.data.layout import (
+    CITIES,
+    SHOWN,
+    city_of,
+    locate_metadata,
+    lookup_metadata,
+    read_metadata,
+    scan_dir,
+)
 from geopose_ray.data.rasters import read_rgb
 from geopose_ray.data.submission import write_prediction
 from geopose_ray.engine.predict import load_model, predict_batch
@@ -111,16 +119,28 @@ class ShardResult:
     load_seconds: float  # loading every fold model once
 
 
-def test_inputs(test_dir: Path, stems: Sequence[str]) -> dict[str, tuple[Path, float, int]]:
-    """Per test stem: its RGB file, gsd (NaN without metadata) and city index; a clear error when one is missing."""
+def test_gsd(test_dir: Path, stems: Sequence[str], metadata: str | Path | None = None) -> dict[str, float]:
+    """Per test stem its gsd (NaN where it has no row) from ``metadata``, default the metadata.csv beside the
+    tiles, else the data root's above them (:func:`~geopose_ray.data.layout.locate_metadata`); all NaN without."""
+    meta_path = locate_metadata(test_dir, metadata)
+    meta = read_metadata(meta_path) if meta_path is not None else {}
+    rows = {stem: lookup_metadata(meta, stem) for stem in stems}
+    return {stem: row.gsd if row is not None else math.nan for stem, row in rows.items()}
+
+
+def test_inputs(
+    test_dir: Path, stems: Sequence[str], gsd: Mapping[str, float] | None = None
+) -> dict[str, tuple[Path, float, int]]:
+    """Per test stem: its RGB file, gsd (NaN without metadata) and city index; a clear error when one is missing.
+
+    ``gsd``: each stem's gsd as the job resolved it (:func:`test_gsd`); default read here with :func:`test_gsd`."""
     files = scan_dir(test_dir)
-    meta = read_metadata(test_dir / METADATA_FILE) if (test_dir / METADATA_FILE).exists() else {}
+    gsd = test_gsd(test_dir, stems) if gsd is None else gsd
     out = {}
     for stem in stems:
         if stem not in files or not files[stem].rgb:
             raise DataError(f"{test_dir}: no RGB image for test tile {stem}")
-        row = lookup_metadata(meta, stem)
-        out[stem] = (files[stem].rgb[0], row.gsd if row is not None else math.nan, CITIES.index(city_of(stem)))
+        out[stem] = (files[stem].rgb[0], float(gsd.get(stem, math.nan)), CITIES.index(city_of(stem)))
     return out
 
 
@@ -135,37 +155,52 @@ def predict_shard(
     device: str = "auto",
     threads: int | None = None,
     amp: str = "auto",
+    gsd: Mapping[str, float] | None = None,
 ) -> ShardResult:
     """Predict ``stems`` of ``test_dir`` into the submission at ``out_dir``.
 
     Every fold model of every member is loaded once; each tile is read and decoded once and run through all of
     them. A member's prediction is the mean of its fold models (circular for the angle); ``finish`` combines
     the members' predictions with the fitted weights, factors and scale model.
+
+    ``gsd``: each stem's gsd as the job resolved it on the head (from ``--metadata`` or the metadata.csv it
+    found); default ``finish.test_gsd`` when the finish carries it (the job's does), else read here from the
+    metadata.csv beside the tiles or at the data root. When a fold model uses gsd, every tile of the shard must
+    have a finite gsd > 0, checked before any tile is predicted.
     """
     start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
+    if gsd is None:
+        gsd = getattr(finish, "test_gsd", None)
+    inputs = test_inputs(Path(test_dir), stems, gsd)
     dev = resolve_device(device)
     models = [[fold_runner(f, dev, amp, downsample) for f in m.folds] for m in members]
     loaded = time.perf_counter() - start
-    inputs = test_inputs(Path(test_dir), stems)
+    needs = [f.key for m, runners in zip(members, models, strict=True) for f, r in zip(m.folds, runners, strict=True)
+             if r.cfg.model.metadata]  # fmt: skip
+    bad = [s for s in stems if not (math.isfinite(inputs[s][1]) and inputs[s][1] > 0)]
+    if needs and bad:
+        shown = ", ".join(bad[:SHOWN]) + (", ..." if len(bad) > SHOWN else "")
+        raise DataError(
+            f"{test_dir}: {len(bad)} of {len(stems)} test tile(s) have no finite gsd > 0 in the metadata.csv "
+            f"({shown}), and fold model {needs[0]} uses gsd; add their rows (id, city, gsd) or pass --metadata PATH"
+        )
     for stem in stems:
-        path, gsd, city = inputs[stem]
+        path, tile_gsd, city = inputs[stem]
         rgb = read_rgb(path)
         if rgb.shape[0] % downsample or rgb.shape[1] % downsample:
             raise DataError(f"{path}: size {rgb.shape[1]}x{rgb.shape[0]} is not divisible by {downsample}")
         image = torch.from_numpy(downsample_rgb(rgb, downsample).transpose(2, 0, 1).copy())[None].to(dev)
-        g = torch.tensor([gsd], device=dev)
+        g = torch.tensor([tile_gsd], device=dev)
         c = torch.tensor([city], device=dev)
         per_member = []
         for member_models in models:
             folds = []
             for model in member_models:
-                if model.cfg.model.metadata and not math.isfinite(gsd):
-                    raise DataError(f"{test_dir}: no gsd for {stem} in {METADATA_FILE}; a member needs it")
                 agl, scale, angle = model(image, g, c, tta)
                 folds.append(Prediction(agl[0].astype(np.float32), float(scale[0]), float(angle[0])))
             per_member.append(combine(folds))
-        final = finish(per_member, CITIES[city], gsd)
+        final = finish(per_member, CITIES[city], tile_gsd)
         write_prediction(Path(out_dir), stem, final.agl, final.scale, final.angle, full_shape=rgb.shape[:2])
     return ShardResult(list(stems), time.perf_counter() - start, loaded)

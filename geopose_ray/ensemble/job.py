@@ -2,9 +2,11 @@
 → test inference spread over the cluster → the submission, its archive, its score, and an MLflow run.
 
 Everything that can be checked is checked before any inference starts: the members and every checkpoint, that
-they share one input resolution and cover every fold, and that the test directory has tiles. Checkpoints on
-remote storage are checked by the workers that download them, not downloaded to the head first. No Ray here:
-its tasks are :mod:`geopose_ray.cluster.ensemble`'s, imported when the job reaches them.
+they share one input resolution and cover every fold, that the test directory has tiles, and that each has a gsd
+when a member's model uses it (from the metadata.csv beside the tiles, the data root's, or ``--metadata``; before
+the test inference also when the fitted scale model needs it). Checkpoints on remote storage are checked by the
+workers that download them, not downloaded to the head first. No Ray here: its tasks are
+:mod:`geopose_ray.cluster.ensemble`'s, imported when the job reaches them.
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from geopose_ray.data.cache import TrainingCache
-from geopose_ray.data.layout import scan_dir
+from geopose_ray.data.layout import (
+    MetadataRow,
+    locate_metadata,
+    lookup_metadata,
+    read_metadata,
+    require_gsd,
+    scan_dir,
+)
 from geopose_ray.data.submission import check_submission
 from geopose_ray.engine.predict import tta_transforms
 from geopose_ray.ensemble.combine import Prediction
@@ -55,6 +65,8 @@ class EnsembleOptions:
     workers: int | None = None  # parallel Ray tasks for the test inference; default the cluster's CPUs, or GPUs
     gpus_per_worker: float = 0.0  # GPUs per Ray task (OOF and inference); fractions share a GPU
     device: str = "auto"  # torch device inside each task: auto, cpu, cuda
+    # the metadata.csv with the test tiles' gsd; default the one beside the tiles, else the data root's above them
+    metadata: str | Path | None = None
 
 
 @dataclass
@@ -82,14 +94,17 @@ class _Job:
     cache: TrainingCache
     folds: list[int]
     stems: list[str]  # the test tiles
+    meta_path: Path | None  # the metadata.csv the test tiles' gsd was read from, None without one
+    gsd: dict[str, float]  # each test tile's gsd (NaN without a row), resolved here for the workers
 
 
 class _Finish:
     """Applies a fit to one tile's member predictions (picklable, for the workers)."""
 
-    def __init__(self, fit: EnsembleFit, names: list[str]) -> None:
+    def __init__(self, fit: EnsembleFit, names: list[str], test_gsd: dict[str, float] | None = None) -> None:
         self.fit = fit
         self.names = names
+        self.test_gsd = test_gsd  # each test tile's gsd as the head resolved it: the workers read no metadata.csv
 
     def __call__(self, preds: list[Prediction], city: str, gsd: float) -> Prediction:
         return apply_fit(self.fit, dict(zip(self.names, preds, strict=True)), city, gsd)
@@ -124,8 +139,8 @@ def run_ensemble(cfg: SweepConfig, options: EnsembleOptions) -> EnsembleResult:
 
 def _check(cfg: SweepConfig, options: EnsembleOptions) -> _Job:
     """Every check that needs no inference: the tta name, outputs outside a Ray job's copy of its working
-    directory, the members and their checkpoints (one model per fold of the cache, one resolution), test tiles, the
-    truth directory.
+    directory, the members and their checkpoints (one model per fold of the cache, one resolution), test tiles, their
+    gsd where a member's model uses it (:func:`check_test_gsd`), the truth directory.
 
     Raises:
         DataError, ConfigError: naming the input and the fix.
@@ -144,13 +159,35 @@ def _check(cfg: SweepConfig, options: EnsembleOptions) -> _Job:
                 f"member {m.name} has fold models validated on folds {have}, the cache has folds {folds}; every "
                 "member needs one per fold (its fold runs may have failed: rerun the sweep with --resume)"
             )
-    check_members(members, cache.downsample)
+    configs = check_members(members, cache.downsample)
     stems = sorted(s for s, f in scan_dir(test_dir).items() if f.rgb) if test_dir.is_dir() else []
     if not stems:
         raise DataError(f"{test_dir}: no test tiles (*_RGB.j2k or *_RGB.tif); give the test directory")
+    meta_path, gsd = check_test_gsd(configs, test_dir, stems, options.metadata)
     if options.truth_dir is not None and not Path(options.truth_dir).is_dir():
         raise DataError(f"{options.truth_dir}: the truth directory does not exist")
-    return _Job(options, test_dir, out, members, cache, folds, stems)
+    return _Job(options, test_dir, out, members, cache, folds, stems, meta_path, gsd)
+
+
+def check_test_gsd(
+    configs: Mapping[str, Mapping[str, Any]], test_dir: Path, stems: Sequence[str], metadata: str | Path | None = None
+) -> tuple[Path | None, dict[str, float]]:
+    """Every test tile's gsd, and the refusal, before any model is loaded, when a fold model uses it and a tile
+    has none. ``configs``: fold model key → its training config (the checkpoint's, as :func:`check_members`
+    returns them: read with the tensors memory-mapped, no model built); one whose ``model.metadata`` is set needs
+    every tile's gsd. ``metadata``: ``--metadata``, default the metadata.csv beside the tiles, else the data
+    root's above them. Returns the metadata.csv read (None without one) and each stem's gsd (NaN without a row).
+
+    Raises:
+        DataError: one line with the count of tiles lacking a finite gsd > 0, the first few and the file.
+    """
+    meta_path = locate_metadata(test_dir, metadata)
+    meta = read_metadata(meta_path) if meta_path is not None else {}
+    needs = sorted(key for key, c in configs.items() if bool((c.get("model") or {}).get("metadata", False)))
+    if needs:
+        require_gsd(meta_path, meta, stems, test_dir, f"fold model {needs[0]} (it uses gsd)")
+    rows = {stem: lookup_metadata(meta, stem) for stem in stems}
+    return meta_path, {stem: row.gsd if row is not None else math.nan for stem, row in rows.items()}
 
 
 def _fingerprint(members: list[Member], cache: TrainingCache, tta: str, amp: str) -> str:
@@ -206,7 +243,10 @@ def _predict(job: _Job, fit: EnsembleFit) -> tuple[Path, list[ShardResult], floa
     submission = job.out / "submission"
     shutil.rmtree(submission, ignore_errors=True)
     submission.mkdir(parents=True)
-    finish = _Finish(fit, [m.name for m in active])
+    if fit.scale_model is not None and fit.scale_blend > 0:  # the fitted scale model reads each tile's gsd
+        meta = {s: MetadataRow(s, "", g) for s, g in job.gsd.items()}
+        require_gsd(job.meta_path, meta, job.stems, job.test_dir, "the ensemble's scale model")
+    finish = _Finish(fit, [m.name for m in active], job.gsd)
     start = time.perf_counter()
     shards = predict_on_ray(
         active, str(job.test_dir), job.stems, str(submission), job.cache.downsample, finish, o.tta, o.device, o.amp,

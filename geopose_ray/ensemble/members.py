@@ -113,7 +113,7 @@ def check_members(members: list[Member], downsample: int) -> dict[str, Any]:
     model on remote storage is not downloaded here, to the head: the worker that loads it checks it the same
     way (:func:`check_fold_model`), and the job raises that worker's error. Returns the TrainConfig dict of each
     fold model checked here, by key."""
-    configs = {}
+    configs: dict[str, Any] = {}
     for m in members:
         for f in m.folds:
             for location in f.checkpoints:
