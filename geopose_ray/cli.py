@@ -136,10 +136,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from geopose_ray.engine.predict import predict_dir
+    from geopose_ray.errors import ConfigError
 
+    if args.window is not None and (args.window % 32 or args.overlap % 32 or args.overlap >= args.window):
+        raise ConfigError(
+            f"--window {args.window} --overlap {args.overlap}: both must be multiples of 32 with overlap < window"
+        )
     n = predict_dir(
-        args.checkpoint, args.test, args.out, tta=args.tta, batch_size=args.batch_size, metadata=args.metadata
-    )
+        args.checkpoint, args.test, args.out, tta=args.tta, batch_size=args.batch_size, metadata=args.metadata,
+        window=args.window, overlap=args.overlap,
+    )  # fmt: skip
     print(f"{args.out}: {n} tiles predicted (tta: {args.tta}); complete and well formed")
     return 0
 
@@ -341,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["none", "flip", "d4"], default="none", help="test-time augmentation")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--metadata", default=None, metavar="PATH", help=METADATA_HELP)
+    p.add_argument(
+        "--window",
+        type=_positive_int,
+        default=None,
+        metavar="PX",
+        help="predict in overlapping windows of this side (default one pass; windows on out of memory)",
+    )
+    p.add_argument("--overlap", type=int, default=128, metavar="PX", help="the windows' overlap (default 128)")
     p.set_defaults(fn=_cmd_predict)
 
     p = add("results", "print a sweep's results table, as the MLflow run table holds it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ from torch import nn
 
 from geopose_ray.cli import main
 from geopose_ray.data.layout import read_vflow, scan_dir
-from geopose_ray.engine.predict import Transform, predict_batch, tta_transforms
+from geopose_ray.engine.predict import Transform, predict_batch, tta_transforms, window_spans, windowed_forward
 from geopose_ray.errors import ConfigError
+from geopose_ray.models.config import ModelConfig
+from geopose_ray.models.geopose import GeoposeModel
 from geopose_ray.scoring import score_dirs
 
 
@@ -36,7 +39,13 @@ def test_transform_inverse_round_trips() -> None:
     x = torch.arange(2 * 3 * 4 * 4).view(2, 3, 4, 4)
     for t in tta_transforms("d4"):
         assert torch.equal(t.invert(t.apply(x)), x)
-    assert len(tta_transforms("d4")) == 8 and len(tta_transforms("flip")) == 3
+    assert len(tta_transforms("d4")) == 8
+    # flip: identity, columns reversed, rows reversed, both: four distinct views, each its own inverse
+    flips = tta_transforms("flip")
+    views = [t.apply(x) for t in flips]
+    assert views[0].equal(x) and views[1].equal(x.flip(-1)) and views[2].equal(x.flip(-2))
+    assert views[3].equal(x.flip(-1).flip(-2)) and len({v.numpy().tobytes() for v in views}) == 4
+    assert all(t.apply(t.apply(x)).equal(x) for t in flips)
     with pytest.raises(ConfigError, match="`tta` is 'd8'"):
         tta_transforms("d8")
 
@@ -154,3 +163,59 @@ def test_a_model_that_uses_gsd_gets_it_or_is_refused_up_front(
     (root / "metadata.csv").unlink()
     assert main(argv[:-2]) == 2
     assert "no metadata.csv beside the tiles or at the data root" in capsys.readouterr().err
+
+
+class SmallField(GeoposeModel):
+    """A geopose model whose pixel maps see 5×5 pixels and whose deepest feature is the 32² block mean of a
+    pixel-wise map: windows with enough overlap must reproduce its one-pass output exactly."""
+
+    def __init__(self, metadata: bool = False) -> None:
+        super().__init__(ModelConfig(encoder="tu-test_resnet", metadata=metadata))
+        channels = int(self.encoder.out_channels[-1])
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1))
+        self.deep = nn.Conv2d(8, channels, 1)
+
+    def pixel_maps(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        f = self.body(image.float() / 255)
+        return f[:, :1], f[:, 1:2], nn.functional.avg_pool2d(self.deep(f), 32)
+
+
+def test_window_spans_tile_the_axis() -> None:
+    for size, window, overlap in ((256, 128, 64), (2048, 1024, 128), (320, 128, 32), (96, 128, 32)):
+        spans = window_spans(size, window, overlap, 32)
+        assert spans[0][:2] == (0, 0) and spans[-1][2] == size and spans[-1][0] + min(window, size) == size
+        assert all(a[2] == b[1] for a, b in itertools.pairwise(spans))  # cores tile the axis
+        assert all(s % 32 == 0 and c0 % 32 == 0 and s <= c0 < c1 <= s + window for s, c0, c1 in spans)
+
+
+@pytest.mark.parametrize("metadata", [False, True])
+def test_windows_equal_one_pass_when_the_receptive_field_fits(metadata: bool) -> None:
+    torch.manual_seed(0)
+    model = SmallField(metadata).eval()
+    image = torch.randint(0, 255, (2, 3, 256, 192), dtype=torch.uint8)
+    gsd, city = torch.tensor([0.3, 0.5]), torch.tensor([0, 2])
+    with torch.no_grad():
+        whole = model(image, gsd, city)
+        windowed = windowed_forward(model, image, gsd, city, window=128, overlap=64)
+    for key in ("agl", "mag", "xy", "scale"):
+        torch.testing.assert_close(windowed[key], whole[key], rtol=1e-5, atol=1e-5)
+    agl0, scale0, angle0 = predict_batch(model, image, gsd, city, "flip")
+    agl1, scale1, angle1 = predict_batch(model, image, gsd, city, "flip", window=128, overlap=64)
+    np.testing.assert_allclose(agl1, agl0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scale1, scale0, rtol=1e-5)
+    np.testing.assert_allclose(np.cos(angle1 - angle0), 1.0, atol=1e-5)  # the angle within 0.3°
+
+
+def test_windows_of_a_real_model_are_close_and_a_large_window_is_one_pass() -> None:
+    torch.manual_seed(0)
+    model = GeoposeModel(ModelConfig(encoder="tu-test_resnet")).eval()
+    image = torch.randint(0, 255, (1, 3, 256, 256), dtype=torch.uint8)
+    args = (torch.ones(1), torch.zeros(1, dtype=torch.long))
+    agl0, scale0, _ = predict_batch(model, image, *args)
+    same = predict_batch(model, image, *args, window=256)
+    assert np.array_equal(same[0], agl0) and np.array_equal(same[1], scale0)
+    agl1, _, _ = predict_batch(model, image, *args, window=128, overlap=64)
+    assert agl1.shape == agl0.shape and np.isfinite(agl1).all()
+    assert np.abs(agl1 - agl0).mean() < 0.5 * np.abs(agl0).mean() + 1e-3  # close, not equal: its field is wider
+    with pytest.raises(ConfigError, match="multiples of the encoder's output stride 32"):
+        windowed_forward(model, image, *args, window=100, overlap=20)

@@ -8,6 +8,7 @@ AGL and scale are averaged; angles are averaged on the circle.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from geopose_ray.engine.trainer import resolve_device
 from geopose_ray.errors import ConfigError, DataError
 from geopose_ray.geometry import direction_to_angle
 from geopose_ray.models.geopose import GeoposeModel
+
+log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip", "d4")
 
@@ -65,11 +68,92 @@ class Transform:
 def tta_transforms(mode: str) -> list[Transform]:
     if mode == "none":
         return [Transform()]
-    if mode == "flip":
-        return [Transform(), Transform(0, True), Transform(2, True)]  # identity, columns, rows reversed
+    if mode == "flip":  # identity, columns reversed, rows reversed (a half turn, then columns), both (a half turn)
+        return [Transform(), Transform(0, True), Transform(2, True), Transform(2)]
     if mode == "d4":
         return [Transform(k, f) for k in range(4) for f in (False, True)]
     raise ConfigError(f"The value of `tta` is {mode!r}, but must be one of {list(TTA_MODES)}")
+
+
+WINDOW_SIZES = (1024, 768, 512)  # tried in turn, below the tile's side, when one pass runs out of memory
+DEFAULT_OVERLAP = 128
+
+
+def window_spans(size: int, window: int, overlap: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows along one axis of ``size`` pixels: (start, core_start, core_end) each. Starts are multiples of
+    ``stride`` at most ``window − overlap`` apart, the last window pushed back inside; the cores (where a window's
+    deepest features count) tile the axis exactly, split at stride-aligned points inside the overlaps."""
+    if window >= size:
+        return [(0, 0, size)]
+    step = max(stride, (window - overlap) // stride * stride)
+    starts = [*range(0, size - window, step), size - window]
+    bounds = [0] + [((starts[i] + window + starts[i + 1]) // 2) // stride * stride for i in range(len(starts) - 1)]
+    bounds.append(size)
+    return [(start, bounds[i], bounds[i + 1]) for i, start in enumerate(starts)]
+
+
+def _ramp(size: int, window: int, start: int, overlap: int) -> torch.Tensor:
+    """A window's blending weight along one axis. At an edge that is not the tile's own, the first quarter of the
+    overlap gets (almost) no weight, as the pixels whose receptive field the window cuts off; the weight then
+    rises linearly to 1 at half the overlap, where the neighbouring window's weight is already 1."""
+    x = torch.arange(window, dtype=torch.float32) + 0.5
+    w = torch.ones(window)
+    q = overlap / 4
+    if q > 0:
+        if start > 0:
+            w = torch.minimum(w, ((x - q) / q).clamp(min=1e-6))
+        if start + window < size:
+            w = torch.minimum(w, ((window - x - q) / q).clamp(min=1e-6))
+    return w
+
+
+def windowed_forward(
+    model: nn.Module, image: torch.Tensor, gsd: torch.Tensor, city: torch.Tensor, window: int, overlap: int
+) -> dict[str, torch.Tensor]:
+    """The model's output for (B, 3, H, W) images computed in overlapping ``window``² windows.
+
+    The AGL and magnitude maps are blended with weights that ramp across the overlaps; the direction (and a
+    learned scale) comes from the deepest encoder feature averaged over the whole tile, each feature cell counted
+    once (from the window whose core holds it); the least-squares scale is computed from the blended maps. Where
+    the model's receptive field fits in a quarter of the overlap, this equals the one-pass output within float
+    tolerance.
+    """
+    if not isinstance(model, GeoposeModel):
+        raise ConfigError("windowed prediction needs a geopose model (pixel_maps and global_heads)")
+    stride = int(getattr(model, "output_stride", 32))
+    if window % stride or overlap % stride or overlap >= window:
+        raise ConfigError(
+            f"The value of `window` is {window} and `overlap` {overlap}, but both must be multiples of the encoder's "
+            f"output stride {stride}, with overlap < window"
+        )
+    b, _, h, w = image.shape
+    rows, cols = window_spans(h, window, overlap, stride), window_spans(w, window, overlap, stride)
+    agl = torch.zeros(b, 1, h, w, device=image.device)
+    mag: torch.Tensor | None = None
+    weight = torch.zeros(1, 1, h, w, device=image.device)
+    pooled: torch.Tensor | None = None
+    cells = 0
+    for r0, rc0, rc1 in rows:
+        rh = min(window, h)
+        for c0, cc0, cc1 in cols:
+            cw = min(window, w)
+            a, m, deep = model.pixel_maps(image[..., r0 : r0 + rh, c0 : c0 + cw])
+            wt = (_ramp(h, rh, r0, overlap)[:, None] * _ramp(w, cw, c0, overlap)[None, :]).to(image.device)
+            agl[..., r0 : r0 + rh, c0 : c0 + cw] += a.float() * wt
+            if m is not None:
+                if mag is None:
+                    mag = torch.zeros_like(agl)
+                mag[..., r0 : r0 + rh, c0 : c0 + cw] += m.float() * wt
+            weight[..., r0 : r0 + rh, c0 : c0 + cw] += wt
+            core = deep[..., (rc0 - r0) // stride : (rc1 - r0) // stride, (cc0 - c0) // stride : (cc1 - c0) // stride]
+            total = core.float().sum(dim=(2, 3))
+            pooled = total if pooled is None else pooled + total
+            cells += core.shape[-2] * core.shape[-1]
+    assert pooled is not None
+    agl = agl / weight
+    mag = mag / weight if mag is not None else None
+    return model.global_heads((pooled / cells).to(image.dtype if image.is_floating_point() else torch.float32),
+                              gsd, city, agl, mag)  # fmt: skip
 
 
 @torch.no_grad()
@@ -79,15 +163,24 @@ def predict_batch(
     gsd: torch.Tensor,
     city: torch.Tensor,
     tta: str = "none",
+    window: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
 ) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64]]:
-    """Predict (B, 3, H, W) uint8 images: AGL (B, H, W) metres, scale (B,) px/m, angle (B,) radians."""
+    """Predict (B, 3, H, W) uint8 images: AGL (B, H, W) metres, scale (B,) px/m, angle (B,) radians.
+
+    ``window``: predict in overlapping windows of this side (see :func:`windowed_forward`), each TTA view
+    windowed; None, or a window as large as the tile, is one pass."""
     transforms = tta_transforms(tta)
     agl = torch.zeros(image.shape[0], image.shape[-2], image.shape[-1], device=image.device)
     scale = torch.zeros(image.shape[0], device=image.device)
     sin = torch.zeros_like(scale)
     cos = torch.zeros_like(scale)
     for t in transforms:
-        out = model(t.apply(image), gsd, city)
+        view = t.apply(image)
+        if window is None or window >= max(image.shape[-2:]):
+            out = model(view, gsd, city)
+        else:
+            out = windowed_forward(model, view, gsd, city, window, overlap)
         agl += t.invert(out["agl"].float()[:, 0])
         scale += out["scale"].float()
         theta = t.invert_angle(torch.atan2(out["xy"][:, 0].float(), out["xy"][:, 1].float()))
@@ -115,8 +208,13 @@ def predict_dir(
     batch_size: int = 4,
     device: str = "auto",
     metadata: str | Path | None = None,
+    window: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
 ) -> int:
     """Predict every test tile of ``test_dir`` into a submission at ``out_dir``; returns the tile count.
+
+    ``window``/``overlap``: predict in overlapping windows (:func:`windowed_forward`); by default one pass, and
+    windows of the largest of WINDOW_SIZES below the tile's side if one pass runs out of device memory.
 
     ``metadata``: the metadata.csv with the tiles' gsd (``--metadata``); default the one beside the tiles, else
     the data root's above them (:func:`~geopose_ray.data.layout.locate_metadata`). A model that uses gsd is
@@ -149,9 +247,19 @@ def predict_dir(
         if len({tuple(i.shape) for i in images}) > 1:
             raise DataError(f"{test_dir}: test tiles of different sizes in one batch; use --batch-size 1")
         batch = torch.stack(images).to(dev)
-        agl, scale, angle = predict_batch(
-            model, batch, torch.tensor(gsds, device=dev), torch.tensor(cities, device=dev), tta
-        )
+        g, c = torch.tensor(gsds, device=dev), torch.tensor(cities, device=dev)
+        try:
+            agl, scale, angle = predict_batch(model, batch, g, c, tta, window, overlap)
+        except torch.OutOfMemoryError:
+            side = max(batch.shape[-2:])
+            smaller = [s for s in WINDOW_SIZES if s < min(side, window or side)]
+            if not smaller:
+                raise
+            window = smaller[0]
+            log.warning("one pass over %d² tiles ran out of memory; predicting in %d² windows", side, window)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            agl, scale, angle = predict_batch(model, batch, g, c, tta, window, min(overlap, window // 2))
         for j, stem in enumerate(chunk):
             write_prediction(out_dir, stem, agl[j], float(scale[j]), float(angle[j]), full_shape=shapes[j])
     problems = check_submission(out_dir, test_dir)

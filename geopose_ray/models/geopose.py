@@ -77,6 +77,17 @@ class GeoposeModel(nn.Module):
     def forward(
         self, image: torch.Tensor, gsd: torch.Tensor | None = None, city: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
+        agl, mag, deep = self.pixel_maps(image)
+        return self.global_heads(deep.mean(dim=(2, 3)), gsd, city, agl, mag)
+
+    @property
+    def output_stride(self) -> int:
+        """The input pixels per cell of the deepest encoder feature."""
+        return int(getattr(self.encoder, "output_stride", 32))
+
+    def pixel_maps(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The per-pixel part: AGL (B, 1, H, W), the magnitude head's map (None with ``derived_magnitude``) and
+        the deepest encoder feature (B, C, H / stride, W / stride), whose mean the global heads read."""
         x = (image.float() - self.mean) / self.std
         encoded = self.encoder(x)
         if self._vit_decoder:
@@ -88,8 +99,17 @@ class GeoposeModel(nn.Module):
         f = self.head_features(decoded)
         if f.shape[-2:] != x.shape[-2:]:
             f = F.interpolate(f, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        agl = self.agl_head(f)
-        pooled = features[-1].mean(dim=(2, 3))
+        return self.agl_head(f), (self.mag_head(f) if self.mag_head is not None else None), features[-1]
+
+    def global_heads(
+        self,
+        pooled: torch.Tensor,
+        gsd: torch.Tensor | None,
+        city: torch.Tensor | None,
+        agl: torch.Tensor,
+        mag: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Direction and scale from the pooled deepest feature (B, C) and the pixel maps: the model's output."""
         if self.cfg.metadata:
             if gsd is None or city is None:
                 raise ConfigError("this model was built with metadata=True: pass gsd and city to forward()")
@@ -100,8 +120,7 @@ class GeoposeModel(nn.Module):
             scale = self.scale_head(pooled).squeeze(1)
             mag = agl * scale.view(-1, 1, 1, 1)
         else:
-            assert self.mag_head is not None
-            mag = self.mag_head(f)
+            assert mag is not None
             a, m = agl.float(), mag.float()
             scale = (a * m).sum(dim=(1, 2, 3)) / ((a * a).sum(dim=(1, 2, 3)) + SCALE_EPS)
         return {"agl": agl, "mag": mag, "xy": xy, "scale": scale}
