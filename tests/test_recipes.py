@@ -293,3 +293,33 @@ def test_the_winners_recipe_is_a_valid_two_stage_config() -> None:
     assert (first.cfg.crop, first.cfg.crops_per_tile, second.cfg.crop, second.cfg.lr) == (896, 4, 1792, 3e-5)
     assert first.cfg.augment is not None and first.cfg.augment.photometric is not None and second.cfg.augment is None
     assert first.cfg.loss.weights()["r2_agl"] > 0 and cfg.top_k == 3 and cfg.optimizer == "adamw"
+
+
+def test_a_trial_with_top_k_checkpoints_is_one_ensemble_member_averaging_them(cache: Path, tmp_path: Path) -> None:
+    from geopose_ray.engine.predict import predict_batch
+    from geopose_ray.ensemble.infer import AveragedRunner, Runner, fold_runner
+    from geopose_ray.ensemble.members import check_members, find_members
+    from geopose_ray.geometry import direction_to_angle
+
+    run = tmp_path / "trial" / "checkpoint_000003"
+    cfg = _cfg(cache, epochs=3, top_k=2)
+    Trainer(cfg, run).fit()
+    record = {"key": "a", "stage": "screen", "cfg": cfg.to_dict(), "metrics": {}, "checkpoint": str(run)}
+    (tmp_path / "trials.json").write_text(json.dumps({"sweep": "s", "finalists": ["a"], "trials": {"a": record}}))
+    (member,) = find_members(tmp_path)
+    (fold,) = member.folds
+    listed = [d["file"] for d in json.loads((run / "top.json").read_text())]
+    assert fold.checkpoint.endswith("best.pt") and [Path(c).name for c in fold.extra] == listed[1:]
+    assert set(check_members([member], downsample=2)) == {"a"}
+    runner = fold_runner(fold, torch.device("cpu"), "off", 2)
+    assert isinstance(runner, AveragedRunner) and len(runner.runners) == 2
+    image = torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8)
+    args = (torch.ones(1), torch.zeros(1, dtype=torch.long))
+    agl, scale, angle = runner(image, *args)
+    singles = [Runner(c, torch.device("cpu"), "off") for c in fold.checkpoints]
+    outs = [predict_batch(r.model, image, *args) for r in singles]
+    np.testing.assert_allclose(agl, (outs[0][0] + outs[1][0]) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scale, (outs[0][1] + outs[1][1]) / 2, rtol=1e-6)
+    expected = direction_to_angle(np.sin(outs[0][2]) + np.sin(outs[1][2]), np.cos(outs[0][2]) + np.cos(outs[1][2]))
+    np.testing.assert_allclose(np.cos(angle - expected), 1.0, atol=1e-9)
+    assert not np.allclose(outs[0][0], outs[1][0])  # two different epochs' weights

@@ -27,11 +27,12 @@ from geopose_ray.data.layout import (
 from geopose_ray.data.rasters import read_rgb
 from geopose_ray.data.submission import write_prediction
 from geopose_ray.engine.predict import load_model, predict_batch
-from geopose_ray.engine.trainer import resolve_device
+from geopose_ray.engine.trainer import native_bf16, resolve_device
 from geopose_ray.ensemble.combine import Prediction, combine
 from geopose_ray.ensemble.fit import TileOof, tile_oof
 from geopose_ray.ensemble.members import FoldModel, Member, check_fold_model, unreadable
 from geopose_ray.errors import DataError, GeoposeError
+from geopose_ray.geometry import direction_to_angle
 
 Finish = Callable[[list[Prediction], str, float], Prediction]  # member predictions, city, gsd -> the ensemble's
 
@@ -43,8 +44,8 @@ def inference_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | No
         raise DataError(f"The value of `amp` is {amp!r}, but must be 'auto' or 'off'")
     if amp == "off":
         return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # bf16 only where native: a T4 reports it supported but emulates it
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return None
@@ -67,7 +68,34 @@ class Runner:
             return predict_batch(self.model, image, gsd, city, tta)
 
 
-def fold_runner(fold: FoldModel, device: torch.device, amp: str, downsample: int) -> Runner:
+class AveragedRunner:
+    """A fold model kept as its top-k checkpoints: the runners' predictions averaged (AGL and scale by their
+    mean, the angle on the circle), as one model of the member."""
+
+    def __init__(self, runners: Sequence[Runner]) -> None:
+        self.runners = list(runners)
+        self.cfg, self.downsample = self.runners[0].cfg, self.runners[0].downsample
+
+    def __call__(
+        self, image: torch.Tensor, gsd: torch.Tensor, city: torch.Tensor, tta: str = "none"
+    ) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64]]:
+        outs = [r(image, gsd, city, tta) for r in self.runners]
+        agl = np.mean([o[0] for o in outs], axis=0).astype(np.float32)
+        scale = np.mean([o[1] for o in outs], axis=0)
+        angle = direction_to_angle(
+            np.sum([np.sin(o[2]) for o in outs], axis=0), np.sum([np.cos(o[2]) for o in outs], axis=0)
+        )
+        return agl, scale, angle
+
+
+def fold_runner(fold: FoldModel, device: torch.device, amp: str, downsample: int) -> Runner | AveragedRunner:
+    """A member's fold model: one runner, or the average of its top-k checkpoints' runners (each checked)."""
+    if not fold.extra:
+        return _fold_runner(fold, fold.checkpoint, device, amp, downsample)
+    return AveragedRunner([_fold_runner(fold, c, device, amp, downsample) for c in fold.checkpoints])
+
+
+def _fold_runner(fold: FoldModel, checkpoint: str, device: torch.device, amp: str, downsample: int) -> Runner:
     """A member's fold model, loaded and checked where it runs (the head does not download remote ones): it
     must load, and be trained at the cache's resolution.
 
@@ -75,7 +103,7 @@ def fold_runner(fold: FoldModel, device: torch.device, amp: str, downsample: int
         DataError: naming the checkpoint (the job re-raises it from the worker).
     """
     try:
-        runner = Runner(fold.checkpoint, device, amp)
+        runner = Runner(checkpoint, device, amp)
     except torch.OutOfMemoryError:
         raise
     except (GeoposeError, KeyError, ValueError, RuntimeError) as e:  # unreadable, or not this project's model
