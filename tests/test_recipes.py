@@ -278,6 +278,15 @@ def test_an_fp16_overflow_is_retried_once_in_full_precision(cache: Path, tmp_pat
         Trainer(_cfg(cache, epochs=1, amp="fp16"), tmp_path / "x", faults={"nonfinite_at_epoch": 0}).fit()
 
 
+def test_a_non_finite_loss_survives_the_copy_and_pickle_ray_puts_it_through() -> None:
+    import copy
+    import pickle
+
+    error = NonFiniteLoss("non-finite loss at epoch 1", fp16=True)
+    for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert isinstance(clone, NonFiniteLoss) and str(clone) == str(error) and clone.fp16 is True
+
+
 def test_auto_precision_is_native_only() -> None:
     cpu = torch.device("cpu")
     assert not native_bf16(cpu) and resolve_amp("auto", cpu) is None

@@ -51,9 +51,13 @@ class TrainingError(GeoposeError):
 class NonFiniteLoss(TrainingError):
     """A training loss turned NaN or infinite; ``fp16`` says whether the run trained in fp16 autocast."""
 
-    def __init__(self, message: str, fp16: bool) -> None:
+    def __init__(self, message: str, fp16: bool = False) -> None:
         super().__init__(message)
         self.fp16 = fp16
+
+    def __reduce__(self) -> tuple[type, tuple[str, bool]]:
+        # Ray copies and pickles a trial's exception; the default rebuilds it from ``args`` alone.
+        return (type(self), (str(self), self.fp16))
 
 
 def resolve_device(name: str) -> torch.device:
