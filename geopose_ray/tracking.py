@@ -56,6 +56,7 @@ class Tracker:
     experiment: str
     sweep: str
     artifact_dir: str | None = None  # where a new experiment keeps artifacts (a local dir by default)
+    axes: tuple[str, ...] = ()  # the grid's named axes: a param of every trial run, a column of the table
     _client: Any = None
     _experiment_id: str | None = None
     _parent: Run | None = None
@@ -82,7 +83,7 @@ class Tracker:
         uri = uri or cfg.mlflow_uri
         local = not uri.startswith(("http://", "https://"))
         artifacts = str(cfg.out_dir / "mlartifacts") if local else None
-        return cls(uri, cfg.experiment or cfg.name, cfg.name, artifacts)
+        return cls(uri, cfg.experiment or cfg.name, cfg.name, artifacts, tuple(cfg.axes))
 
     # -- delivery -----------------------------------------------------------------------------------------
 
@@ -153,7 +154,7 @@ class Tracker:
 
     def trial(self, key: str, cfg: Mapping[str, Any], stage: str) -> Run:
         """The child run of a trial (``key`` is its id, or ``<id>/fold<k>``), created once, reattached after."""
-        return self.child(key, trial_params(cfg), stage, "trial")
+        return self.child(key, trial_params(cfg, self.axes), stage, "trial")
 
     def child(self, key: str, params: Mapping[str, str], stage: str, kind: str) -> Run:
         """A child run of the sweep's parent (a trial, or the ensemble), created once and found again by its tags
@@ -261,6 +262,6 @@ def results_table(tracker: Tracker) -> list[dict[str, Any]]:
     for run in tracker.runs():
         d = run.data
         row = result_row(d.tags.get("trial", ""), d.tags.get("stage", ""), d.tags.get("status", ""),
-                         d.tags.get("rung", ""), {}, d.metrics)  # fmt: skip
-        rows.append({**row, **{k: d.params.get(k, "") for k in PARAM_KEYS}})
+                         d.tags.get("rung", ""), {}, d.metrics, tracker.axes)  # fmt: skip
+        rows.append({**row, **{k: d.params.get(k, "") for k in (*PARAM_KEYS, *tracker.axes)}})
     return sort_rows(rows)

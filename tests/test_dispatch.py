@@ -178,10 +178,12 @@ def test_the_state_round_trips_through_promoter_json() -> None:
             screen("t1", State.RUNNING, 1), screen("t4", State.RUNNING)])  # fmt: skip
     d.resume.append("t0")
     d.leaving.add("x")
+    d.unstarted["t9"] = {"lr": 0.1}  # a grid point beyond the budget, started by a reopened sweep
     text = json.dumps(d.to_dict())
-    assert set(json.loads(text)) == {"promoter", "resume"}
+    assert set(json.loads(text)) == {"promoter", "resume", "unstarted"}
     back = Dispatch.from_dict(json.loads(text))
     assert back.to_dict() == d.to_dict() and back.resume == d.resume and back.leaving == set()
+    assert back.unstarted == {"t9": {"lr": 0.1}}
     held = Promoter(rungs=[1])
     other = Dispatch(held)
     other.load(json.loads(text))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from geopose_ray.engine.checkpoint import load_checkpoint, save_checkpoint
-from geopose_ray.ensemble.members import find_members
+from geopose_ray.ensemble.members import FoldModel, Member, find_members
 from geopose_ray.errors import DataError
 from geopose_ray.sweep.config import SweepConfig
 
@@ -64,7 +64,7 @@ def test_members_are_the_finalists_with_one_model_per_fold(cache: Path, tmp_path
         ("no finalists", r"has no finalists to ensemble; give members by name"),
         ("unknown member", r"no screening trial 'zz' in .*; the trials are \['a', 'b'\]"),
         ("missing checkpoint", r"no best.pt or last.pt for fold model a/fold2"),
-        ("missing fold", r"member a has fold models validated on folds \[0, 1, 2\], the cache has folds \[0, 1, 2, 3"),
+        ("missing fold", r"the members share fold models on folds \[0\] only \(a: \[0\]\); an out-of-fold fit needs"),
         ("other resolution", r"trained at 1/4 resolution, the others and the cache at 1/2"),
         ("corrupt checkpoint", r"cannot read fold model a \(.*: not a readable checkpoint \(not a torch.save archive"),
         ("empty test dir", r"no test tiles"),
@@ -73,7 +73,7 @@ def test_members_are_the_finalists_with_one_model_per_fold(cache: Path, tmp_path
 def test_bad_input_fails_before_any_inference(
     cache: Path, dataset: Path, tmp_path: Path, checkpoint: Path, case: str, message: str
 ) -> None:
-    folds = [0, 1, 2] if case == "missing fold" else [0, 1, 2, 3]
+    folds = [0] if case == "missing fold" else [0, 1, 2, 3]
     cfg = _sweep(cache, tmp_path, checkpoint, folds, [] if case == "no finalists" else ["a"])
     test = dataset / "test"
     kw: dict[str, Any] = {}
@@ -102,6 +102,29 @@ def test_bad_input_fails_before_any_inference(
     with pytest.raises(DataError, match=message):
         _run(cfg, test, **kw)
     assert not (cfg.out_dir / "ens" / "submission").exists()  # nothing was predicted
+
+
+def _member(name: str, folds: list[int], checkpoint: Path) -> Member:
+    return Member(name, name, tuple(FoldModel(f"{name}/fold{k}", str(checkpoint / "best.pt"), k) for k in folds))
+
+
+def test_members_with_different_fold_coverage_are_fitted_on_the_folds_they_share(cache: Path, checkpoint: Path) -> None:
+    """a has a model per fold, b (a finalist with fold runs on folds 2 only) models validated on 0 and 2. Pooling
+    each member over its own folds would score b's fold-1 and fold-3 tiles with models that trained on them: the
+    fit takes the tiles of folds 0 and 2 only, and a worker asked for b's fold-1 prediction refuses."""
+    from geopose_ray.ensemble.infer import oof_fold
+    from geopose_ray.ensemble.job import default_members, shared_folds
+
+    a, b = _member("a", [0, 1, 2, 3], checkpoint), _member("b", [0, 2], checkpoint)
+    assert shared_folds([a, b], [0, 1, 2, 3]) == [0, 2]
+    assert shared_folds([a], [0, 1, 2, 3]) == [0, 1, 2, 3]
+    assert default_members([a, b, _member("c", [0], checkpoint)]) == [a]  # the finalists with fold runs
+    with pytest.raises(DataError, match=r"member b has 0 fold models validated on fold 1, not one"):
+        oof_fold([a, b], str(cache), 1, "none", "cpu", 1)
+    tiles = oof_fold([a, b], str(cache), 2, "none", "cpu", 1)
+    assert tiles and {t.fold for t in tiles} == {2}
+    with pytest.raises(DataError, match=r"share fold models on folds \[0\] only"):
+        shared_folds([a, _member("c", [0], checkpoint)], [0, 1, 2, 3])
 
 
 @pytest.mark.slow

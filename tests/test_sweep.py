@@ -41,6 +41,10 @@ def _cfg(cache_dir: Path, tmp_path: Path, **over: Any) -> SweepConfig:
     return SweepConfig.from_dict({**raw, **over})
 
 
+def _point(encoder: str, decoder: str, lr: float, accumulation: int) -> dict[str, Any]:
+    return {"encoder": encoder, "decoder": decoder, "lr": lr, "accumulation": accumulation}
+
+
 @pytest.mark.parametrize(
     ("over", "message"),
     [
@@ -54,6 +58,10 @@ def _cfg(cache_dir: Path, tmp_path: Path, **over: Any) -> SweepConfig:
         ({"cpus_per_trial": 0}, "resources per trial"),
         ({"gridd": {}}, r"unknown key\(s\) \['gridd'\]"),
         ({"search": "tpe"}, r"`search` is 'tpe', but must be 'grid', 'guided' or 'optuna'"),
+        ({"fold_runs": {"top": 2}}, r"unknown key\(s\) \['top'\] in `fold_runs`"),
+        ({"fold_runs": {"top_k": 0}}, r"`fold_runs.top_k` is 0, but must be an integer >= 1"),
+        ({"fold_runs": {"folds": [0, 1]}}, r"but \[0\] are not folds to run: the cache has folds \[0, 1, 2, 3\]"),
+        ({"fold_runs": {"folds": [7]}}, r"but \[7\] are not folds to run"),
         ({"search": "guided", "pending_trials": 0}, r"`pending_trials` is 0, but must be an integer >= 1"),
         ({"preempt_fold_runs": "yes"}, r"`preempt_fold_runs` is 'yes', but must be true or false"),
         ({"search": "optuna", "lr_range": [1e-3, 1e-5]}, r"`lr_range` is \[0.001, 1e-05\], but must be \[low, high\]"),
@@ -86,6 +94,73 @@ def test_the_seed_grid_resolves() -> None:
     configs = [c for c in cfg.trial_configs() if c["model"]["encoder"] == "resnext50_32x4d"]
     assert configs[0]["model"]["weights"] == "swsl" and configs[0]["batch_size"] == 4
     assert configs[0]["epochs"] == 200 and {c["accumulation"] for c in configs} == {1, 4, 16}
+
+
+def test_named_axes_multiply_the_grid_with_per_encoder_values(cache: Path, tmp_path: Path) -> None:
+    """A named axis sets its dotted training key in every trial; a per-encoder axis gives each encoder its own
+    values (``default`` for those not named); every combination is one trial, and the table shows each axis."""
+    from geopose_ray.sweep.table import result_row, rows_csv, trial_params
+
+    grid = {
+        "encoders": ["tu-test_resnet", "resnet18"],
+        "lrs": ["1e-3"],  # as YAML 1.1 reads 1e-3: a string, taken as the number it is
+        "axes": {
+            "batch_size": {"resnet18": [2, 3], "default": [4]},
+            "loss.kind": ["mse", "r2_huber"],
+            "augment.photometric.p": [0.0, 0.8],  # a level that is None in `train` (augment: None) is made
+        },
+    }
+    cfg = _cfg(cache, tmp_path, grid=grid)
+    assert cfg.validate() == []
+    configs = cfg.trial_configs()
+    assert cfg.n_trials == len(configs) == (1 + 2) * 2 * 2
+    seen = [
+        (c["model"]["encoder"], c["batch_size"], c["loss"]["kind"], c["augment"]["photometric"]["p"]) for c in configs
+    ]
+    assert len(set(seen)) == len(seen) and set(seen) == {
+        (e, batch, kind, p)
+        for e, batches in (("tu-test_resnet", [4]), ("resnet18", [2, 3]))
+        for batch in batches
+        for kind in ("mse", "r2_huber")
+        for p in (0.0, 0.8)
+    }
+    assert all(c["lr"] == 1e-3 and c["augment"]["rot90"] is True for c in configs)  # the rest at its defaults
+    rows = [result_row(f"t{i}", "screen", "paused", 1, c, {}, cfg.axes) for i, c in enumerate(configs)]
+    header = rows_csv(rows).splitlines()[0]
+    assert header.split(",")[12:14] == ["loss.kind", "augment.photometric.p"]  # batch_size is a fixed column
+    params = trial_params(configs[-1], cfg.axes)
+    assert (params["batch_size"], params["loss.kind"], params["augment.photometric.p"]) == ("3", "r2_huber", "0.8")
+
+
+@pytest.mark.parametrize(
+    ("axes", "message"),
+    [
+        ({"lr": [1e-3]}, r"`grid.axes.lr` cannot be an axis: the sweep sets it from `grid.lrs`"),
+        ({"model.encoder": ["resnet18"]}, r"from `grid.encoders`"),
+        ({"epochs": [3]}, r"from `rungs`"),
+        ({"crop": []}, r"`grid.axes.crop` is \[\]: give a non-empty list"),
+        ({"crop": [16]}, r"the grid point with crop=16 \(tu-test_resnet\): The value of `crop` is 16"),
+        ({"crop": {"resnet50": [32]}}, r"names \['resnet50'\], which are not in `grid.encoders`"),
+        ({"crop": {"tu-test_resnet": [32]}}, r"gives no values for \['resnet18'\]"),
+        ({"loss.kindd": ["mse"]}, r"the grid point with loss.kindd=mse \(tu-test_resnet\): unknown key"),
+        ({"loss.kind": ["msee"]}, r"the grid point with loss.kind=msee"),
+        ({"crop": [4096]}, r"The value of `crop` is 4096, but the cache's tiles are"),
+        ({"bad key": [1]}, r"is not a dotted training key"),
+    ],
+)
+def test_bad_named_axes_fail_before_ray_starts(cache: Path, tmp_path: Path, axes: dict[str, Any], message: str) -> None:
+    cfg = _cfg(cache, tmp_path, grid={"encoders": ["tu-test_resnet", "resnet18"], "axes": axes})
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
+def test_optuna_draws_an_index_into_each_named_axis_so_every_encoder_needs_as_many_values(
+    cache: Path, tmp_path: Path
+) -> None:
+    axes = {"crop": {"tu-test_resnet": [32], "resnet18": [32, 48]}}
+    cfg = _cfg(cache, tmp_path, search="optuna", grid={"encoders": ["tu-test_resnet", "resnet18"], "axes": axes})
+    with pytest.raises(ConfigError, match=r"`grid.axes.crop` gives the encoders different numbers of values"):
+        cfg.validate()
 
 
 def _epochs(trial_dir: Path) -> list[int]:
@@ -162,10 +237,11 @@ def test_screening_pauses_resumes_and_runs_finalist_folds(
 def test_a_spent_budget_stops_promotion_and_a_reopened_sweep_goes_on_from_checkpoints(
     ray_cluster: None, cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A GPU-hour budget spent by the first results: every trial pauses at rung 1. promote.py's reopening with
-    a larger budget promotes the qualifying ones, which continue from their checkpoints to the top rung and get
-    their fold runs; adding a rung sends the best finalist on, fold runs included. No epoch is trained twice
-    and every trial keeps one MLflow run."""
+    """A GPU-hour budget spent by the first results is a cap: the two trials running (one per worker) pause at
+    rung 1 and the other two never start. promote.py's reopening with a larger budget promotes the qualifying
+    one, which continues from its checkpoint, and starts the two never started; the finalists get their fold
+    runs; adding a rung sends the best finalist on, fold runs included. No epoch is trained twice and every
+    trial keeps one MLflow run."""
     from geopose_ray.cluster.driver import reopen_sweep, run_sweep
     from geopose_ray.tracking import Tracker
 
@@ -176,20 +252,27 @@ def test_a_spent_budget_stops_promotion_and_a_reopened_sweep_goes_on_from_checkp
     assert first.finalists == [] and len(first.rows) == 4  # no promotion, so no fold runs either
     # The user is told when the budget ran out, and at the end which paused trials it held back (the top 1/η).
     assert "budget_gpu_hours 1e-09 is spent" in caplog.text
-    assert len(first.held_back) == 2 and "held back by the spent budget: 2 paused trial(s)" in first.report()
+    assert len(first.held_back) == 1 and "held back by the spent budget: 1 paused trial(s)" in first.report()
     assert "sweeps/promote.py --config" in caplog.text
-    assert all(r["status"] == "paused" and r["epoch"] == 1 and r["rung"] == 1 for r in first.rows)
+    ran = [r for r in first.rows if r["epoch"]]
+    assert len(ran) == 2 and all(r["status"] == "paused" and r["epoch"] == 1 and r["rung"] == 1 for r in ran)
+    never = [r for r in first.rows if not r["epoch"]]
+    assert len(never) == 2 and all(r["status"] == "stopped" and r["gpu_hours"] == 0 for r in never)
     saved = json.loads((tmp_path / "runs" / "t" / "promoter.json").read_text())["promoter"]
-    for r in first.rows:  # a trial holding 1 GPU spends 1 GPU-hour per hour of its epochs
+    for r in ran:  # a trial holding 1 GPU spends 1 GPU-hour per hour of its epochs
         assert r["gpu_hours"] > 0 and saved["gpu_hours"][r["trial"]] == pytest.approx(r["device_hours"])
 
     second = reopen_sweep(cfg, budget_gpu_hours=10.0)
     assert second.held_back == [] and "held back" not in second.report()
     by_key = {r["trial"]: r for r in second.rows}
-    assert len(second.finalists) == 2  # the top 1/η of 4 at rung 1
+    # The top 1/η of the rung's results as each arrives (asynchronous halving: 2 of the 4, or 3 when one arrived
+    # early in the top half of fewer).
+    assert 2 <= len(second.finalists) <= 3
     for t in second.finalists:
         assert by_key[t]["epoch"] == 2 and by_key[t]["status"] == "finalist"
-        assert _epochs(tmp_path / "runs" / "t-screen-1" / t) == [2]  # epoch 1 was not trained again
+        # Epoch 1 was not trained again by a trial that had run; one started now trains both.
+        assert _epochs(tmp_path / "runs" / "t-screen-1" / t) == ([2] if t in first.held_back else [1, 2])
+    assert {r["trial"] for r in never} <= {r["trial"] for r in second.rows if r["epoch"] >= 1}  # they ran now
     folds = [r for r in second.rows if r["stage"] == "fold"]
     assert sorted(r["trial"] for r in folds) == sorted(f"{t}/fold{k}" for t in second.finalists for k in (1, 2, 3))
 
@@ -201,8 +284,8 @@ def test_a_spent_budget_stops_promotion_and_a_reopened_sweep_goes_on_from_checkp
     assert len(fold_dirs) == 3 and all(_epochs(d.parent) == [3] for d in fold_dirs)  # fold runs continued
     rows = {r["trial"]: r for r in third.rows}
     assert rows[best]["epoch"] == 3 and rows[f"{best}/fold1"]["epoch"] == 3
-    (other,) = set(second.finalists) - {best}
-    assert rows[other]["status"] == "paused" and rows[other]["epoch"] == 2
+    for other in set(second.finalists) - {best}:
+        assert rows[other]["status"] == "paused" and rows[other]["epoch"] == 2
 
     tracker = Tracker(cfg.mlflow_uri, "t", "t")
     runs = tracker.runs()
@@ -292,20 +375,37 @@ def test_a_sweep_on_an_object_store_records_uris_reopens_from_them_and_ensembles
 
 @pytest.mark.slow
 def test_optuna_tpe_draws_trials_from_ranges_under_the_promoter(ray_cluster: None, cache: Path, tmp_path: Path) -> None:
-    """search: optuna draws num_samples trials (a log-uniform learning rate from lr_range), the promoter pauses and
-    promotes them as in a grid sweep, and finalists get their fold runs."""
-    from geopose_ray.cluster.driver import run_sweep
+    """search: optuna draws num_samples trials (a log-uniform learning rate from lr_range, a named axis's value by
+    index), the promoter pauses and promotes them as in a grid sweep, and finalists get their fold runs."""
+    import torch
 
-    cfg = _cfg(cache, tmp_path, search="optuna", num_samples=4, lr_range=[1e-4, 1e-2], rungs=[1, 2], eta=2)
+    from geopose_ray.cluster.driver import run_sweep
+    from geopose_ray.tracking import Tracker, results_table
+
+    grid = {"encoders": ["tu-test_resnet"], "accumulation": [1, 2], "axes": {"loss.kind": ["mse", "huber"]}}
+    # Fold runs for the best finalist only, on two of the three other folds.
+    cfg = _cfg(cache, tmp_path, search="optuna", num_samples=4, lr_range=[1e-4, 1e-2], rungs=[1, 2], eta=2, grid=grid,
+               fold_runs={"top_k": 1, "folds": [1, 3]})  # fmt: skip
     assert cfg.validate() == [] and cfg.n_trials == 4
     result = run_sweep(cfg)
     screen = [r for r in result.rows if r["stage"] == "screen"]
     assert len(screen) == 4
+    # The drawn value is what the trial trained with (its checkpoint's config) and what the table and MLflow show.
+    for r in screen:
+        last = sorted((tmp_path / "runs" / "t-screen" / r["trial"]).glob("checkpoint_*/last.pt"))[-1]
+        saved = torch.load(last, weights_only=True)
+        assert r["loss.kind"] == saved["config"]["loss"]["kind"] in ("mse", "huber")
+    mlflow_rows = {r["trial"]: r for r in results_table(Tracker.for_sweep(cfg))}
+    assert all(mlflow_rows[r["trial"]]["loss.kind"] == r["loss.kind"] for r in screen)
+    header = (tmp_path / "runs" / "t" / "results.csv").read_text().splitlines()[0].split(",")
+    assert header.index("loss.kind") == header.index("val_fold") + 1
     lrs = [r["lr"] for r in screen]
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 4  # drawn from the range, not a grid
     assert all(r["accumulation"] in (1, 2) and r["encoder"] == "tu-test_resnet" for r in screen)
     assert result.finalists and {r["status"] for r in screen} <= {"finalist", "paused", "stopped"}
-    assert len([r for r in result.rows if r["stage"] == "fold"]) == 3 * len(result.finalists)
+    finals = {r["trial"]: r["score"] for r in screen if r["status"] == "finalist"}
+    best = max(finals, key=lambda t: finals[t])
+    assert sorted(r["trial"] for r in result.rows if r["stage"] == "fold") == [f"{best}/fold1", f"{best}/fold3"]
     for r in screen:  # paused trials resumed from checkpoints here too
         epochs = _epochs(tmp_path / "runs" / "t-screen" / r["trial"])
         assert epochs == list(range(1, len(epochs) + 1))
@@ -411,12 +511,12 @@ def test_a_waiting_fold_run_of_a_costlier_architecture_pre_empts_a_cheaper_one(
     top = 7
     slow = {"slow": {"lr": 1e-3, "accumulation": 1, "seconds": 3, "folds": True}}
     private = {"_threads": 1, "_gpus": 0.0, "_faults": slow, "epochs": top}
+    cheap_point = _point("tu-test_resnet", "Unet", 1e-3, 1)
     cheap = [
-        {**sweep.trial_config("tu-test_resnet", "Unet", 1e-3, 1), **private, "val_fold": k, "_finalist": "cheap",
-         "_epoch_hours": 0.01}
+        {**sweep.trial_config(cheap_point), **private, "val_fold": k, "_finalist": "cheap", "_epoch_hours": 0.01}
         for k in (1, 2)
     ]  # fmt: skip
-    costly = {**sweep.trial_config("tu-test_resnet", "FPN", 1e-3, 1), **private, "val_fold": 1,
+    costly = {**sweep.trial_config(_point("tu-test_resnet", "FPN", 1e-3, 1)), **private, "val_fold": 1,
               "_finalist": "costly", "_epoch_hours": 0.03}  # fmt: skip
     log = tmp_path / "results.jsonl"
     tuner = tune.Tuner(

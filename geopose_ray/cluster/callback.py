@@ -59,8 +59,9 @@ class MlflowCallback(Callback):
 
     def _row(self, key: TrialKey, cfg: dict[str, Any], status: dict[str, Any]) -> None:
         self.table.rows[key] = result_row(
-            key, self._stage(key), status["status"], status.get("rung", ""), cfg, self._last.get(key, {})
-        )
+            key, self._stage(key), status["status"], status.get("rung", ""), cfg, self._last.get(key, {}),
+            self.table.axes,
+        )  # fmt: skip
         if self.promoter is not None:
             self.table.finalists = list(self.promoter.finalists)
 

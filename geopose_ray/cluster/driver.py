@@ -163,6 +163,8 @@ def _tuner(
                 "decoder": tune.choice(g.decoders),
                 "lr": tune.loguniform(*cfg.lr_range) if cfg.lr_range else tune.choice(g.lrs),
                 "accumulation": tune.choice(g.accumulation),
+                # An index into each named axis's values (per encoder, as many for every encoder).
+                "axes": {a: tune.choice(list(range(len(g.axis_values(a, g.encoders[0]))))) for a in g.axes},
             },
         }
         from optuna.samplers import TPESampler
@@ -172,8 +174,11 @@ def _tuner(
         num_samples = cfg.num_samples
     elif guided:
         points = [{**c, **private} for c in configs]
-        folds = sorted({r.fold for r in TrainingCache(cfg.cache).rows} - {cfg.val_fold})
-        search_alg = GuidedSearch(points, cfg.rungs[0], cfg.search_seed, cfg.metric, cfg.mode, folds, cfg.rungs[-1])
+        folds = cfg.fold_run_folds(sorted({r.fold for r in TrainingCache(cfg.cache).rows}))
+        search_alg = GuidedSearch(
+            points, cfg.rungs[0], cfg.search_seed, cfg.metric, cfg.mode, folds, cfg.rungs[-1], axes=cfg.axes,
+            top_k=cfg.fold_top_k,
+        )  # fmt: skip
         space, num_samples = {}, -1  # the searcher says when it is done (grid points, then fold runs)
     else:
         space = {"cfg": tune.grid_search([{**c, **private} for c in configs])}
@@ -221,7 +226,7 @@ class _Sweep:
         }
         self.tracker.parent({**dataclasses.asdict(cfg), **shown})
         self.files = cfg.files
-        self.table = SweepTable(self.files, list(cfg.rungs), cfg.name)
+        self.table = SweepTable(self.files, list(cfg.rungs), cfg.name, axes=cfg.axes)
         for row in self.rows():
             self.table.rows[row["trial"]] = row
 
@@ -241,10 +246,16 @@ class _Sweep:
         # A restored Tuner has its own copy of the scheduler: the state it saved rules. Its last save reaches
         # the sweep's home now, if one while it ran did not.
         saved = self.files.working_copy(PROMOTER)
+        unstarted: dict[str, dict[str, Any]] = {}
         if saved is not None:
-            self.promoter = Promoter.from_dict(json.loads(saved)["promoter"])
+            state = json.loads(saved)
+            self.promoter = Promoter.from_dict(state["promoter"])
+            unstarted = state.get("unstarted", {})
             self.files.write(PROMOTER, saved)
         found = _records(grid, self.cfg.storage_path, restored=resume)
+        for key, cfg in unstarted.items():  # beyond the budget: recorded (stopped), for a reopened sweep to start
+            if key not in found:
+                found[key] = TrialRecord(TrialKey(key), Stage.SCREEN, cfg, {}, None)
         failed = [r for r in found.values() if r.error is not None]
         if found and len(failed) == len(found) and not self.round:
             raise GeoposeError(
@@ -254,12 +265,13 @@ class _Sweep:
         self.records.update(found)
 
     def folds(self, resume: bool) -> None:
-        """Train each finalist on every other fold, to the top rung; a fold run that exists continues from
-        its checkpoint (a reopened sweep with a higher top rung), one that is complete is left alone."""
+        """Train each finalist (the best ``fold_runs.top_k`` by their top-rung score) on every other fold (or
+        ``fold_runs.folds``), to the top rung; a fold run that exists continues from its checkpoint (a reopened
+        sweep with a higher top rung), one that is complete is left alone."""
         top = self.cfg.rungs[-1]
-        folds = sorted({r.fold for r in TrainingCache(self.cfg.cache).rows} - {self.cfg.val_fold})
+        folds = self.cfg.fold_run_folds(sorted({r.fold for r in TrainingCache(self.cfg.cache).rows}))
         todo = []
-        for t in self.promoter.finalists:
+        for t in self.promoter.ranked_finalists()[: self.cfg.fold_top_k]:
             for k in folds:
                 key = TrialKey.fold_of(t, k)
                 done = self.records.get(key)
@@ -291,7 +303,7 @@ class _Sweep:
     def rows(self) -> list[dict[str, Any]]:
         return [
             result_row(r.key, r.stage, self.status(r), self.promoter.reached(r.key) if r.stage == Stage.SCREEN else "",
-                       r.cfg, r.metrics)
+                       r.cfg, r.metrics, self.cfg.axes)
             for r in self.records.values()
         ]  # fmt: skip
 
@@ -369,10 +381,11 @@ def load_records(cfg: SweepConfig) -> tuple[SweepRecords, Promoter]:
 
 
 def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_rung: int | None = None) -> SweepResult:
-    """Continue a finished sweep: with a larger GPU-hour budget, paused trials that now qualify are promoted;
-    with another rung (more epochs than the top one), the top rung's best 1/η go on to it. Trials resume from
-    their last checkpoints (no epoch is retrained), keep their MLflow runs, and the new finalists get their
-    fold runs (existing fold runs continue to the new top rung)."""
+    """Continue a finished sweep: with a larger GPU-hour budget, paused trials that now qualify are promoted and
+    the grid points the budget never started start (as far as it affords them); with another rung (more epochs
+    than the top one), the top rung's best 1/η go on to it. Trials resume from their last checkpoints (no epoch
+    is retrained), keep their MLflow runs, and the new finalists get their fold runs (existing fold runs
+    continue to the new top rung)."""
     cfg.refuse_outputs_in_job_copy()
     saved, promoter = load_records(cfg)
     cfg = dataclasses.replace(
@@ -399,6 +412,12 @@ def reopen_sweep(cfg: SweepConfig, budget_gpu_hours: float | None = None, add_ru
     configs = [
         {**records[t].cfg, "epochs": cfg.rungs[-1], "_trial": t, "_resume_from": records[t].checkpoint} for t in waiting
     ]
+    if budget_gpu_hours is not None:  # grid points the smaller budget never started start now, if it affords them
+        configs += [
+            {**r.cfg, "epochs": cfg.rungs[-1], "_trial": t}
+            for t, r in records.items()
+            if r.stage == Stage.SCREEN and not r.checkpoint and r.error is None and promoter.reached(t) == 0
+        ]
     if configs:
         sweep.screen(configs, False, f"{cfg.name}-screen{sweep._suffix()}")
     sweep.folds(False)

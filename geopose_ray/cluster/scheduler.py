@@ -150,10 +150,32 @@ class PromoterScheduler(FIFOScheduler):
         # waits at a rung (restored after a driver restart, or brought back by a reopened sweep) must therefore
         # enter as PAUSED, so that only a promotion (choose_trial_to_run) starts it. Tune files the trial under
         # its status right after this call. (Trial.set_status and init_local_path are Trial's own methods.)
+        # A new trial the budget no longer affords waits the same way, until the sweep's end stops it.
         pid = _pid(trial)
-        if not is_fold_run(pid) and trial.status == Trial.PENDING and self.dispatch.enters_paused(pid):
+        if is_fold_run(pid) or trial.status != Trial.PENDING:
+            return
+        if self.dispatch.enters_paused(pid) or self._beyond_budget(tune_controller.get_trials(), [view(trial)]):
             trial.init_local_path()  # a trial that never runs still needs its directory for Tune's results
             trial.set_status(Trial.PAUSED)
+
+    def _beyond_budget(self, trials: list[Trial], candidates: list[TrialView]) -> set[str]:
+        """Of ``candidates``, the keys of those the budget no longer lets start (:meth:`Dispatch.beyond_budget`)."""
+        if self.promoter.budget_gpu_hours is None:
+            return set()
+        views = [view(t) for t in trials]
+        known = {v.key for v in views}
+        return set(self.dispatch.beyond_budget([*views, *(c for c in candidates if c.key not in known)])) & {
+            c.key for c in candidates
+        }
+
+    def _stop_unstarted(self, tune_controller: Any, trials: list[Trial], keys: set[str]) -> None:
+        """Stop the never-started trials named by ``keys``, keeping their configs for a reopened sweep."""
+        for t in trials:
+            key = _pid(t)
+            if key in keys and t.status in (Trial.PENDING, Trial.PAUSED):
+                self.dispatch.unstarted[key] = trial_key(t.trial_id, resolve_config(t.config or {}))[1]
+                self.dispatch.stopped.add(key)
+                tune_controller.stop_trial(t)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         me = view(trial, int(result.get("epoch", 0) or 0))
@@ -168,15 +190,19 @@ class PromoterScheduler(FIFOScheduler):
                 return TrialScheduler.PAUSE
             return TrialScheduler.CONTINUE
         had_budget = self.promoter.budget_left
+        others = [me if t is trial else view(t) for t in tune_controller.get_trials()]
         decision = self.dispatch.on_result(
-            me, float(result.get(self._score_key, math.nan)), float(result.get("gpu_hours", 0.0))
+            me, float(result.get(self._score_key, math.nan)), float(result.get("gpu_hours", 0.0)), others
         )
         if had_budget and not self.promoter.budget_left:
             log.warning(
-                "budget_gpu_hours %g is spent (%.3f GPU-hours): nothing more is promoted; trials that have not "
-                "reached the first rung still train to it (the budget stops promotions, not the grid)",
+                "budget_gpu_hours %g is spent (%.3f GPU-hours): no screening trial starts or is promoted any more; "
+                "those running finish their rung, and a reopened sweep with a larger budget continues the rest",
                 self.promoter.budget_gpu_hours, self.promoter.spent_gpu_hours,
             )  # fmt: skip
+        # Ray Tune starts waiting trials by itself: those the budget no longer affords are stopped now.
+        trials = tune_controller.get_trials()
+        self._stop_unstarted(tune_controller, trials, self._beyond_budget(trials, [view(t) for t in trials]))
         self._save()
         if decision is Decision.CONTINUE:
             return TrialScheduler.CONTINUE
@@ -196,8 +222,11 @@ class PromoterScheduler(FIFOScheduler):
             self._save()
             if pick.kind is not Kind.STOP:
                 return by_key[pick.key] if pick.key is not None else None
-            for key in pick.keys:  # they can never be promoted: the sweep ends without them
+            never = {v.key for v in views if v.key in pick.keys and self.dispatch.never_started(v)}
+            self._stop_unstarted(tune_controller, trials, never)
+            for key in set(pick.keys) - never:  # they can never be promoted: the sweep ends without them
                 tune_controller.stop_trial(by_key[key])
+            self._save()
 
     def debug_string(self) -> str:
         p = self.promoter

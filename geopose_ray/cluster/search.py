@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from ray.tune.search import Searcher
 
+from geopose_ray.sweep.config import axis_columns
 from geopose_ray.sweep.dispatch import State, TrialView, arch_costs, by_hours_left
 from geopose_ray.sweep.order import GuidedOrder
 from geopose_ray.sweep.records import EPOCH_HOURS, per_epoch_hours
@@ -21,8 +22,11 @@ GUIDED_AXES = ("encoder", "decoder", "lr", "accumulation")
 
 
 class GuidedSearch(Searcher):
-    """Every point of a grid exactly once, in a :class:`GuidedOrder` that learns from the first-rung scores, then
-    each finalist's runs on the other folds as soon as it is a finalist.
+    """Every point of a grid exactly once, in a :class:`GuidedOrder` that learns from the first-rung scores (its
+    levels: encoder, decoder, learning rate, accumulation and the grid's named ``axes``), then
+    each finalist's runs on the other folds as soon as it is a finalist (with ``top_k``, a finalist that ranks within
+    the best ``top_k`` finalists so far: so every one of the final best ``top_k`` that finished early has its runs
+    early, and one that falls out of them later has had them too; the driver runs the rest at the end).
 
     Ray Tune asks for a trial whenever it has room for one more pending trial (the driver's ``pending_trials``);
     each answer is the grid point the order picks with what the first rung has shown by then. Once every grid
@@ -42,10 +46,16 @@ class GuidedSearch(Searcher):
         mode: str,
         folds: list[int] | None = None,
         top: int | None = None,
+        axes: Sequence[str] = (),
+        top_k: int | None = None,
     ) -> None:
         super().__init__(metric=metric, mode=mode)
-        axes = [{**p["model"], "lr": p["lr"], "accumulation": p["accumulation"]} for p in points]
-        self.order = GuidedOrder(axes, axes=GUIDED_AXES, seed=seed)
+        self.top_k = top_k  # fold runs only for a finalist within the best top_k finalists when it finishes
+        self.final: dict[str, float] = {}  # finalist -> its top-rung score (higher is better)
+        levels = [
+            {**p["model"], "lr": p["lr"], "accumulation": p["accumulation"], **axis_columns(p, axes)} for p in points
+        ]
+        self.order = GuidedOrder(levels, axes=[*GUIDED_AXES, *axes], seed=seed)
         self.points = points
         self.first_rung = first_rung
         self.folds = list(folds or [])
@@ -84,6 +94,8 @@ class GuidedSearch(Searcher):
         self._observe(trial_id, None if error or not result else result.get(self.metric))
         self.ended.add(trial_id)
         if not error and result and self.top is not None and int(result.get("epoch", 0)) >= self.top:
+            if not self._within_top_k(trial_id, result.get(self.metric)):
+                return  # not among the best top_k finalists so far: the driver gives fold runs to those at the end
             point = self.points[self.index[trial_id]]
             self.cost[trial_id] = per_epoch_hours(result)
             self.queue += [
@@ -91,6 +103,16 @@ class GuidedSearch(Searcher):
                 for k in self.folds
             ]
             self.queue = fold_queue(self.queue)
+
+    def _within_top_k(self, trial_id: str, value: Any) -> bool:
+        """Record a finalist's top-rung score; whether it ranks within the best ``top_k`` finalists so far."""
+        score = float(value) if isinstance(value, int | float) else math.nan
+        score = score if self.mode == "max" else -score
+        self.final[trial_id] = score if score == score else -math.inf
+        if self.top_k is None:
+            return True
+        better = sum(1 for t, v in self.final.items() if t != trial_id and v > self.final[trial_id])
+        return better < self.top_k
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -100,6 +122,8 @@ class GuidedSearch(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         self.__dict__.setdefault("cost", {})  # saved before fold runs were ordered by cost
+        self.__dict__.setdefault("top_k", None)  # saved before fold runs went to the best top_k only
+        self.__dict__.setdefault("final", {})
 
 
 def fold_queue(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -122,8 +122,10 @@ def oof_fold(
     dev = resolve_device(device)
     models = []
     for m in members:
-        (f,) = [f for f in m.folds if f.val_fold == fold]
-        models.append((m.name, fold_runner(f, dev, amp, cache.downsample)))
+        found = [f for f in m.folds if f.val_fold == fold]
+        if len(found) != 1:  # any other of its models trained on this fold's tiles: no honest prediction
+            raise DataError(f"member {m.name} has {len(found)} fold models validated on fold {fold}, not one")
+        models.append((m.name, fold_runner(found[0], dev, amp, cache.downsample)))
     out = []
     for row in (r for r in cache.rows if r.fold == fold):
         sample = cache.load(row.stem)

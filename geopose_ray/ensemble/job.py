@@ -137,6 +137,41 @@ def run_ensemble(cfg: SweepConfig, options: EnsembleOptions) -> EnsembleResult:
     return result
 
 
+def default_members(finalists: list[Member]) -> list[Member]:
+    """The members an ensemble takes by default: the finalists with the most fold models (those that had fold
+    runs, when ``fold_runs.top_k`` gave them to only some); the rest are left out, with a line in the log."""
+    most = max(len(m.folds) for m in finalists)
+    left = [m.name for m in finalists if len(m.folds) < most]
+    if left:
+        log.info("members: %d finalist(s) without fold runs on every fold left out (%s)", len(left), ", ".join(left))
+    return [m for m in finalists if len(m.folds) == most]
+
+
+def shared_folds(members: list[Member], cache_folds: list[int]) -> list[int]:
+    """The folds the ensemble is fitted on: those every member has a model validated on.
+
+    The fit is out of fold only where every member's prediction of a tile comes from a model that never trained
+    on it: its model validated on the tile's fold. Members whose fold models cover different folds are therefore
+    fitted on the tiles of the folds they share; a member lacking fold k's model has no honest prediction of fold
+    k's tiles (each of its other models trained on them), so pooling each member over its own folds would leak.
+
+    Raises:
+        DataError: fewer than two shared folds (the scale model is fitted fold by fold).
+    """
+    shared = sorted(set(cache_folds).intersection(*({f.val_fold for f in m.folds} for m in members)))
+    if len(shared) < 2:
+        cover = "; ".join(f"{m.name}: {sorted(f.val_fold for f in m.folds)}" for m in members)
+        raise DataError(
+            f"the members share fold models on folds {shared} only ({cover}); an out-of-fold fit needs at least "
+            "2 shared folds: choose members with fold runs (--members), or run the missing folds (sweeps/promote.py, "
+            "or rerun the sweep with --resume if fold runs failed)"
+        )
+    missing = {m.name: sorted(set(cache_folds) - {f.val_fold for f in m.folds}) for m in members}
+    if any(missing.values()):
+        log.warning("the ensemble is fitted on folds %s, the ones every member has a model for", shared)
+    return shared
+
+
 def _check(cfg: SweepConfig, options: EnsembleOptions) -> _Job:
     """Every check that needs no inference: the tta name, outputs outside a Ray job's copy of its working
     directory, the members and their checkpoints (one model per fold of the cache, one resolution), test tiles, their
@@ -151,14 +186,9 @@ def _check(cfg: SweepConfig, options: EnsembleOptions) -> _Job:
     cfg.refuse_outputs_in_job_copy(("the ensemble's output directory", out, "Give --out an absolute path outside it."))
     members = find_members(cfg.files.home, list(options.members) if options.members is not None else None)
     cache = TrainingCache(cfg.cache)
-    folds = sorted({r.fold for r in cache.rows})
-    for m in members:
-        have = sorted(f.val_fold for f in m.folds)
-        if have != folds:
-            raise DataError(
-                f"member {m.name} has fold models validated on folds {have}, the cache has folds {folds}; every "
-                "member needs one per fold (its fold runs may have failed: rerun the sweep with --resume)"
-            )
+    if options.members is None:
+        members = default_members(members)
+    folds = shared_folds(members, sorted({r.fold for r in cache.rows}))
     configs = check_members(members, cache.downsample)
     stems = sorted(s for s, f in scan_dir(test_dir).items() if f.rgb) if test_dir.is_dir() else []
     if not stems:

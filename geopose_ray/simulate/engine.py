@@ -427,7 +427,9 @@ class SweepPolicy:
         key = self.names[trial]
         for e in range(int(self.reported[trial]) + 1, upto + 1):
             value = float(self.curves.observed[trial, e - 1])
-            decision = self.dispatch.on_result(replace(self.views[key], epoch=e), value, self.curves.hours(trial, e))
+            me = replace(self.views[key], epoch=e)
+            others = [me if v.key == key else v for v in self.views.values()] if self.every_epoch else ()
+            decision = self.dispatch.on_result(me, value, self.curves.hours(trial, e), others)
             if e == self.rungs[0]:
                 self.arrivals.observe(trial, value)
         self.reported[trial] = upto

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from geopose_ray.fsutil import atomic_write_text
-from geopose_ray.sweep.config import GridConfig, SweepConfig
+from geopose_ray.sweep.config import SweepConfig
 
 if TYPE_CHECKING:
     from geopose_ray.ensemble.job import EnsembleOptions
@@ -20,9 +20,14 @@ Echo = Callable[[str], None]
 
 def smoke(cfg: SweepConfig) -> SweepConfig:
     """A tiny version of ``cfg``: the first encoder and decoder, the first two learning rates and accumulation
-    steps, rungs of 1, 2 and 3 epochs with η = 2, 1 CPU and no GPU per trial, named ``<name>-smoke``."""
+    steps, the first value of each named axis, rungs of 1, 2 and 3 epochs with η = 2, 1 CPU and no GPU per trial,
+    named ``<name>-smoke``."""
     g = cfg.grid
-    grid = GridConfig(g.encoders[:1], g.decoders[:1], g.lrs[:2], g.accumulation[:2], g.weights, g.batch_size)
+    first = g.encoders[:1]
+    axes = {a: g.axis_values(a, first[0])[:1] for a in g.axes}
+    grid = dataclasses.replace(
+        g, encoders=first, decoders=g.decoders[:1], lrs=g.lrs[:2], accumulation=g.accumulation[:2], axes=axes
+    )
     return dataclasses.replace(
         cfg, name=f"{cfg.name}-smoke", grid=grid, rungs=[1, 2, 3], eta=2, cpus_per_trial=1, gpus_per_trial=0
     )
@@ -39,6 +44,15 @@ def screen(
     for note in cfg.validate():
         echo(f"note: {note}")
     echo(f"{cfg.name}: {cfg.n_trials} trials ({cfg.search}), rungs {cfg.rungs}, eta {cfg.eta}")
+    plan = cfg.budget_plan()
+    echo(plan.statement())
+    if not plan.screens_grid:
+        never = plan.grid - plan.screened
+        echo(
+            f"warning: budget_gpu_hours {cfg.budget_gpu_hours:g} cannot screen the grid once: {never} of "
+            f"{plan.grid} grid points will never start (screening all takes about {plan.grid_screening_hours:,.0f}; "
+            "raise the budget or shrink the grid)"
+        )
     if validate_only:
         return 0
     from geopose_ray.cluster.driver import run_sweep

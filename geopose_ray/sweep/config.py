@@ -4,10 +4,13 @@ Ray starts, so a typo fails in seconds with the valid choices instead of after t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +23,26 @@ from geopose_ray.jobdir import MLFLOW_INSTEAD, STORAGE_INSTEAD, mlflow_path, ref
 from geopose_ray.models.config import ModelConfig, resolve_decoder, resolve_model
 from geopose_ray.models.geopose import validate_model_config
 from geopose_ray.storage import is_remote, join, redact
+from geopose_ray.sweep.cost import BudgetPlan, DataSize, budget_plan, epoch_hours
 from geopose_ray.sweep.files import SweepFiles
 from geopose_ray.sweep.promoter import check_schedule
+
+CORE_AXES = ("encoder", "decoder", "lr", "accumulation")  # a grid point's keys for grid.encoders ... accumulation
+# Training keys a named axis cannot set: the four above have their own lists, the rest the sweep sets itself.
+_SET_BY_SWEEP = {"model.encoder": "grid.encoders", "model.decoder": "grid.decoders", "model.weights": "grid.weights",
+                 "lr": "grid.lrs", "accumulation": "grid.accumulation", "cache": "cache", "val_fold": "val_fold",
+                 "epochs": "rungs"}  # fmt: skip
+DEFAULT = "default"  # in a per-encoder axis: the values of every encoder not named
 
 
 @dataclass(frozen=True)
 class GridConfig:
-    """The screened grid: every combination is one trial."""
+    """The screened grid: every combination is one trial.
+
+    ``axes`` are further axes by dotted training key (``crop``, ``loss.kind``, ``augment.photometric.p``,
+    ``model.decoder_kwargs.decoder_channels``): a list of values for every encoder, or a mapping of encoder
+    names (and ``default`` for the rest) to their own lists, where values must differ by encoder (a batch size,
+    a crop that fits). Every combination of the four lists and every axis is one trial."""
 
     encoders: list[str] = field(default_factory=lambda: ["resnet34"])
     decoders: list[str] = field(default_factory=lambda: ["Unet"])
@@ -34,6 +50,60 @@ class GridConfig:
     accumulation: list[int] = field(default_factory=lambda: [1])
     weights: dict[str, str | None] = field(default_factory=dict)  # per encoder; missing = `train.model.weights`
     batch_size: dict[str, int] = field(default_factory=dict)  # per encoder; missing = `train.batch_size`
+    axes: dict[str, Any] = field(default_factory=dict)  # dotted training key -> values, or encoder -> values
+
+    def axis_values(self, axis: str, encoder: str) -> list[Any]:
+        """The values of the named axis ``axis`` for trials of ``encoder``."""
+        spec = self.axes[axis]
+        if isinstance(spec, dict):
+            return list(spec[encoder] if encoder in spec else spec[DEFAULT])
+        return list(spec)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every grid point, as ``{"encoder", "decoder", "lr", "accumulation", <axis>...}``, in the listed order
+        (the encoders outermost, the last named axis innermost)."""
+        out = []
+        for enc in self.encoders:
+            lists: list[list[Any]] = [self.decoders, self.lrs, self.accumulation]
+            lists += [self.axis_values(a, enc) for a in self.axes]
+            for combo in itertools.product(*lists):
+                out.append(dict(zip((*CORE_AXES, *self.axes), (enc, *combo), strict=True)))
+        return out
+
+
+def get_dotted(cfg: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted key of a nested dict (None where a level is missing or None)."""
+    value: Any = cfg
+    for part in key.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key of a nested dict in place, copying the levels on the way (a level that is missing or
+    None becomes a mapping)."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        cfg[head] = value
+        return
+    level = cfg.get(head)
+    cfg[head] = dict(level) if isinstance(level, Mapping) else {}
+    set_dotted(cfg[head], rest, value)
+
+
+def axis_label(value: Any) -> Any:
+    """An axis value as a column, a param and a level of the guided order show it: a number, string, boolean or
+    None as it is; a list or mapping as compact JSON (keys sorted)."""
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    return value
+
+
+def axis_columns(cfg: Mapping[str, Any], axes: Sequence[str]) -> dict[str, Any]:
+    """A trial's value of each named axis, read back from its TrainConfig dict, as :func:`axis_label` shows it."""
+    return {a: axis_label(get_dotted(cfg, a)) for a in axes}
 
 
 @dataclass(frozen=True)
@@ -65,6 +135,9 @@ class SweepConfig:
     pending_trials: int = 16  # guided, optuna: trials suggested ahead of free workers (what the autoscaler sees)
     # guided: a running fold run yields its worker to a waiting one of a costlier architecture (sweep/order.py)
     preempt_fold_runs: bool = True
+    # Which finalists get fold runs, on which folds: {top_k: K} only the best K finalists by their top-rung score
+    # (default every finalist); {folds: [1, 2]} only those folds (default every fold but val_fold).
+    fold_runs: dict[str, Any] = field(default_factory=dict)
     faults: dict[str, Any] = field(default_factory=dict)  # fault injection for reliability tests; leave empty
 
     @staticmethod
@@ -80,9 +153,14 @@ class SweepConfig:
             raise ConfigError(f"unknown key(s) {unknown} in the sweep config; valid keys: {names}")
         grid = raw.pop("grid", {}) or {}
         grid_names = [f.name for f in dataclasses.fields(GridConfig)]
+        if not isinstance(grid, dict):
+            raise ConfigError(f"`grid` must be a mapping of axes, got {grid!r}")
         bad = sorted(set(grid) - set(grid_names))
         if bad:
             raise ConfigError(f"unknown key(s) {bad} in `grid`; valid keys: {grid_names}")
+        if not isinstance(grid.get("axes", {}) or {}, dict):
+            raise ConfigError(f"`grid.axes` must map dotted training keys to lists of values, got {grid['axes']!r}")
+        grid["axes"] = dict(grid.get("axes") or {})
         try:
             return SweepConfig(grid=GridConfig(**grid), **raw)
         except TypeError as e:
@@ -136,10 +214,16 @@ class SweepConfig:
             ]
         )  # fmt: skip
 
-    def trial_config(self, encoder: str, decoder: str, lr: float, accumulation: int) -> dict[str, Any]:
-        """One trial's TrainConfig dict (what a Ray Tune trial trains)."""
+    def trial_config(self, point: Mapping[str, Any]) -> dict[str, Any]:
+        """One trial's TrainConfig dict (what a Ray Tune trial trains), for a grid point (:meth:`GridConfig.points`:
+        encoder, decoder, lr, accumulation and a value for each named axis).
+
+        Raises:
+            ConfigError: the point makes an invalid training config (naming the axis values and the key).
+        """
         g = self.grid
-        model = {**self.train.get("model", {}), "encoder": encoder, "decoder": decoder}
+        encoder = str(point["encoder"])
+        model = {**self.train.get("model", {}), "encoder": encoder, "decoder": point["decoder"]}
         if encoder in g.weights:
             model["weights"] = g.weights[encoder]
         batch = g.batch_size.get(encoder, self.train.get("batch_size", TrainConfig.batch_size))
@@ -149,27 +233,52 @@ class SweepConfig:
             "cache": self.cache if "://" in self.cache else str(Path(self.cache).resolve()),
             "val_fold": self.val_fold,
             "model": model,
-            "lr": lr,
-            "accumulation": accumulation,
+            "lr": _number_value(point["lr"]),
+            "accumulation": point["accumulation"],
             "batch_size": batch,
             "epochs": self.rungs[-1],
         }
-        return TrainConfig.from_dict(cfg).to_dict()
+        for axis in g.axes:
+            set_dotted(cfg, axis, point[axis])
+        with self._naming(point):
+            return TrainConfig.from_dict(cfg).to_dict()
+
+    @contextlib.contextmanager
+    def _naming(self, point: Mapping[str, Any]) -> Iterator[None]:
+        """A ConfigError raised inside names the grid point's named axis values, where the grid has any."""
+        try:
+            yield
+        except ConfigError as e:
+            if not self.grid.axes:
+                raise
+            named = ", ".join(f"{a}={axis_label(point[a])}" for a in self.grid.axes)
+            raise ConfigError(f"the grid point with {named} ({point['encoder']}): {e}") from e
 
     def trial_configs(self) -> list[dict[str, Any]]:
         """Every grid point as a plain TrainConfig dict (the grid search's trials)."""
-        g = self.grid
-        return [
-            self.trial_config(enc, dec, lr, acc)
-            for enc, dec, lr, acc in itertools.product(g.encoders, g.decoders, g.lrs, g.accumulation)
-        ]
+        return [self.trial_config(p) for p in self.grid.points()]
 
     @property
     def n_trials(self) -> int:
-        g = self.grid
         if self.search == "optuna":
             return self.num_samples
-        return len(g.encoders) * len(g.decoders) * len(g.lrs) * len(g.accumulation)
+        return len(self.grid.points())
+
+    def budget_plan(self) -> BudgetPlan:
+        """What ``budget_gpu_hours`` buys on this grid (:mod:`geopose_ray.sweep.cost`), each point costed from its
+        pixels and encoder on the cache's tiles (Optuna's draws at the grid's mean). Needs a valid config."""
+        cache = TrainingCache(self.cache)
+        val = sum(1 for r in cache.rows if r.fold == self.val_fold)
+        data = DataSize(len(cache.rows) - val, val, cache.tile_size)
+        costs = [epoch_hours(TrainConfig.from_dict(c), data) for c in self.trial_configs()]
+        if self.search == "optuna":
+            costs = [sum(costs) / len(costs)] * self.num_samples
+        return budget_plan(costs, self.rungs, self.eta, self.budget_gpu_hours)
+
+    @property
+    def axes(self) -> list[str]:
+        """The grid's named axes (dotted training keys): columns of the results table, params, guided axes."""
+        return list(self.grid.axes)
 
     def validate(self) -> list[str]:
         """Check everything that can be checked before Ray starts, section by section, cheapest first; the
@@ -187,6 +296,7 @@ class SweepConfig:
         self._check_promoter()
         self._check_resources()
         self._check_search()
+        self._check_fold_runs()
         return sorted(set(self._check_storage() + self._check_models()))
 
     def _check_names(self) -> None:
@@ -210,12 +320,45 @@ class SweepConfig:
         for key in ("encoders", "decoders", "lrs", "accumulation"):
             if not getattr(g, key):
                 raise ConfigError(f"`grid.{key}` is empty; give at least one value")
-        for lr in g.lrs:
+        for lr in map(_number_value, g.lrs):
             if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
                 raise ConfigError(f"The value {lr!r} in `grid.lrs` is not valid: learning rates must be > 0")
         for steps in g.accumulation:
             if not (isinstance(steps, int) and steps >= 1):
                 raise ConfigError(f"The value {steps!r} in `grid.accumulation` is not valid: steps must be >= 1")
+        for axis, spec in g.axes.items():
+            self._check_axis(axis, spec)
+
+    def _check_axis(self, axis: str, spec: Any) -> None:
+        """A named axis: a dotted key the sweep does not set itself; a non-empty list, or a mapping of this grid's
+        encoders (and ``default``) to non-empty lists that covers every encoder; for optuna, one count of values."""
+        where = f"`grid.axes.{axis}`"
+        if not isinstance(axis, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", axis):
+            raise ConfigError(f"The axis name {axis!r} in `grid.axes` is not a dotted training key (as loss.kind)")
+        if axis in _SET_BY_SWEEP:
+            raise ConfigError(f"{where} cannot be an axis: the sweep sets it from `{_SET_BY_SWEEP[axis]}`")
+        if axis == "batch_size" and self.grid.batch_size:
+            raise ConfigError(f"{where} and `grid.batch_size` both set the batch size; give one of them")
+        lists = list(spec.items()) if isinstance(spec, dict) else [("", spec)]
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - set(self.grid.encoders) - {DEFAULT})
+            if unknown:
+                raise ConfigError(
+                    f"{where} names {unknown}, which are not in `grid.encoders`; name encoders of the grid, or "
+                    f"`{DEFAULT}` for every encoder not named"
+                )
+            missing = [e for e in self.grid.encoders if e not in spec and DEFAULT not in spec]
+            if missing:
+                raise ConfigError(f"{where} gives no values for {missing}; name them or add `{DEFAULT}: [...]`")
+        for who, values in lists:
+            if not isinstance(values, list) or not values:
+                at = f"{where}.{who}" if who else where
+                raise ConfigError(f"{at} is {values!r}: give a non-empty list of values")
+        if self.search == "optuna" and len({len(v) for _, v in lists}) > 1:
+            raise ConfigError(
+                f"{where} gives the encoders different numbers of values; with `search: optuna` the draw is an "
+                "index into the list, so give every encoder as many values"
+            )
 
     def _check_promoter(self) -> None:
         """``rungs``, ``eta``, ``mode``, ``min_results``, ``budget_gpu_hours``: integers where counts are meant, then
@@ -257,6 +400,39 @@ class SweepConfig:
             if self.search != "optuna":
                 raise ConfigError("`lr_range` is for `search: optuna`; a grid search takes `grid.lrs`")
 
+    @property
+    def fold_top_k(self) -> int | None:
+        """``fold_runs.top_k``: how many finalists get fold runs (None: every one)."""
+        return self.fold_runs.get("top_k")
+
+    def fold_run_folds(self, cache_folds: Sequence[int]) -> list[int]:
+        """The folds a finalist's fold runs validate on: ``fold_runs.folds``, or every fold but ``val_fold``."""
+        chosen = self.fold_runs.get("folds")
+        return sorted(chosen) if chosen is not None else sorted(set(cache_folds) - {self.val_fold})
+
+    def _check_fold_runs(self) -> None:
+        """``fold_runs``: ``top_k`` an integer >= 1, ``folds`` folds of the cache other than ``val_fold``."""
+        if not isinstance(self.fold_runs, dict):
+            raise ConfigError(f"`fold_runs` must be a mapping (top_k, folds), got {self.fold_runs!r}")
+        unknown = sorted(set(self.fold_runs) - {"top_k", "folds"})
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in `fold_runs`; valid keys: ['folds', 'top_k']")
+        k = self.fold_runs.get("top_k")
+        if k is not None and not (_is_int(k) and k >= 1):
+            raise ConfigError(f"The value of `fold_runs.top_k` is {k!r}, but must be an integer >= 1 (or null: all)")
+        folds = self.fold_runs.get("folds")
+        if folds is None:
+            return
+        have = sorted({r.fold for r in TrainingCache(self.cache).rows})
+        if not (isinstance(folds, list) and folds and all(_is_int(f) for f in folds)):
+            raise ConfigError(f"The value of `fold_runs.folds` is {folds!r}, but must be a non-empty list of folds")
+        bad = sorted(set(folds) - set(have) | ({self.val_fold} & set(folds)))
+        if bad:
+            raise ConfigError(
+                f"The value of `fold_runs.folds` is {folds}, but {bad} are not folds to run: the cache has folds "
+                f"{have} and screening validates on val_fold {self.val_fold}"
+            )
+
     def _check_storage(self) -> list[str]:
         """``storage_path``: a note (its credentials redacted) when an object-store URI carries credentials."""
         if is_remote(self.storage_path) and "@" in urlsplit(self.storage_path).netloc:
@@ -278,30 +454,46 @@ class SweepConfig:
         for enc in g.encoders:  # names first: cheap, and the commonest mistake
             notes += resolve_model(ModelConfig(encoder=enc, weights=g.weights.get(enc))).notes
         size = TrainingCache(self.cache).tile_size
-        seen = set()
-        for cfg in self.trial_configs():
-            t = TrainConfig.from_dict(cfg)
-            t.validate()
-            bad = [r for r in self.rungs if r % t.val_every and r != t.epochs]
-            if bad:
-                raise ConfigError(
-                    f"The value of `val_every` is {t.val_every}, but the rungs {bad} are not multiples of it: a trial "
-                    "is ranked at every rung by the score of that epoch; use val_every 1 or rungs that it divides"
-                )
-            large = [st.cfg.crop for st in t.plan() if st.cfg.crop and st.cfg.crop > size]
-            if large:
-                raise ConfigError(
-                    f"The value of `crop` is {large[0]}, but the cache's tiles are {size} px: use a crop <= {size} "
-                    "or a cache with less downsampling"
-                )
-            # Trained on crops (each stage's) and validated on whole tiles: the model must take every size.
-            shapes = {(st.cfg.crop or size, st.cfg.batch_size) for st in t.plan()} | {(size, 2)}
-            for shape, batch in sorted(shapes):
-                combo = (t.model.decoder, t.model.encoder, shape, batch)
-                if combo not in seen:  # one model check per architecture and input, not per learning rate
-                    seen.add(combo)
-                    validate_model_config(t.model, shape, batch)
+        seen: set[tuple[Any, ...]] = set()
+        for point in self.grid.points():
+            with self._naming(point):
+                self._check_trial(TrainConfig.from_dict(self.trial_config(point)), size, seen)
         return notes
+
+    def _check_trial(self, t: TrainConfig, size: int, seen: set[tuple[Any, ...]]) -> None:
+        """One trial's training config: valid, ranked at every rung, its crops within the cache's tiles, and its
+        architecture built on the meta device at each input it takes (once per architecture and input in
+        ``seen``)."""
+        t.validate()
+        bad = [r for r in self.rungs if r % t.val_every and r != t.epochs]
+        if bad:
+            raise ConfigError(
+                f"The value of `val_every` is {t.val_every}, but the rungs {bad} are not multiples of it: a trial "
+                "is ranked at every rung by the score of that epoch; use val_every 1 or rungs that it divides"
+            )
+        large = [st.cfg.crop for st in t.plan() if st.cfg.crop and st.cfg.crop > size]
+        if large:
+            raise ConfigError(
+                f"The value of `crop` is {large[0]}, but the cache's tiles are {size} px: use a crop <= {size} "
+                "or a cache with less downsampling"
+            )
+        # Trained on crops (each stage's) and validated on whole tiles: the model must take every size.
+        shapes = {(st.cfg.crop or size, st.cfg.batch_size) for st in t.plan()} | {(size, 2)}
+        for shape, batch in sorted(shapes):
+            combo = (t.model.decoder, t.model.encoder, shape, batch)
+            if combo not in seen:  # one model check per architecture and input, not per learning rate
+                seen.add(combo)
+                validate_model_config(t.model, shape, batch)
+
+
+def _number_value(value: Any) -> Any:
+    """A learning rate as YAML wrote it: ``1e-3`` (a string to YAML 1.1) is the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _is_int(value: object) -> bool:

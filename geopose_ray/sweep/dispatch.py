@@ -88,11 +88,14 @@ class Dispatch:
 
     1. Paused screening trials the promoter promotes resume first (from their checkpoints), in the promoter's
        order: as asynchronous successive halving has it, so the best reach the top rung early.
-    2. Then a new screening trial starts (the oldest created).
+    2. Then a new screening trial starts (the oldest created), if the budget affords its first rung beside what
+       the running screening trials still need to reach their next rungs (:meth:`committed`,
+       :meth:`Promoter.affords`; its hours per epoch estimated by the mean of those that have reported).
     3. Then the waiting fold run with the most hours left (:meth:`fold_order`).
-    4. When no screening trial runs and none is new, the promoter's rungs are closed
+    4. When no screening trial runs and none is new that the budget affords, the promoter's rungs are closed
        (:meth:`Promoter.close`) and what it promotes resumes; if it promotes nothing, the screening trials still
-       waiting can never be promoted and are stopped (:data:`Kind.STOP`), so the sweep ends.
+       waiting can never be promoted (or never be afforded) and are stopped (:data:`Kind.STOP`), so the sweep
+       ends.
 
     With ``preempt``, a running fold run yields its worker at an epoch's end (:meth:`should_yield`) when the
     waiting fold run the worker would go to is of a costlier architecture with more than
@@ -112,6 +115,9 @@ class Dispatch:
     leaving: set[str] = field(default_factory=set)  # fold runs asked to yield, not yet paused or resumed
     waiting_since: dict[str, float] = field(default_factory=dict)  # fold run -> when it was first seen waiting
     stopped: set[str] = field(default_factory=set)  # screening trials this policy asked to stop
+    # Grid points stopped before they ever started (beyond the budget), with their configs as the backend gave
+    # them: recorded as stopped, and started by a reopened sweep with a larger budget (persisted).
+    unstarted: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- results ----------------------------------------------------------------------------------------
 
@@ -132,7 +138,35 @@ class Dispatch:
         """
         if trial.fold:
             return Decision.YIELD if self.should_yield(trial, trials, free_workers, now) else Decision.CONTINUE
-        return self.promoter.on_result(trial.key, trial.epoch, value, gpu_hours)
+        committed = self.committed([t for t in trials if t.key != trial.key])
+        return self.promoter.on_result(trial.key, trial.epoch, value, gpu_hours, committed)
+
+    def committed(self, trials: Iterable[TrialView]) -> float:
+        """The GPU-hours the running screening trials among ``trials`` still need to reach their next rungs (each
+        at its own hours per epoch, or the mean; a trial whose cost nobody knows yet counts nothing)."""
+        total = 0.0
+        for t in trials:
+            if t.state is State.RUNNING and not t.fold and t.key not in self.stopped:
+                hours = self.promoter.hours_to_next_rung(t.key, t.epoch)
+                total += hours if hours == hours else 0.0
+        return total
+
+    def affords_start(self, committed: float) -> bool:
+        """Whether the budget affords a new screening trial's first rung beside ``committed``."""
+        p = self.promoter
+        return p.affords(p.rungs[0] * p.mean_epoch_cost, committed)
+
+    def beyond_budget(self, trials: Sequence[TrialView]) -> list[str]:
+        """The screening trials among ``trials`` that never started and that the budget no longer affords (empty
+        while it affords a start): a backend that starts waiting trials by itself (Ray Tune) stops them."""
+        screen = [t for t in trials if not t.fold and t.key not in self.stopped]
+        if self.affords_start(self.committed(screen)):
+            return []
+        return [t.key for t in screen if self.never_started(t)]
+
+    def never_started(self, t: TrialView) -> bool:
+        """A screening trial that has not trained an epoch and does not wait at a rung."""
+        return not t.fold and t.state in WAITING and t.epoch == 0 and t.key not in self.promoter.paused
 
     def enters_paused(self, key: str) -> bool:
         """Whether a screening trial that a backend creates (again) waits at a rung for a promotion rather than
@@ -149,7 +183,10 @@ class Dispatch:
         screen = [t for t in trials if not t.fold and t.key not in self.stopped]
         by_key = {t.key: t for t in screen}
         waiting = {t.key: t for t in screen if self._held(t)}
-        for key in self.promoter.promotable():
+        committed = self.committed(screen) + sum(
+            self.promoter.hours_to_next_rung(k, by_key[k].epoch) for k in self.resume if k in by_key
+        )
+        for key in self.promoter.promotable(committed if committed == committed else 0.0):
             if key in waiting:
                 self.promoter.promote(key)
                 self.resume.append(key)
@@ -158,7 +195,7 @@ class Dispatch:
             if t is not None and t.state in WAITING:
                 return Pick(Kind.RESUME, (t.key,))
         new = [t for t in screen if t.state is State.PENDING and t.key not in waiting]
-        if new:
+        if new and self.affords_start(self.committed(screen)):
             return Pick(Kind.START, (new[0].key,))
         folds = [t for t in trials if t.fold]
         self._note(folds, now)
@@ -172,7 +209,8 @@ class Dispatch:
         if chosen:
             self.resume += chosen[1:]
             return Pick(Kind.RESUME, (chosen[0],))
-        hopeless = tuple(k for k in waiting if k not in self.stopped)
+        # Waiting at a rung for good, or new but beyond the budget: the sweep ends without them.
+        hopeless = tuple(k for k in [*waiting, *(t.key for t in new)] if k not in self.stopped)
         if hopeless:
             self.stopped.update(hopeless)
             return Pick(Kind.STOP, hopeless)
@@ -246,19 +284,24 @@ class Dispatch:
     # -- persistence ------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The state ``promoter.json`` holds: the promoter's and the promoted trials not yet running again. Waits,
+        """The state ``promoter.json`` holds: the promoter's, the promoted trials not yet running again and the
+        grid points never started. Waits,
         yields and stops are not kept: after a restart they start again (a stopped trial has ended by then)."""
-        return {"promoter": self.promoter.to_dict(), "resume": list(self.resume)}
+        return {"promoter": self.promoter.to_dict(), "resume": list(self.resume), "unstarted": dict(self.unstarted)}
 
     def load(self, d: dict[str, Any]) -> None:
         """Take the state of :meth:`to_dict` in place (the promoter object is kept: others hold it)."""
         self.promoter.__dict__.update(Promoter.from_dict(d["promoter"]).__dict__)
         self.resume = list(d.get("resume", []))
+        self.unstarted = dict(d.get("unstarted", {}))
         self.leaving, self.waiting_since, self.stopped = set(), {}, set()
 
     @staticmethod
     def from_dict(d: dict[str, Any], preempt: bool = True, preempt_after_s: float = PREEMPT_AFTER_S) -> Dispatch:
-        return Dispatch(Promoter.from_dict(d["promoter"]), preempt, preempt_after_s, list(d.get("resume", [])))
+        return Dispatch(
+            Promoter.from_dict(d["promoter"]), preempt, preempt_after_s, list(d.get("resume", [])),
+            unstarted=dict(d.get("unstarted", {})),
+        )  # fmt: skip
 
 
 def arch_costs(folds: Iterable[TrialView], fallback: Callable[[str], float] | None = None) -> dict[str, float]:

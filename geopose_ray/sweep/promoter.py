@@ -4,8 +4,14 @@ Rungs are epochs (default 20, 60, 200) and η is the reduction factor (default 3
 its metric is recorded there. It continues if it ranks in the top ⌊n/η⌋ of the n results recorded at that rung
 so far (and the rung holds at least ``min_results``); otherwise it pauses. A paused trial is promoted later,
 as soon as the rung has filled enough for it to rank in the top ⌊n/η⌋; it then resumes from its checkpoint,
-so no epoch is trained twice. A trial that reaches the top rung is a finalist. Once the GPU-hour budget is
-spent nothing more is promoted.
+so no epoch is trained twice. A trial that reaches the top rung is a finalist.
+
+The GPU-hour budget is a cap on screening, not a stop on promotions alone: a trial starts, or continues towards
+its next rung, only while the hours spent, plus those the running trials still need to reach their next rungs,
+plus its own to its next rung fit in the budget (:meth:`Promoter.affords`; a trial's hours per epoch are its
+own so far, else the mean of those that have reported). So the sweep spends at most the budget, plus what the
+estimates of the running trials' hours miss; the trials that cannot be afforded wait (paused ones keep their
+checkpoints, for a reopened sweep with a larger budget) and the grid points never started are not started.
 
 Unlike stop-based ASHA, a trial below the cut-off is not killed: a late bloomer that looked mediocre when it
 arrived early at a rung is promoted once enough weaker trials have arrived behind it.
@@ -62,7 +68,7 @@ class Promoter:
         eta: reduction factor: the top ⌊n/η⌋ of a rung's n results are promoted.
         mode: ``max`` or ``min`` of the metric.
         min_results: results a rung must hold before anyone is promoted from it.
-        budget_gpu_hours: no promotions once this many GPU-hours are spent (None = no budget).
+        budget_gpu_hours: the GPU-hours screening may spend (None = no budget): see the module docstring.
     """
 
     rungs: Sequence[int] = (20, 60, 200)
@@ -75,6 +81,7 @@ class Promoter:
     paused: dict[str, int] = field(default_factory=dict)  # trial -> rung index it waits at
     finalists: list[str] = field(default_factory=list)
     gpu_hours: dict[str, float] = field(default_factory=dict)  # trial -> GPU-hours so far
+    epochs: dict[str, int] = field(default_factory=dict)  # trial -> epochs it has reported (its cost's divisor)
 
     def __post_init__(self) -> None:
         self.rungs = [int(r) for r in self.rungs]
@@ -95,6 +102,35 @@ class Promoter:
     def budget_left(self) -> bool:
         return self.budget_gpu_hours is None or self.spent_gpu_hours < self.budget_gpu_hours
 
+    @property
+    def mean_epoch_cost(self) -> float:
+        """The mean GPU-hours per epoch of the trials that have reported with their hours (NaN before any)."""
+        costs = [self.gpu_hours[t] / e for t, e in self.epochs.items() if e > 0 and self.gpu_hours.get(t)]
+        return sum(costs) / len(costs) if costs else math.nan
+
+    def epoch_cost(self, trial: str) -> float:
+        """A trial's GPU-hours per epoch: its own so far, else :attr:`mean_epoch_cost` (NaN if neither)."""
+        epochs, hours = self.epochs.get(trial, 0), self.gpu_hours.get(trial)
+        return hours / epochs if epochs > 0 and hours else self.mean_epoch_cost
+
+    def next_rung(self, epoch: int) -> int:
+        """The first rung above ``epoch`` (the top rung at or above it)."""
+        return next((r for r in self.rungs if r > epoch), self.rungs[-1])
+
+    def hours_to_next_rung(self, trial: str, epoch: int) -> float:
+        """The GPU-hours ``trial``, at ``epoch``, needs to reach its next rung (NaN while no cost is known)."""
+        return (self.next_rung(epoch) - epoch) * self.epoch_cost(trial)
+
+    def affords(self, hours: float, committed: float = 0.0) -> bool:
+        """Whether ``hours`` more fit in the budget beside those spent and ``committed`` (the hours the running
+        trials still need to reach their next rungs). Always without a budget; while no trial's cost is known
+        (NaN) only while budget is left, since the first trials must run to measure it."""
+        if self.budget_gpu_hours is None:
+            return True
+        if hours != hours:
+            return self.budget_left
+        return self.spent_gpu_hours + (committed if committed == committed else 0.0) + hours <= self.budget_gpu_hours
+
     def reached(self, trial: str) -> int:
         """How many rungs a trial has recorded a result at (0 before the first)."""
         return max((i + 1 for i, recorded in self.results.items() if trial in recorded), default=0)
@@ -108,6 +144,11 @@ class Promoter:
         if any(trial in promoted for promoted in self.promoted.values()):
             return "promoted"
         return "running"
+
+    def ranked_finalists(self) -> list[str]:
+        """The finalists, best first by their top-rung result (ties by name)."""
+        top = self.results[len(self.rungs) - 1]
+        return sorted(self.finalists, key=lambda t: (self._key(top.get(t, math.nan)), t))
 
     def rung_index(self, epoch: int) -> int | None:
         """The rung at this epoch, or None between rungs."""
@@ -133,10 +174,14 @@ class Promoter:
 
     # -- events -----------------------------------------------------------------------------------------
 
-    def on_result(self, trial: str, epoch: int, value: float, gpu_hours: float | None = None) -> Decision:
-        """A trial finished ``epoch`` with metric ``value`` (and has used ``gpu_hours`` in total)."""
+    def on_result(
+        self, trial: str, epoch: int, value: float, gpu_hours: float | None = None, committed: float = 0.0
+    ) -> Decision:
+        """A trial finished ``epoch`` with metric ``value`` (and has used ``gpu_hours`` in total); ``committed``:
+        the hours the other running trials still need to reach their next rungs (:meth:`affords`)."""
         if gpu_hours is not None:
             self.gpu_hours[trial] = gpu_hours
+            self.epochs[trial] = max(int(epoch), self.epochs.get(trial, 0))
         rung = self.rung_index(epoch)
         if rung is None:
             return Decision.CONTINUE
@@ -148,20 +193,28 @@ class Promoter:
             return Decision.FINALIST
         if trial in self.promoted[rung]:  # a result it had (a restored trial reports its epoch again)
             return Decision.CONTINUE
-        if self.budget_left and trial in self.top(rung):
+        if trial in self.top(rung) and self.affords(self.hours_to_next_rung(trial, epoch), committed):
             self.promoted[rung].add(trial)
             return Decision.CONTINUE
         self.paused[trial] = rung
         return Decision.PAUSE
 
-    def promotable(self) -> list[str]:
-        """Paused trials that qualify now, highest rung first, best first. Pure: call :meth:`promote` to act."""
-        return self._qualifying() if self.budget_left else []
+    def promotable(self, committed: float = 0.0) -> list[str]:
+        """Paused trials that qualify now and that the budget affords one after another beside ``committed``
+        (:meth:`affords`), highest rung first, best first. Pure: call :meth:`promote` to act."""
+        chosen = []
+        for t in self._qualifying():
+            need = self.hours_to_next_rung(t, self.rungs[self.paused[t]])
+            if self.affords(need, committed):
+                chosen.append(t)
+                committed += need if need == need else 0.0
+        return chosen
 
     def held_back(self) -> list[str]:
-        """Paused trials that would be promoted now but for the spent budget, highest rung first, best first: what
-        a reopened sweep with a larger budget continues (empty while budget is left)."""
-        return [] if self.budget_left else self._qualifying()
+        """Paused trials that would be promoted now but for the budget, highest rung first, best first: what a
+        reopened sweep with a larger budget continues (empty without a budget)."""
+        affordable = set(self.promotable())
+        return [t for t in self._qualifying() if t not in affordable]
 
     def _qualifying(self) -> list[str]:
         ready = []
@@ -180,18 +233,20 @@ class Promoter:
     def close(self) -> list[str]:
         """No more results will arrive (the grid is exhausted and nothing runs): promote, per rung from the top,
         the paused trials in the top ⌊n/η⌋ (at least one per rung that has results and promoted nobody), so
-        every rung keeps feeding the next. Returns the trials promoted; the rest stay paused for good."""
-        if not self.budget_left:
-            return []
+        every rung keeps feeding the next, as far as the budget affords. Returns the trials promoted; the rest stay
+        paused for good."""
         chosen = self.promotable()
-        if not chosen:
+        if not chosen and not self.held_back():
+            committed = 0.0
             for rung in sorted({r for r in self.paused.values()}, reverse=True):
                 if self.promoted[rung]:
                     continue
                 recorded = self.results[rung]
                 waiting = sorted((t for t, r in self.paused.items() if r == rung), key=lambda t: self._key(recorded[t]))
-                if waiting:
+                need = self.hours_to_next_rung(waiting[0], self.rungs[rung]) if waiting else math.nan
+                if waiting and self.affords(need, committed):
                     chosen.append(waiting[0])
+                    committed += need if need == need else 0.0
         for t in chosen:
             self.promote(t)
         return chosen
@@ -222,6 +277,7 @@ class Promoter:
             "paused": dict(self.paused),
             "finalists": list(self.finalists),
             "gpu_hours": dict(self.gpu_hours),
+            "epochs": dict(self.epochs),
         }
 
     @staticmethod
@@ -237,4 +293,5 @@ class Promoter:
             paused=dict(d["paused"]),
             finalists=list(d["finalists"]),
             gpu_hours=dict(d["gpu_hours"]),
+            epochs={k: int(v) for k, v in d.get("epochs", {}).items()},
         )

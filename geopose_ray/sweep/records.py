@@ -98,8 +98,9 @@ def is_fold_run(key: str) -> bool:
 
 def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     """A Tune trial's TrainConfig dict (with the driver's private keys), from either shape of param space: a
-    grid point (``cfg``: the whole dict), or a searcher's draw (``sample``: encoder, decoder, lr, accumulation,
-    built into a trial by the sweep config in ``sweep``, as the grid builds its points)."""
+    grid point (``cfg``: the whole dict), or a searcher's draw (``sample``: encoder, decoder, lr, accumulation and
+    an index into each named axis's values, built into a trial by the sweep config in ``sweep``, as the grid builds
+    its points)."""
     if "cfg" in config:
         return dict(config["cfg"])
     if "sample" not in config:
@@ -107,10 +108,13 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     from geopose_ray.sweep.config import SweepConfig
 
     s = config["sample"]
-    built = SweepConfig.from_dict(config["sweep"]).trial_config(
-        str(s["encoder"]), str(s["decoder"]), float(s["lr"]), int(s["accumulation"])
-    )
-    return {**built, **config.get("private", {})}
+    sweep = SweepConfig.from_dict(config["sweep"])
+    encoder = str(s["encoder"])
+    point: dict[str, Any] = {"encoder": encoder, "decoder": str(s["decoder"]), "lr": float(s["lr"]),
+                             "accumulation": int(s["accumulation"])}  # fmt: skip
+    for axis in sweep.axes:  # drawn as an index into the drawn encoder's values of the axis
+        point[axis] = sweep.grid.axis_values(axis, encoder)[int(s["axes"][axis])]
+    return {**sweep.trial_config(point), **config.get("private", {})}
 
 
 def per_epoch_hours(result: Mapping[str, Any]) -> float:

@@ -10,10 +10,11 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from geopose_ray.sweep.config import axis_columns
 from geopose_ray.sweep.files import RESULTS, SweepFiles
 from geopose_ray.sweep.plots import curves_plot
 from geopose_ray.sweep.records import Stage, TrialKey
@@ -39,8 +40,9 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def headline(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The columns a user compares trials by, from a TrainConfig dict."""
+def headline(cfg: Mapping[str, Any], axes: Sequence[str] = ()) -> dict[str, Any]:
+    """The columns a user compares trials by, from a TrainConfig dict: :data:`PARAM_KEYS`, then the value of each
+    of the grid's named ``axes`` (dotted training keys) under its name."""
     model = cfg.get("model", {})
     return {
         "encoder": model.get("encoder"),
@@ -51,12 +53,14 @@ def headline(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "batch_size": cfg.get("batch_size"),
         "effective_batch": (cfg.get("batch_size") or 0) * (cfg.get("accumulation") or 0),
         "val_fold": cfg.get("val_fold"),
+        **(axis_columns(cfg, axes) if cfg else dict.fromkeys(axes, "")),
     }
 
 
-def trial_params(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """The params of a trial run: the headline columns, then the rest of its TrainConfig, flattened."""
-    head = headline(cfg)
+def trial_params(cfg: Mapping[str, Any], axes: Sequence[str] = ()) -> dict[str, str]:
+    """The params of a trial run: the headline columns (the grid's named ``axes`` among them), then the rest of
+    its TrainConfig, flattened."""
+    head = headline(cfg, axes)
     rest = {k: v for k, v in flatten(cfg).items() if k not in ("model.encoder", "model.decoder", "model.weights")}
     rest = {k: v for k, v in rest.items() if k not in head}
     return {k: str(v)[:500] for k, v in {**head, **rest}.items()}
@@ -67,16 +71,23 @@ COLUMNS = ["trial", "stage", "status", "rung", *PARAM_KEYS, "epoch", "score", "s
 
 
 def result_row(
-    trial: str, stage: str, status: str, rung: int | str, cfg: Mapping[str, Any], metrics: Mapping[str, Any]
+    trial: str,
+    stage: str,
+    status: str,
+    rung: int | str,
+    cfg: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    axes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """One row of the results table (``results.csv``, ``geopose-ray results``, the parent run's artifact)."""
+    """One row of the results table (``results.csv``, ``geopose-ray results``, the parent run's artifact), with
+    a column for each of the grid's named ``axes``."""
     nan = float("nan")
     return {
         "trial": trial,
         "stage": stage,
         "status": status,
         "rung": rung,
-        **headline(cfg),
+        **headline(cfg, axes),
         "epoch": int(metrics.get("epoch", 0) or 0),
         "score": metrics.get("score", nan),
         "score_avg": metrics.get("score_avg", nan),
@@ -146,9 +157,22 @@ def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(fold_means(rows), key=key)
 
 
+def axis_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The named axes' columns of ``rows`` (:func:`result_row` puts them after the fixed ones): every key that is
+    not a fixed column, in the order first seen."""
+    fixed = set(COLUMNS)
+    return list(dict.fromkeys(k for r in rows for k in r if k not in fixed))
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's columns: :data:`COLUMNS`, with the named axes' columns after the fixed params."""
+    at = COLUMNS.index(PARAM_KEYS[-1]) + 1
+    return [*COLUMNS[:at], *axis_names(rows), *COLUMNS[at:]]
+
+
 def rows_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns(rows), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(sort_rows(rows))
     return buf.getvalue()
@@ -158,6 +182,8 @@ def format_results(rows: list[dict[str, Any]]) -> str:
     cols = [("trial", 24), ("stage", 7), ("status", 9), ("rung", 5), ("encoder", 18), ("decoder", 13), ("lr", 8),
             ("accumulation", 5), ("effective_batch", 6), ("val_fold", 5), ("epoch", 6), ("score", 8),
             ("score_avg", 10), ("cv_score", 9), ("cv_folds", 9)]  # fmt: skip
+    at = [n for n, _ in cols].index("val_fold") + 1
+    cols[at:at] = [(a, max(8, min(24, len(a) + 2))) for a in axis_names(rows)]
     head = "".join(
         f"{(n if n not in ('accumulation', 'effective_batch', 'val_fold') else n[:4]):<{w}}" for n, w in cols
     )
@@ -165,7 +191,7 @@ def format_results(rows: list[dict[str, Any]]) -> str:
     for r in sort_rows(rows):
         cells = []
         for n, w in cols:
-            v = r[n]
+            v = r.get(n, "")
             text = (f"{v:.2g}" if n == "lr" else f"{v:.4f}") if isinstance(v, float) else str(v)
             cells.append(f"{text[: w - 1]:<{w}}")
         lines.append("".join(cells))
@@ -181,8 +207,18 @@ class SweepTable:
 
     _behind = False  # a change not yet written, as it came within refresh_s of the last write (also if unpickled)
 
-    def __init__(self, files: SweepFiles, rungs: list[int], title: str = "", refresh_s: float = 30.0) -> None:
+    axes: tuple[str, ...] = ()  # the grid's named axes: a column each (also if unpickled from before they were)
+
+    def __init__(
+        self,
+        files: SweepFiles,
+        rungs: list[int],
+        title: str = "",
+        refresh_s: float = 30.0,
+        axes: Sequence[str] = (),
+    ) -> None:
         self.files = files  # the table is written there as results.csv
+        self.axes = tuple(axes)
         self.rungs = rungs
         self.title = title
         self.refresh_s = refresh_s
