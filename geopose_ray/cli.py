@@ -7,8 +7,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from geopose_ray.errors import GeoposeError
+from geopose_ray.errors import DataError, GeoposeError
 
 # One meaning of --workers everywhere: how many run in parallel, processes here or Ray tasks on a cluster.
 WORKERS_HELP = (
@@ -277,11 +278,38 @@ def _rungs(text: str) -> tuple[int, ...]:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from geopose_ray.simulate import format_table, simulate
 
+    if args.curves is not None:
+        from geopose_ray.simulate.replay import format_replay, read_curves, replay_table
+
+        curves = read_curves(args.curves, args.mode)
+        rungs = None if args.rungs_given is None else list(args.rungs_given)
+        replayed = replay_table(curves, args.workers, args.seeds, rungs, args.eta, args.min_results, args.tolerance)
+        print(json.dumps(replayed, indent=1) if args.json else format_replay(replayed))
+        return 0
+    args.rungs = args.rungs_given or (20, 60, 200)
     result = simulate(
         args.trials, args.workers, args.seeds, args.budget, args.rungs, args.eta, args.min_results, args.first_seed,
         **({} if args.persistent_noise is None else {"persistent": args.persistent_noise}),
     )  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _cmd_curves_export(args: argparse.Namespace) -> int:
+    from geopose_ray.simulate.replay import write_curves
+    from geopose_ray.sweep.config import SweepConfig
+    from geopose_ray.tracking import Tracker, sweep_curves
+
+    cfg = SweepConfig.from_yaml(args.config)
+    tracker = Tracker.for_sweep(cfg, args.tracking_uri)
+    try:
+        curves, params = sweep_curves(tracker)
+    except Exception as e:  # the tracking server or database is unreachable
+        raise GeoposeError(f"cannot read MLflow at {tracker.uri} ({type(e).__name__}: {e})") from e
+    if not curves:
+        raise DataError(f"{cfg.name}: no screening trial has reported at {tracker.uri}; run the sweep first")
+    rows = write_curves(Path(args.out), curves, params)
+    print(f"{args.out}: {len(curves)} trials, {rows} epochs")
     return 0
 
 
@@ -385,7 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU-hours: the promoter's budget, random search's, and B for 'regret at B' (default: no promoter "
         "budget; B = what the promoter spent)",
     )  # fmt: skip
-    p.add_argument("--rungs", type=_rungs, default=(20, 60, 200), help="epochs, comma-separated (default 20,60,200)")
+    p.add_argument(
+        "--rungs", type=_rungs, default=None, dest="rungs_given",
+        help="epochs, comma-separated (default 20,60,200; with --curves: last/η², last/η and the table's last epoch)",
+    )  # fmt: skip
+    p.add_argument(
+        "--curves", default=None, metavar="CSV",
+        help="replay a table of real learning curves (trial,epoch,score,hours[,param.<name>...]) instead of drawing "
+        "them: `geopose-ray curves export` writes one from a finished sweep",
+    )  # fmt: skip
+    p.add_argument("--mode", choices=["max", "min"], default="max", help="with --curves: is a higher score better")
+    p.add_argument("--tolerance", type=float, default=0.002, help="with --curves: 'within' this of the best")
     p.add_argument("--eta", type=int, default=3, help="reduction factor (default 3)")
     p.add_argument("--min-results", type=int, default=9, help="promoter's min_results (default 9, as screen-t4)")
     p.add_argument(
@@ -395,6 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(fn=_cmd_simulate)
+
+    about = "learning curves of a finished sweep, for planning the next one"
+    curves = sub.add_parser("curves", help=about, description=about).add_subparsers(
+        dest="curves_command", required=True
+    )
+    p = curves.add_parser("export", help="write a sweep's screening curves from MLflow as a CSV for simulate --curves")
+    p.add_argument("--config", required=True, help="the sweep's YAML")
+    p.add_argument("--out", required=True, help="the CSV to write (never overwritten)")
+    p.add_argument("--tracking-uri", default=None, help="override the config's MLflow tracking URI")
+    p.set_defaults(fn=_cmd_curves_export)
     return parser
 
 

@@ -15,6 +15,7 @@ against it) reaches the server.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -265,3 +266,34 @@ def results_table(tracker: Tracker) -> list[dict[str, Any]]:
                          d.tags.get("rung", ""), {}, d.metrics, tracker.axes)  # fmt: skip
         rows.append({**row, **{k: d.params.get(k, "") for k in (*PARAM_KEYS, *tracker.axes)}})
     return sort_rows(rows)
+
+
+def sweep_curves(
+    tracker: Tracker,
+) -> tuple[dict[str, list[tuple[int, float, float]]], dict[str, dict[str, Any]]]:
+    """Each screening trial's learning curve from MLflow, as ``geopose-ray curves export`` writes it: per trial
+    its (epoch, score, GPU-hours of that epoch, or device hours for a trial without a GPU) and its params
+    (encoder, decoder, lr, accumulation and the grid's named axes). An epoch logged twice counts once (the last
+    value)."""
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    params: dict[str, dict[str, Any]] = {}
+    for run in tracker.runs():
+        d = run.data
+        if d.tags.get("stage") != "screen":
+            continue
+        rid, trial = run.info.run_id, d.tags.get("trial", run.info.run_id)
+        score = {m.step: m.value for m in tracker._client.get_metric_history(rid, "score")}
+        # GPU-hours; a trial that holds no GPU spends none: its device (worker) hours instead.
+        spent = {m.step: m.value for m in tracker._client.get_metric_history(rid, "gpu_hours")}
+        if not any(v > 0 for v in spent.values()):
+            spent = {m.step: m.value for m in tracker._client.get_metric_history(rid, "device_hours")}
+        points, before = [], 0.0
+        for epoch in sorted(score):
+            hours = spent.get(epoch, math.nan) - before
+            before = spent.get(epoch, before)
+            points.append((int(epoch), float(score[epoch]), float(hours)))
+        if points:
+            curves[trial] = points
+            keys = ("encoder", "decoder", "lr", "accumulation", *tracker.axes)
+            params[trial] = {k: d.params[k] for k in keys if k in d.params}
+    return curves, params

@@ -399,6 +399,20 @@ def test_optuna_tpe_draws_trials_from_ranges_under_the_promoter(ray_cluster: Non
     assert all(mlflow_rows[r["trial"]]["loss.kind"] == r["loss.kind"] for r in screen)
     header = (tmp_path / "runs" / "t" / "results.csv").read_text().splitlines()[0].split(",")
     assert header.index("loss.kind") == header.index("val_fold") + 1
+    # The sweep's curves, exported from MLflow (`geopose-ray curves export`), replay through every policy.
+    from geopose_ray.simulate.replay import read_curves, replay_table, write_curves
+    from geopose_ray.tracking import sweep_curves
+
+    curves, params = sweep_curves(Tracker.for_sweep(cfg))
+    assert sorted(curves) == sorted(r["trial"] for r in screen)
+    assert all([e for e, _, _ in curves[r["trial"]]] == list(range(1, r["epoch"] + 1)) for r in screen)
+    assert all(h > 0 for points in curves.values() for _, _, h in points)  # each epoch's own hours
+    assert all(params[r["trial"]]["loss.kind"] == r["loss.kind"] for r in screen)
+    write_curves(tmp_path / "curves.csv", curves, params)
+    table = read_curves(tmp_path / "curves.csv")
+    assert table.params is not None and {p["loss.kind"] for p in table.params} <= {"mse", "huber"}
+    replayed = replay_table(table, workers=2, seeds=2, rungs=[1, 2], eta=2, min_results=1)
+    assert replayed["policies"]["grid"]["regret"] == [0.0, 0.0]
     lrs = [r["lr"] for r in screen]
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 4  # drawn from the range, not a grid
     assert all(r["accumulation"] in (1, 2) and r["encoder"] == "tu-test_resnet" for r in screen)

@@ -147,6 +147,7 @@ class Curves:
     true_final: np.ndarray  # (n,) noise-free score at the top rung; NaN for a trial that errors before it
     noise: np.ndarray | None = None  # (n,) sd of one fold's score about the true one; None: NOISE for every trial
     persistent: float = 0.0  # the share of noise² that is the same at every epoch (0: independent epochs)
+    params: list[dict[str, str]] | None = None  # per trial, the guided order's levels (None: parsed from names)
 
     def __post_init__(self) -> None:
         n = self.observed.shape[0]

@@ -188,7 +188,8 @@ class Arrivals:
         self.exhausted = not order
         if guided:
             keys = ("decoder", "encoder", "lr", "accumulation")
-            self.guided = GuidedOrder([dict(zip(keys, n.split("/"), strict=True)) for n in curves.names], seed=seed)
+            levels = curves.params or [dict(zip(keys, n.split("/"), strict=True)) for n in curves.names]
+            self.guided = GuidedOrder(levels, seed=seed)
             self.fixed.clear()
 
     def _suggest(self) -> None:

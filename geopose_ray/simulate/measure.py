@@ -75,8 +75,8 @@ def pick_scores(curves: Curves) -> np.ndarray:
     return np.asarray(curves.observed[:, curves.top - k :].mean(axis=1))
 
 
-def evaluate(run: Run, curves: Curves, budget: float) -> Outcome:
-    """Score a replay against the true finals (see the module docstring)."""
+def evaluate(run: Run, curves: Curves, budget: float, tolerance: float = TOLERANCE) -> Outcome:
+    """Score a replay against the true finals (see the module docstring); "near" is within ``tolerance``."""
     best = float(np.nanmax(curves.true_final))
     ranked = pick_scores(curves)
     best_trial = int(np.nanargmax(curves.true_final))
@@ -86,14 +86,14 @@ def evaluate(run: Run, curves: Curves, budget: float) -> Outcome:
     at_budget: float | None = None
     anytime: list[tuple[float, float]] = []
     for _, spent, trial in run.finishes:
-        if near_finalist is None and best - float(curves.true_final[trial]) <= TOLERANCE + 1e-12:
+        if near_finalist is None and best - float(curves.true_final[trial]) <= tolerance + 1e-12:
             near_finalist = spent
         obs = float(ranked[trial])
         if obs > pick_obs:
             pick, pick_obs = trial, obs
             regret = best - float(curves.true_final[pick])
             anytime.append((spent, regret))
-            if near is None and regret <= TOLERANCE + 1e-12:
+            if near is None and regret <= tolerance + 1e-12:
                 near = spent
         if spent <= budget * (1 + 1e-9) and pick >= 0:
             at_budget = best - float(curves.true_final[pick])
@@ -130,6 +130,21 @@ def simulate_seed(
 ) -> tuple[Curves, dict[str, Outcome]]:
     """Every policy on one seed's population, all seeing the same curves and the same arrival order."""
     curves = draw_curves(trials, seed, top=int(rungs[-1]), persistent=persistent)
+    return curves, run_policies(curves, seed, workers, rungs, eta, min_results, budget)
+
+
+def run_policies(
+    curves: Curves,
+    seed: int,
+    workers: int = 16,
+    rungs: Sequence[int] = (20, 60, 200),
+    eta: int = 3,
+    min_results: int = 9,
+    budget: float | None = None,
+    tolerance: float = TOLERANCE,
+) -> dict[str, Outcome]:
+    """Every policy on ``curves``, all in the same arrival order, drawn from ``seed``."""
+    trials = len(curves)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
     order = [int(i) for i in rng.permutation(trials)]  # a grid's order says nothing about quality
     random_order = [int(i) for i in rng.permutation(trials)]
@@ -150,8 +165,8 @@ def simulate_seed(
     for policy in others:
         runs[policy.name] = replay(curves, workers, policy)
     # The guided pair is compared at the guided promoter's GPU-hours, the rest at the promoter's.
-    return curves, {
-        name: evaluate(runs[name], curves, matched_guided if name in (GUIDED, GUIDED_ASHA) else matched)
+    return {
+        name: evaluate(runs[name], curves, matched_guided if name in (GUIDED, GUIDED_ASHA) else matched, tolerance)
         for name in POLICIES
     }
 
