@@ -65,7 +65,7 @@ def test_a_budget_plan_is_the_largest_halving_that_fits() -> None:
     assert (plan.screened, plan.finalists, plan.screens_grid) == (9, 3, True)
     plan = budget_plan([1.0] * 9, [1, 3], 3, 14.0)  # 8 trials: 8 + 2 × 2 = 12; 9 would cost 15
     assert (plan.screened, plan.finalists, plan.screens_grid) == (8, 2, False)
-    assert "allows 8 first-rung trials and about 2 finalists" in plan.statement()
+    assert "allows 8 first-rung trials and about 2 finalist(s)" in plan.statement()
     assert budget_plan([1.0] * 9, [1, 3], 3, None).screened == 9
 
 
@@ -84,7 +84,15 @@ def test_a_new_trial_starts_only_if_the_budget_affords_its_first_rung_beside_the
     # Spent 2, a and b need 1 each to rung 2: 4; c's first rung (2 hours) would make 6 > 4.5.
     assert d.pick([a, b, new]).kind is Kind.NOTHING
     assert d.beyond_budget([a, b, new]) == ["c"]
-    loose = Dispatch(Promoter([2, 4], 2, "max", 1, budget_gpu_hours=6.0))
+    # 6 hours would pay for c's first rung but leave nothing to take a trial to the top rung: the first rung's
+    # share of 12 hours (successive halving over the 3 trials it affords: 3 × 2 + 2 × 2 epochs, 60 % of them
+    # in the first rung) is 7.2, and 2 spent + 2 committed + 2 fit.
+    tight = Dispatch(Promoter([2, 4], 2, "max", 1, budget_gpu_hours=6.0))
+    tight.on_result(a, 0.5, 1.0, [a, b])
+    tight.on_result(b, 0.4, 1.0, [a, b])
+    assert tight.pick([a, b, new]).kind is Kind.NOTHING
+    assert tight.promoter.rung_shares() == pytest.approx([1 / 3, 1.0])
+    loose = Dispatch(Promoter([2, 4], 2, "max", 1, budget_gpu_hours=12.0))
     loose.on_result(a, 0.5, 1.0, [a, b])
     loose.on_result(b, 0.4, 1.0, [a, b])
     assert loose.pick([a, b, new]).key == "c" and loose.beyond_budget([a, b, new]) == []
@@ -123,3 +131,6 @@ def test_the_simulated_sweep_spends_at_most_its_budget_plus_the_epochs_in_flight
     assert spent >= budget - 2 * 2.0  # and it is spent: what is left does not buy another first rung
     assert run.gpu_hours == pytest.approx(spent)
     assert not math.isnan(policy.dispatch.promoter.mean_epoch_cost)
+    # The first rungs leave the top rung its share: the budget buys a finalist, not only first-rung results,
+    # once it pays for more than the first rung of the 4 trials that start before any cost is known.
+    assert bool(policy.dispatch.promoter.finalists) is (budget > 4 * 2 + 8)

@@ -120,13 +120,14 @@ def test_sweep_screen_validates_a_config_without_ray(cache: Path, tmp_path: Path
     y = _sweep_yaml(tmp_path, cache)
     r = _run("sweep", "screen", "--config", str(y), "--validate-only")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == "s: 4 trials (grid), rungs [1, 2], eta 3"
+    assert r.stdout.splitlines()[-2] == "s: 4 trials (grid), rungs [1, 2], eta 3"
+    assert r.stdout.splitlines()[-1].startswith("4 grid points; expected T4-hours (costed by pixels and encoder): ")
     r = subprocess.run(
         [sys.executable, str(ROOT / "sweeps" / "screen.py"), "--config", str(y), "--validate-only", "--smoke-test"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == "s-smoke: 4 trials (grid), rungs [1, 2, 3], eta 2"
+    assert r.stdout.splitlines()[-2] == "s-smoke: 4 trials (grid), rungs [1, 2, 3], eta 2"
     code = (
         "import sys; from geopose_ray.cli import main; "
         f"assert main(['sweep', 'screen', '--config', {str(y)!r}, '--validate-only']) == 0; "

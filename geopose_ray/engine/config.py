@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,10 +301,45 @@ def _build(cls: Any, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"unknown key(s) {unknown} in `{where}`; valid keys: {names}")
     if "zoom" in values and isinstance(values["zoom"], list):
         values = {**values, "zoom": tuple(values["zoom"])}
+    values = {k: _typed(v, _hints(cls).get(k), f"{where}.{k}" if where != "train" else k) for k, v in values.items()}
     try:
         return cls(**values)
     except TypeError as e:
         raise ConfigError(f"`{where}`: {e}") from e
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """A scalar setting checked against its field's type: ``1e-3`` (a string to YAML 1.1) is the number it means;
+    any other value of the wrong type is a ConfigError naming the key and the type. Other fields pass as they
+    are (their own checks follow)."""
+    allowed = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    scalars = allowed & set(_NAMES)
+    if not scalars or (value is None and type(None) in allowed) or not (allowed - {type(None)} <= set(_NAMES)):
+        return value
+    if float in scalars and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = any(
+        (isinstance(value, t) and (t is bool or not isinstance(value, bool)))
+        or (t is float and isinstance(value, int) and not isinstance(value, bool))
+        for t in scalars
+    )
+    if not ok:
+        names = " or ".join(_NAMES[t] for t in (float, int, bool, str) if t in scalars)
+        if type(None) in allowed:
+            names += " (or null)"
+        raise ConfigError(f"The value of `{key}` is {value!r}, but must be {names}")
+    return value
 
 
 def _plain(value: Any) -> Any:

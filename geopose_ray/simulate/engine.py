@@ -349,8 +349,10 @@ class SweepPolicy:
         backfill: bool = True,
         preempt: bool = False,
         preempt_after_s: float = PREEMPT_AFTER_S,
+        top_k: int | None = None,
     ) -> None:
         self.name = "promoter, guided order" if guided else "promoter"
+        self.top_k = top_k  # fold runs for the best top_k finalists only (the driver's fold_runs.top_k)
         if fold_runs:
             self.name += f" + folds {'backfilled' if backfill else 'after'}"
             if preempt:
@@ -408,8 +410,10 @@ class SweepPolicy:
                 continue
             if pick.key is None:
                 if self.later and self.screening == 0 and self.arrivals.exhausted:
-                    for v in self.later:  # screening is over: the fold runs' Tuner starts
-                        self.views[v.key] = v
+                    best = set(self.dispatch.promoter.ranked_finalists()[: self.top_k])
+                    for v in self.later:  # screening is over: the fold runs' Tuner starts, the best top_k's
+                        if v.finalist in best:
+                            self.views[v.key] = v
                     self.later = []
                     continue
                 return None
@@ -460,6 +464,10 @@ class SweepPolicy:
         return None
 
     def _add_folds(self, trial: int) -> None:
+        if self.backfill and self.top_k is not None:  # as the guided searcher: within the best top_k so far
+            p = self.dispatch.promoter
+            if self.names[trial] not in p.ranked_finalists()[: self.top_k]:
+                return
         name = self.curves.names[trial].split("/")
         arch, cost = "/".join(name[:2]), float(self.curves.minutes[trial]) / 60.0
         for k in range(self.fold_runs):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from geopose_ray.engine.config import TrainConfig
 from geopose_ray.simulate.curves import DECODERS, ENCODERS
+from geopose_ray.sweep.promoter import halving_counts, halving_hours
 
 SEED_TILES = 5923 * 4 / 5  # training tiles per epoch in the seed's table (5 folds)
 SEED_PIXELS = SEED_TILES * 1024**2
@@ -104,28 +105,20 @@ class BudgetPlan:
         """One line for the sweep's start-up."""
         head = (
             f"{self.grid} grid points; expected T4-hours (costed by pixels and encoder): "
-            f"{self.first_rung_hours:,.0f} for all to the first rung, "
-            f"{self.grid_screening_hours:,.0f} to screen all by successive halving, "
-            f"{self.full_grid_hours:,.0f} for all to the top rung"
+            f"{_hours(self.first_rung_hours)} for all to the first rung, "
+            f"{_hours(self.grid_screening_hours)} to screen all by successive halving, "
+            f"{_hours(self.full_grid_hours)} for all to the top rung"
         )
         if self.budget is None:
-            return f"{head}; no budget: all {self.grid} start, about {self.finalists} finalists"
+            return f"{head}; no budget: all {self.grid} start, about {self.finalists} finalist(s)"
         return (
-            f"{head}; the budget of {self.budget:,.0f} GPU-hours allows {self.screened} first-rung trials and about "
-            f"{self.finalists} finalists ({self.screening_hours:,.0f} expected)"
+            f"{head}; the budget of {_hours(self.budget)} GPU-hours allows {self.screened} first-rung trials and "
+            f"about {self.finalists} finalist(s) ({_hours(self.screening_hours)} expected)"
         )
 
 
-def halving_counts(n: int, rungs: int, eta: int) -> list[int]:
-    """Trials reaching each rung when ``n`` start: n, ⌊n/η⌋, ⌊n/η²⌋, ... (at least one at each rung)."""
-    return [max(1, n // eta**r) if n else 0 for r in range(rungs)]
-
-
-def halving_hours(n: int, rungs: Sequence[int], eta: int, per_epoch: float) -> float:
-    """Expected GPU-hours of successive halving over ``n`` trials at ``per_epoch`` hours per epoch."""
-    counts = halving_counts(n, len(rungs), eta)
-    steps = [b - a for a, b in zip([0, *rungs[:-1]], rungs, strict=True)]
-    return per_epoch * sum(c * s for c, s in zip(counts, steps, strict=True))
+def _hours(h: float) -> str:
+    return f"{h:,.0f}" if h >= 10 else f"{h:.2g}"
 
 
 def budget_plan(costs: Sequence[float], rungs: Sequence[int], eta: int, budget: float | None) -> BudgetPlan:

@@ -90,7 +90,8 @@ class Dispatch:
        order: as asynchronous successive halving has it, so the best reach the top rung early.
     2. Then a new screening trial starts (the oldest created), if the budget affords its first rung beside what
        the running screening trials still need to reach their next rungs (:meth:`committed`,
-       :meth:`Promoter.affords`; its hours per epoch estimated by the mean of those that have reported).
+       :meth:`Promoter.affords`; its hours per epoch estimated by the mean of those that have reported), within
+       the first rung's share of the budget (:meth:`Promoter.rung_shares`).
     3. Then the waiting fold run with the most hours left (:meth:`fold_order`).
     4. When no screening trial runs and none is new that the budget affords, the promoter's rungs are closed
        (:meth:`Promoter.close`) and what it promotes resumes; if it promotes nothing, the screening trials still
@@ -152,9 +153,10 @@ class Dispatch:
         return total
 
     def affords_start(self, committed: float) -> bool:
-        """Whether the budget affords a new screening trial's first rung beside ``committed``."""
+        """Whether the budget affords a new screening trial's first rung beside ``committed``, within the first
+        rung's share (:meth:`Promoter.affords`)."""
         p = self.promoter
-        return p.affords(p.rungs[0] * p.mean_epoch_cost, committed)
+        return p.affords(p.rungs[0] * p.mean_epoch_cost, committed, 0)
 
     def beyond_budget(self, trials: Sequence[TrialView]) -> list[str]:
         """The screening trials among ``trials`` that never started and that the budget no longer affords (empty

@@ -9,7 +9,10 @@ so no epoch is trained twice. A trial that reaches the top rung is a finalist.
 The GPU-hour budget is a cap on screening, not a stop on promotions alone: a trial starts, or continues towards
 its next rung, only while the hours spent, plus those the running trials still need to reach their next rungs,
 plus its own to its next rung fit in the budget (:meth:`Promoter.affords`; a trial's hours per epoch are its
-own so far, else the mean of those that have reported). So the sweep spends at most the budget, plus what the
+own so far, else the mean of those that have reported); and within its rung's share: the budget is split over
+the rungs as successive halving would spend it on the most trials it affords (:meth:`Promoter.rung_shares`), a
+rung's unspent share passing to those above, so the first rungs never spend what taking the best to the top
+rung needs. So the sweep spends at most the budget, plus what the
 estimates of the running trials' hours miss; the trials that cannot be afforded wait (paused ones keep their
 checkpoints, for a reopened sweep with a larger budget) and the grid points never started are not started.
 
@@ -52,6 +55,20 @@ def check_schedule(
         raise ConfigError(f"The value of `budget_gpu_hours` is {budget_gpu_hours}, but must be > 0 or null")
 
 
+def halving_counts(n: int, rungs: int, eta: int) -> list[int]:
+    """Trials reaching each rung when ``n`` start: n, ⌊n/η⌋, ⌊n/η²⌋, ... (at least one at each rung)."""
+    return [max(1, n // eta**r) if n else 0 for r in range(rungs)]
+
+
+def halving_hours(n: int, rungs: Sequence[int], eta: int, per_epoch: float, spare: int = 0) -> float:
+    """Expected GPU-hours of successive halving over ``n`` trials at ``per_epoch`` hours per epoch; ``spare``
+    more trials at every rung above the first (asynchronous promotion takes a trial or so more per rung than
+    ⌊n/η^r⌋, as it promotes before the rung is full)."""
+    counts = [c + (spare if r and n else 0) for r, c in enumerate(halving_counts(n, len(rungs), eta))]
+    steps = [b - a for a, b in zip([0, *rungs[:-1]], rungs, strict=True)]
+    return per_epoch * sum(c * s for c, s in zip(counts, steps, strict=True))
+
+
 class Decision(StrEnum):
     CONTINUE = "continue"  # not at a rung, or promoted on arrival
     PAUSE = "pause"  # at a rung, not (yet) in its top 1/η, or the budget is spent
@@ -90,13 +107,24 @@ class Promoter:
             self.results.setdefault(i, {})
             self.promoted.setdefault(i, set())
         self._writes: Counter[int] = Counter()  # per rung, results recorded: the ranking cache's version
+        self._spend: dict[Any, Any] = {}  # the budget's figures, for the spending recorded now (:meth:`_cached`)
+        self._hours_version = 0  # bumped whenever a trial's GPU-hours or epochs change
         self._top: dict[int, tuple[tuple[int, int, int], set[str]]] = {}  # rung -> (version, its top)
 
     # -- queries ----------------------------------------------------------------------------------------
 
+    def _cached(self, name: str, compute: Any) -> Any:
+        """A figure of the spending so far, computed once per change of it (results, rungs, budget)."""
+        key = (name, len(self.gpu_hours), self._hours_version, tuple(self.rungs), self.eta, self.budget_gpu_hours)
+        if key not in self._spend:
+            if len(self._spend) > 64:
+                self._spend.clear()
+            self._spend[key] = compute()
+        return self._spend[key]
+
     @property
     def spent_gpu_hours(self) -> float:
-        return sum(self.gpu_hours.values())
+        return float(self._cached("spent", lambda: sum(self.gpu_hours.values())))
 
     @property
     def budget_left(self) -> bool:
@@ -105,8 +133,12 @@ class Promoter:
     @property
     def mean_epoch_cost(self) -> float:
         """The mean GPU-hours per epoch of the trials that have reported with their hours (NaN before any)."""
-        costs = [self.gpu_hours[t] / e for t, e in self.epochs.items() if e > 0 and self.gpu_hours.get(t)]
-        return sum(costs) / len(costs) if costs else math.nan
+
+        def compute() -> float:
+            costs = [self.gpu_hours[t] / e for t, e in self.epochs.items() if e > 0 and self.gpu_hours.get(t)]
+            return sum(costs) / len(costs) if costs else math.nan
+
+        return float(self._cached("mean", compute))
 
     def epoch_cost(self, trial: str) -> float:
         """A trial's GPU-hours per epoch: its own so far, else :attr:`mean_epoch_cost` (NaN if neither)."""
@@ -121,15 +153,57 @@ class Promoter:
         """The GPU-hours ``trial``, at ``epoch``, needs to reach its next rung (NaN while no cost is known)."""
         return (self.next_rung(epoch) - epoch) * self.epoch_cost(trial)
 
-    def affords(self, hours: float, committed: float = 0.0) -> bool:
-        """Whether ``hours`` more fit in the budget beside those spent and ``committed`` (the hours the running
-        trials still need to reach their next rungs). Always without a budget; while no trial's cost is known
-        (NaN) only while budget is left, since the first trials must run to measure it."""
+    def affords(self, hours: float, committed: float = 0.0, rung: int | None = None) -> bool:
+        """Whether ``hours`` more, towards rung index ``rung``, fit in the budget beside those spent and
+        ``committed`` (the hours the running trials still need to reach their next rungs): in all, and within the
+        rungs up to ``rung``'s share (:meth:`rung_shares`: what the rungs above need is not theirs to spend).
+        Always without a budget; while no trial's cost is known (NaN) only while budget is left, since the first
+        trials must run to measure it."""
         if self.budget_gpu_hours is None:
             return True
         if hours != hours:
             return self.budget_left
-        return self.spent_gpu_hours + (committed if committed == committed else 0.0) + hours <= self.budget_gpu_hours
+        committed = committed if committed == committed else 0.0
+        if self.spent_gpu_hours + committed + hours > self.budget_gpu_hours:
+            return False
+        if rung is None:
+            return True
+        share = self.rung_shares()[rung] * self.budget_gpu_hours
+        return self.spent_up_to(rung) + committed + hours <= share
+
+    def rung_shares(self) -> list[float]:
+        """The share of the budget the rungs up to each may spend, cumulative: as successive halving spends it over
+        the most trials the budget affords at the mean hours per epoch (with a spare trial per rung above the
+        first, :func:`halving_hours`), so a rung's unspent share passes to the rungs above and no rung spends what
+        those above it need; all ones before any cost is known."""
+        return list(self._cached("shares", self._rung_shares))
+
+    def _rung_shares(self) -> list[float]:
+        cost, budget = self.mean_epoch_cost, self.budget_gpu_hours
+        if budget is None or cost != cost:
+            return [1.0] * len(self.rungs)
+        lo, hi = 1, 1  # the most trials whose halving fits: doubling, then bisection
+        while hi < 10**7 and halving_hours(hi, self.rungs, self.eta, cost, spare=1) <= budget:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if halving_hours(mid, self.rungs, self.eta, cost, spare=1) <= budget else (lo, mid)
+        n = lo
+        counts = [c + (1 if r else 0) for r, c in enumerate(halving_counts(n, len(self.rungs), self.eta))]
+        steps = [b - a for a, b in zip([0, *self.rungs[:-1]], self.rungs, strict=True)]
+        parts = [c * st for c, st in zip(counts, steps, strict=True)]
+        total = sum(parts)
+        return [sum(parts[: i + 1]) / total for i in range(len(parts) - 1)] + [1.0]
+
+    def spent_up_to(self, rung: int) -> float:
+        """GPU-hours spent on epochs up to rung index ``rung`` (each trial at its own hours per epoch)."""
+        top = self.rungs[rung]
+        return float(
+            self._cached(
+                f"spent<={top}",
+                lambda: sum(self.gpu_hours.get(t, 0.0) * min(e, top) / e for t, e in self.epochs.items() if e > 0),
+            )
+        )
 
     def reached(self, trial: str) -> int:
         """How many rungs a trial has recorded a result at (0 before the first)."""
@@ -182,6 +256,7 @@ class Promoter:
         if gpu_hours is not None:
             self.gpu_hours[trial] = gpu_hours
             self.epochs[trial] = max(int(epoch), self.epochs.get(trial, 0))
+            self._hours_version += 1
         rung = self.rung_index(epoch)
         if rung is None:
             return Decision.CONTINUE
@@ -193,7 +268,7 @@ class Promoter:
             return Decision.FINALIST
         if trial in self.promoted[rung]:  # a result it had (a restored trial reports its epoch again)
             return Decision.CONTINUE
-        if trial in self.top(rung) and self.affords(self.hours_to_next_rung(trial, epoch), committed):
+        if trial in self.top(rung) and self.affords(self.hours_to_next_rung(trial, epoch), committed, rung + 1):
             self.promoted[rung].add(trial)
             return Decision.CONTINUE
         self.paused[trial] = rung
@@ -205,7 +280,7 @@ class Promoter:
         chosen = []
         for t in self._qualifying():
             need = self.hours_to_next_rung(t, self.rungs[self.paused[t]])
-            if self.affords(need, committed):
+            if self.affords(need, committed, self.paused[t] + 1):
                 chosen.append(t)
                 committed += need if need == need else 0.0
         return chosen
@@ -236,7 +311,7 @@ class Promoter:
         every rung keeps feeding the next, as far as the budget affords. Returns the trials promoted; the rest stay
         paused for good."""
         chosen = self.promotable()
-        if not chosen and not self.held_back():
+        if not chosen:
             committed = 0.0
             for rung in sorted({r for r in self.paused.values()}, reverse=True):
                 if self.promoted[rung]:
@@ -244,7 +319,7 @@ class Promoter:
                 recorded = self.results[rung]
                 waiting = sorted((t for t, r in self.paused.items() if r == rung), key=lambda t: self._key(recorded[t]))
                 need = self.hours_to_next_rung(waiting[0], self.rungs[rung]) if waiting else math.nan
-                if waiting and self.affords(need, committed):
+                if waiting and self.affords(need, committed, rung + 1):
                     chosen.append(waiting[0])
                     committed += need if need == need else 0.0
         for t in chosen:
