@@ -145,7 +145,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         )
     n = predict_dir(
         args.checkpoint, args.test, args.out, tta=args.tta, batch_size=args.batch_size, metadata=args.metadata,
-        window=args.window, overlap=args.overlap,
+        window=args.window, overlap=args.overlap, overwrite=args.overwrite,
     )  # fmt: skip
     print(f"{args.out}: {n} tiles predicted (tta: {args.tta}); complete and well formed")
     return 0
@@ -279,7 +279,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from geopose_ray.simulate import format_table, simulate
 
     if args.curves is not None:
-        from geopose_ray.simulate.replay import format_replay, read_curves, replay_table
+        from geopose_ray.simulate.recorded import format_replay, read_curves, replay_table
 
         curves = read_curves(args.curves, args.mode)
         rungs = None if args.rungs_given is None else list(args.rungs_given)
@@ -308,7 +308,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise DataError(f"{out}: exists; give another --out (plan does not overwrite files)")
     trials = args.trials or cfg.n_trials
     print(f"{cfg.name}: planning {trials} configurations (the simulator's population of that size) ...", flush=True)
-    measured = plan(trials, args.workers, args.budget, args.seeds, int(cfg.rungs[-1]), args.folds)
+    chosen = (cfg.fold_runs or {}).get("folds")
+    folds = len(chosen) + 1 if chosen else args.folds  # the fold runs' folds and the screening one
+    measured = plan(trials, args.workers, args.budget, args.seeds, int(cfg.rungs[-1]), folds)
     print(format_plan(measured, args.budget, args.workers))
     best = measured[0].candidate
     raw = yaml.safe_load(Path(args.config).read_text())
@@ -327,7 +329,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_curves_export(args: argparse.Namespace) -> int:
-    from geopose_ray.simulate.replay import write_curves
+    from geopose_ray.simulate.recorded import write_curves
     from geopose_ray.sweep.config import SweepConfig
     from geopose_ray.tracking import Tracker, sweep_curves
 
@@ -344,8 +346,18 @@ def _cmd_curves_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("geopose-ray")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geopose-ray", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"geopose-ray {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
@@ -414,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="predict in overlapping windows of this side (default one pass; windows on out of memory)",
     )
     p.add_argument("--overlap", type=int, default=128, metavar="PX", help="the windows' overlap (default 128)")
+    p.add_argument("--overwrite", action="store_true", help="replace prediction files already in --out")
     p.set_defaults(fn=_cmd_predict)
 
     p = add("results", "print a sweep's results table, as the MLflow run table holds it")
@@ -471,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, required=True, help="GPU-hours for the whole sweep, fold runs included")
     p.add_argument("--workers", type=_positive_int, default=16, help="GPU workers (default 16)")
     p.add_argument("--seeds", type=_positive_int, default=10, help="populations per candidate (default 10)")
-    p.add_argument("--folds", type=_positive_int, default=5, help="folds of the cache (default 5)")
+    p.add_argument(
+        "--folds", type=_positive_int, default=5,
+        help="folds of the cache (default 5; the config's fold_runs.folds and val_fold when it names them)",
+    )  # fmt: skip
     p.add_argument("--trials", type=_positive_int, default=None, help="configurations (default: the grid's size)")
     p.add_argument("--out", default=None, help="the planned config (default <config>-planned.yaml; not overwritten)")
     p.set_defaults(fn=_cmd_plan)

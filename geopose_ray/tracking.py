@@ -287,11 +287,16 @@ def sweep_curves(
         spent = {m.step: m.value for m in tracker._client.get_metric_history(rid, "gpu_hours")}
         if not any(v > 0 for v in spent.values()):
             spent = {m.step: m.value for m in tracker._client.get_metric_history(rid, "device_hours")}
+        # Every epoch with its hours; one without validation (val_every > 1) carries the last score (the first
+        # one for the epochs before it), as the promoter sees a trial between its validations.
         points, before = [], 0.0
-        for epoch in sorted(score):
+        scored = sorted(score)
+        last = score[scored[0]] if scored else math.nan
+        for epoch in sorted(set(spent) | set(score)):
+            last = score.get(epoch, last)
             hours = spent.get(epoch, math.nan) - before
             before = spent.get(epoch, before)
-            points.append((int(epoch), float(score[epoch]), float(hours)))
+            points.append((int(epoch), float(last), float(hours)))
         if points:
             curves[trial] = points
             keys = ("encoder", "decoder", "lr", "accumulation", *tracker.axes)

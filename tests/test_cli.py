@@ -203,3 +203,8 @@ def test_sweep_ensemble_passes_its_options_through(
             "--amp", "off", "--workers", "3", "--gpus-per-worker", "0.5", "--out", "o", "--truth", "tr"]  # fmt: skip
     assert main(argv) == 0
     assert seen == [EnsembleOptions("t", "o", "tr", ("a", "b"), "flip", "off", 3, 0.5)]
+
+
+def test_the_version_is_printed() -> None:
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == "geopose-ray 0.1.0"

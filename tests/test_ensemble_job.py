@@ -118,7 +118,7 @@ def test_members_with_different_fold_coverage_are_fitted_on_the_folds_they_share
     a, b = _member("a", [0, 1, 2, 3], checkpoint), _member("b", [0, 2], checkpoint)
     assert shared_folds([a, b], [0, 1, 2, 3]) == [0, 2]
     assert shared_folds([a], [0, 1, 2, 3]) == [0, 1, 2, 3]
-    assert default_members([a, b, _member("c", [0], checkpoint)]) == [a]  # the finalists with fold runs
+    assert default_members([a, b, _member("c", [0], checkpoint)]) == [a, b]  # the finalists with fold runs
     with pytest.raises(DataError, match=r"member b has 0 fold models validated on fold 1, not one"):
         oof_fold([a, b], str(cache), 1, "none", "cpu", 1)
     tiles = oof_fold([a, b], str(cache), 2, "none", "cpu", 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,39 @@ def test_predict_writes_a_complete_submission_at_full_size(checkpoint: Path, dat
     assert math.isfinite(report.score) and not any(c.failures for c in report.cities.values())
     scale, angle = read_vflow(next(sub.glob("*_VFLOW.json")))
     assert math.isfinite(scale) and 0 <= angle < 2 * math.pi
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("case", ["truth dir", "train dir", "test dir", "earlier submission", "unwritable"])
+def test_predict_refuses_an_output_it_would_damage_before_any_inference(
+    checkpoint: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    """Into a folder of labels (the truth, a training split) or of images, over files of an earlier submission
+    (without --overwrite), or where it cannot write (below a file: the tests run as root, whom a read-only
+    directory does not stop): one line, exit 2, and no file changed."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    out = {"truth dir": data / "test_truth", "train dir": data / "train", "test dir": data / "test",
+           "earlier submission": tmp_path / "sub", "unwritable": tmp_path / "a-file" / "sub"}[case]  # fmt: skip
+    args = ["predict", str(checkpoint), "--test", str(data / "test"), "--out", str(out)]
+    if case == "earlier submission":
+        assert main(args) == 0
+        capsys.readouterr()
+    if case == "unwritable":
+        (tmp_path / "a-file").write_text("not a directory")
+    before = _tree(tmp_path)
+    code = main(args)
+    err = capsys.readouterr().err
+    message = {"truth dir": "this would write over", "train dir": "holds a dataset's images",
+               "test dir": "holds a dataset's images", "earlier submission": "--overwrite to replace them",
+               "unwritable": "cannot write the submission there"}[case]  # fmt: skip
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert _tree(tmp_path) == before
+    if case == "earlier submission":
+        assert main([*args, "--overwrite"]) == 0
 
 
 def test_predict_refuses_a_missing_checkpoint(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from geopose_ray.errors import DataError
-from geopose_ray.simulate.replay import default_rungs, read_curves, replay_table, write_curves
+from geopose_ray.simulate.recorded import default_rungs, read_curves, replay_table, write_curves
 
 
 def _table(tmp_path: Path, n: int = 12, top: int = 9) -> Path:

@@ -62,6 +62,7 @@ def _point(encoder: str, decoder: str, lr: float, accumulation: int) -> dict[str
         ({"fold_runs": {"top_k": 0}}, r"`fold_runs.top_k` is 0, but must be an integer >= 1"),
         ({"fold_runs": {"folds": [0, 1]}}, r"but \[0\] are not folds to run: the cache has folds \[0, 1, 2, 3\]"),
         ({"fold_runs": {"folds": [7]}}, r"but \[7\] are not folds to run"),
+        ({"fold_runs": {"folds": [1, 1]}}, r"must be a non-empty list of distinct folds"),
         ({"search": "guided", "pending_trials": 0}, r"`pending_trials` is 0, but must be an integer >= 1"),
         ({"preempt_fold_runs": "yes"}, r"`preempt_fold_runs` is 'yes', but must be true or false"),
         ({"search": "optuna", "lr_range": [1e-3, 1e-5]}, r"`lr_range` is \[0.001, 1e-05\], but must be \[low, high\]"),
@@ -146,6 +147,9 @@ def test_named_axes_multiply_the_grid_with_per_encoder_values(cache: Path, tmp_p
         ({"loss.kind": ["msee"]}, r"the grid point with loss.kind=msee"),
         ({"crop": [4096]}, r"The value of `crop` is 4096, but the cache's tiles are"),
         ({"bad key": [1]}, r"is not a dotted training key"),
+        ({"model": [{}]}, r"`grid.axes.model` would replace `model.encoder`, which the sweep sets"),
+        ({"loss": [{}], "loss.kind": ["mse"]}, r"`grid.axes.loss` and `grid.axes.loss.kind` set the same key"),
+        ({"crop": 32}, r"`grid.axes.crop` is 32: give a non-empty list"),
     ],
 )
 def test_bad_named_axes_fail_before_ray_starts(cache: Path, tmp_path: Path, axes: dict[str, Any], message: str) -> None:
@@ -400,7 +404,7 @@ def test_optuna_tpe_draws_trials_from_ranges_under_the_promoter(ray_cluster: Non
     header = (tmp_path / "runs" / "t" / "results.csv").read_text().splitlines()[0].split(",")
     assert header.index("loss.kind") == header.index("val_fold") + 1
     # The sweep's curves, exported from MLflow (`geopose-ray curves export`), replay through every policy.
-    from geopose_ray.simulate.replay import read_curves, replay_table, write_curves
+    from geopose_ray.simulate.recorded import read_curves, replay_table, write_curves
     from geopose_ray.tracking import sweep_curves
 
     curves, params = sweep_curves(Tracker.for_sweep(cfg))

@@ -150,7 +150,8 @@ class PromoterScheduler(FIFOScheduler):
         # waits at a rung (restored after a driver restart, or brought back by a reopened sweep) must therefore
         # enter as PAUSED, so that only a promotion (choose_trial_to_run) starts it. Tune files the trial under
         # its status right after this call. (Trial.set_status and init_local_path are Trial's own methods.)
-        # A new trial the budget no longer affords waits the same way, until the sweep's end stops it.
+        # A new trial the budget does not afford now waits the same way, until the dispatch policy starts it (a
+        # rung's share freed up) or the sweep's end stops it.
         pid = _pid(trial)
         if is_fold_run(pid) or trial.status != Trial.PENDING:
             return
@@ -158,15 +159,15 @@ class PromoterScheduler(FIFOScheduler):
             trial.init_local_path()  # a trial that never runs still needs its directory for Tune's results
             trial.set_status(Trial.PAUSED)
 
-    def _beyond_budget(self, trials: list[Trial], candidates: list[TrialView]) -> set[str]:
-        """Of ``candidates``, the keys of those the budget no longer lets start (:meth:`Dispatch.beyond_budget`)."""
+    def _beyond_budget(self, trials: list[Trial], candidates: list[TrialView], for_good: bool = False) -> set[str]:
+        """Of ``candidates``, the keys of those the budget does not let start now, or (``for_good``) ever
+        (:meth:`Dispatch.beyond_budget`)."""
         if self.promoter.budget_gpu_hours is None:
             return set()
         views = [view(t) for t in trials]
         known = {v.key for v in views}
-        return set(self.dispatch.beyond_budget([*views, *(c for c in candidates if c.key not in known)])) & {
-            c.key for c in candidates
-        }
+        everyone = [*views, *(c for c in candidates if c.key not in known)]
+        return set(self.dispatch.beyond_budget(everyone, for_good)) & {c.key for c in candidates}
 
     def _stop_unstarted(self, tune_controller: Any, trials: list[Trial], keys: set[str]) -> None:
         """Stop the never-started trials named by ``keys``, keeping their configs for a reopened sweep."""
@@ -200,9 +201,11 @@ class PromoterScheduler(FIFOScheduler):
                 "those running finish their rung, and a reopened sweep with a larger budget continues the rest",
                 self.promoter.budget_gpu_hours, self.promoter.spent_gpu_hours,
             )  # fmt: skip
-        # Ray Tune starts waiting trials by itself: those the budget no longer affords are stopped now.
+        # Ray Tune starts its queued trials by itself: once the whole budget cannot afford another first rung, the
+        # never-started ones are stopped now (kept for a reopened sweep). While only a rung's share holds a start
+        # back, a trial Tune has already queued may still start (new ones enter paused: on_trial_add).
         trials = tune_controller.get_trials()
-        self._stop_unstarted(tune_controller, trials, self._beyond_budget(trials, [view(t) for t in trials]))
+        self._stop_unstarted(tune_controller, trials, self._beyond_budget(trials, [view(t) for t in trials], True))
         self._save()
         if decision is Decision.CONTINUE:
             return TrialScheduler.CONTINUE

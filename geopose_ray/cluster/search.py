@@ -90,8 +90,10 @@ class GuidedSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id not in self.index or trial_id in self.ended:
             return  # a fold run, or told twice
-        # A trial that ends before the first rung errored (or the top rung is below it): the lowest rank.
-        self._observe(trial_id, None if error or not result else result.get(self.metric))
+        # A trial that ends before the first rung errored (or the top rung is below it): the lowest rank. One that
+        # never ran (stopped beyond the budget) says nothing of its levels.
+        if error or result:
+            self._observe(trial_id, None if error or not result else result.get(self.metric))
         self.ended.add(trial_id)
         if not error and result and self.top is not None and int(result.get("epoch", 0)) >= self.top:
             if not self._within_top_k(trial_id, result.get(self.metric)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from torch import nn
 
 from geopose_ray.data.cache import downsample_rgb
 from geopose_ray.data.layout import (
+    AGL_SUFFIX,
     CITIES,
+    VFLOW_SUFFIX,
     city_of,
     locate_metadata,
     lookup_metadata,
@@ -200,6 +203,36 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[GeoposeMod
     return model.to(device).eval(), cfg, int(state["downsample"])
 
 
+def check_output_dir(out_dir: Path, test_dir: Path, stems: list[str], overwrite: bool = False) -> None:
+    """A submission directory fit to write ``stems``' predictions into, checked before any work.
+
+    Raises:
+        DataError: ``out_dir`` is the test directory or holds images (``*_RGB.*``: a dataset, whose labels the
+            submission's files would replace); it holds files this would write over and ``overwrite`` is not
+            set; or it cannot be created or written.
+    """
+    if out_dir.resolve() == test_dir.resolve() or (out_dir.is_dir() and any(out_dir.glob("*_RGB.*"))):
+        raise DataError(f"{out_dir}: holds a dataset's images; write the submission to a directory of its own (--out)")
+    clash = [out_dir / n for s in stems for n in (f"{s}{AGL_SUFFIX}", f"{s}{VFLOW_SUFFIX}") if (out_dir / n).exists()]
+    if clash and not overwrite:
+        raise DataError(
+            f"{out_dir}: holds {len(clash)} file(s) this would write over (as {clash[0].name}); give a new --out, "
+            "or --overwrite to replace them"
+        )
+    probe = out_dir  # the directory itself, or the nearest one above it that exists (nothing is created here)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is a file")
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise DataError(
+            f"{out_dir}: cannot write the submission there ({e.strerror or e}); give a writable --out"
+        ) from e
+
+
 def predict_dir(
     checkpoint: str | Path,
     test_dir: str | Path,
@@ -210,8 +243,11 @@ def predict_dir(
     metadata: str | Path | None = None,
     window: int | None = None,
     overlap: int = DEFAULT_OVERLAP,
+    overwrite: bool = False,
 ) -> int:
-    """Predict every test tile of ``test_dir`` into a submission at ``out_dir``; returns the tile count.
+    """Predict every test tile of ``test_dir`` into a submission at ``out_dir``; returns the tile count. Refused
+    before any inference (:func:`check_output_dir`): an output directory that holds a dataset's images, or, unless
+    ``overwrite``, files this would write over, or one that cannot be written.
 
     ``window``/``overlap``: predict in overlapping windows (:func:`windowed_forward`); by default one pass, and
     windows of the largest of WINDOW_SIZES below the tile's side if one pass runs out of device memory.
@@ -225,6 +261,7 @@ def predict_dir(
     stems = sorted(s for s, f in scan_dir(test_dir).items() if f.rgb)
     if not stems:
         raise DataError(f"{test_dir}: no test tiles (*_RGB.j2k or *_RGB.tif) to predict")
+    check_output_dir(out_dir, test_dir, stems, overwrite)
     meta_path = locate_metadata(test_dir, metadata)
     meta = read_metadata(meta_path) if meta_path is not None else {}
     dev = resolve_device(device)

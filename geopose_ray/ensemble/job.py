@@ -138,13 +138,14 @@ def run_ensemble(cfg: SweepConfig, options: EnsembleOptions) -> EnsembleResult:
 
 
 def default_members(finalists: list[Member]) -> list[Member]:
-    """The members an ensemble takes by default: the finalists with the most fold models (those that had fold
-    runs, when ``fold_runs.top_k`` gave them to only some); the rest are left out, with a line in the log."""
-    most = max(len(m.folds) for m in finalists)
-    left = [m.name for m in finalists if len(m.folds) < most]
-    if left:
-        log.info("members: %d finalist(s) without fold runs on every fold left out (%s)", len(left), ", ".join(left))
-    return [m for m in finalists if len(m.folds) == most]
+    """The members an ensemble takes by default: the finalists that had fold runs (all of them when none had,
+    so that the fit refuses them with its reason), the rest left out with a warning; those whose fold runs
+    partly failed stay, and the fit takes the folds they share (:func:`shared_folds`)."""
+    with_runs = [m for m in finalists if len(m.folds) > 1]
+    left = [m.name for m in finalists if len(m.folds) <= 1]
+    if with_runs and left:
+        log.warning("members: %d finalist(s) without fold runs left out (%s)", len(left), ", ".join(left))
+    return with_runs or finalists
 
 
 def shared_folds(members: list[Member], cache_folds: list[int]) -> list[int]:

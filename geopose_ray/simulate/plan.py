@@ -6,7 +6,8 @@ own encoders) through the sweep's dispatch policy, then the ``top_k`` finalists'
 within the budget: the fold runs' GPU-hours (top_k × (K − 1) × top rung × the population's mean hours per epoch)
 are set aside and screening gets the rest as its cap (``budget_gpu_hours``). A candidate is measured by the share
 of seeds whose final pick (the best K-fold mean among the finalists with every fold run done) is within the
-tolerance of the population's best, then by its mean regret; its GPU-hours and wall-clock are the replay's.
+tolerance of the population's best, then by its mean regret, those whose median GPU-hours (fold runs included)
+exceed the budget by more than 5 % after all others; its GPU-hours and wall-clock are the replay's.
 The recommendation is the best candidate; it is written as a config (the input with the knobs replaced).
 """
 
@@ -132,12 +133,23 @@ def plan(
                                                           min_results, tolerance)) is not None]  # fmt: skip
     if not first:
         raise ConfigError(f"a budget of {budget:g} GPU-hours cannot pay for even one finalist's fold runs")
-    first.sort(key=lambda m: (-m.within, m.regret, m.gpu_hours))
+    first.sort(key=lambda m: _rank(m, budget))
     fresh = range(1000, 1000 + seeds)
     again = [m for m in (measure(x.candidate, trials, workers, budget, fresh, folds, min_results, tolerance)
                          for x in first[:keep]) if m is not None]  # fmt: skip
-    again.sort(key=lambda m: (-m.within, m.regret, m.gpu_hours))
+    again.sort(key=lambda m: _rank(m, budget))
+    if not again:
+        raise ConfigError(f"a budget of {budget:g} GPU-hours cannot pay for the best candidates' fold runs")
     return again
+
+
+OVER = 1.05  # a candidate whose median GPU-hours exceed the budget by more than this factor ranks after the rest
+
+
+def _rank(m: Measured, budget: float) -> tuple[bool, float, float, float]:
+    """Within the budget (its median GPU-hours, fold runs included) first; then the share of seeds within the
+    tolerance, the mean regret, the GPU-hours."""
+    return m.gpu_hours > OVER * budget, -m.within, m.regret, m.gpu_hours
 
 
 def format_plan(measured: list[Measured], budget: float, workers: int, tolerance: float = TOLERANCE) -> str:

@@ -53,10 +53,19 @@ class GridConfig:
     axes: dict[str, Any] = field(default_factory=dict)  # dotted training key -> values, or encoder -> values
 
     def axis_values(self, axis: str, encoder: str) -> list[Any]:
-        """The values of the named axis ``axis`` for trials of ``encoder``."""
+        """The values of the named axis ``axis`` for trials of ``encoder``.
+
+        Raises:
+            ConfigError: the axis gives that encoder no non-empty list.
+        """
         spec = self.axes[axis]
+        where = f"`grid.axes.{axis}`"
         if isinstance(spec, dict):
-            return list(spec[encoder] if encoder in spec else spec[DEFAULT])
+            if encoder not in spec and DEFAULT not in spec:
+                raise ConfigError(f"{where} gives no values for {encoder!r}; name it or add `{DEFAULT}: [...]`")
+            spec, where = (spec[encoder], f"{where}.{encoder}") if encoder in spec else (spec[DEFAULT], where)
+        if not isinstance(spec, list) or not spec:
+            raise ConfigError(f"{where} is {spec!r}: give a non-empty list of values (or a mapping of encoders)")
         return list(spec)
 
     def points(self) -> list[dict[str, Any]]:
@@ -337,6 +346,12 @@ class SweepConfig:
             raise ConfigError(f"The axis name {axis!r} in `grid.axes` is not a dotted training key (as loss.kind)")
         if axis in _SET_BY_SWEEP:
             raise ConfigError(f"{where} cannot be an axis: the sweep sets it from `{_SET_BY_SWEEP[axis]}`")
+        inside = [k for k in _SET_BY_SWEEP if k.startswith(f"{axis}.")]
+        if inside:
+            raise ConfigError(f"{where} would replace `{inside[0]}`, which the sweep sets: name a key inside it")
+        overlap = [a for a in self.grid.axes if a != axis and (a.startswith(f"{axis}.") or axis.startswith(f"{a}."))]
+        if overlap:
+            raise ConfigError(f"{where} and `grid.axes.{overlap[0]}` set the same key; give one of them")
         if axis == "batch_size" and self.grid.batch_size:
             raise ConfigError(f"{where} and `grid.batch_size` both set the batch size; give one of them")
         lists = list(spec.items()) if isinstance(spec, dict) else [("", spec)]
@@ -424,8 +439,10 @@ class SweepConfig:
         if folds is None:
             return
         have = sorted({r.fold for r in TrainingCache(self.cache).rows})
-        if not (isinstance(folds, list) and folds and all(_is_int(f) for f in folds)):
-            raise ConfigError(f"The value of `fold_runs.folds` is {folds!r}, but must be a non-empty list of folds")
+        if not (isinstance(folds, list) and folds and all(_is_int(f) for f in folds)) or len(set(folds)) < len(folds):
+            raise ConfigError(
+                f"The value of `fold_runs.folds` is {folds!r}, but must be a non-empty list of distinct folds"
+            )
         bad = sorted(set(folds) - set(have) | ({self.val_fold} & set(folds)))
         if bad:
             raise ConfigError(

@@ -139,30 +139,44 @@ class Dispatch:
         """
         if trial.fold:
             return Decision.YIELD if self.should_yield(trial, trials, free_workers, now) else Decision.CONTINUE
-        committed = self.committed([t for t in trials if t.key != trial.key])
+        committed = self.committed([t for t in trials if t.key != trial.key], self.resume)
         return self.promoter.on_result(trial.key, trial.epoch, value, gpu_hours, committed)
 
-    def committed(self, trials: Iterable[TrialView]) -> float:
-        """The GPU-hours the running screening trials among ``trials`` still need to reach their next rungs (each
-        at its own hours per epoch, or the mean; a trial whose cost nobody knows yet counts nothing)."""
-        total = 0.0
-        for t in trials:
-            if t.state is State.RUNNING and not t.fold and t.key not in self.stopped:
-                hours = self.promoter.hours_to_next_rung(t.key, t.epoch)
-                total += hours if hours == hours else 0.0
-        return total
+    def committed(self, trials: Iterable[TrialView], resuming: Iterable[str] = ()) -> list[float]:
+        """The GPU-hours the running screening trials among ``trials`` (and ``resuming``: promoted, about to run
+        again) still need to reach their next rungs, per rung index: the part of them at epochs up to that rung
+        (cumulative; the last is the whole). Each at its own hours per epoch, or the mean; a trial whose cost
+        nobody knows yet counts nothing."""
+        p = self.promoter
+        by_rung = [0.0] * len(p.rungs)
+        views = {t.key: t for t in trials if not t.fold and t.key not in self.stopped}
+        keys = [k for k, t in views.items() if t.state is State.RUNNING] + [k for k in resuming if k in views]
+        for key in dict.fromkeys(keys):
+            epoch, cost = views[key].epoch, p.epoch_cost(key)
+            if cost != cost:
+                continue
+            target = p.next_rung(epoch)
+            for i, r in enumerate(p.rungs):
+                by_rung[i] += max(0, min(r, target) - epoch) * cost
+        return by_rung
 
-    def affords_start(self, committed: float) -> bool:
+    def affords_start(self, committed: Sequence[float] | float) -> bool:
         """Whether the budget affords a new screening trial's first rung beside ``committed``, within the first
         rung's share (:meth:`Promoter.affords`)."""
         p = self.promoter
         return p.affords(p.rungs[0] * p.mean_epoch_cost, committed, 0)
 
-    def beyond_budget(self, trials: Sequence[TrialView]) -> list[str]:
-        """The screening trials among ``trials`` that never started and that the budget no longer affords (empty
-        while it affords a start): a backend that starts waiting trials by itself (Ray Tune) stops them."""
+    def beyond_budget(self, trials: Sequence[TrialView], for_good: bool = False) -> list[str]:
+        """The screening trials among ``trials`` that never started and that the budget does not afford now
+        (empty while it affords a start); ``for_good``: only once the whole budget cannot afford a first rung
+        (a rung's share may free up as running trials pass the first rung; the whole budget does not). A backend
+        that starts waiting trials by itself (Ray Tune) holds the first back and stops the second."""
         screen = [t for t in trials if not t.fold and t.key not in self.stopped]
-        if self.affords_start(self.committed(screen)):
+        committed = self.committed(screen)
+        p = self.promoter
+        affordable = p.affords(p.rungs[0] * p.mean_epoch_cost, committed[-1]) if for_good else (
+            self.affords_start(committed))  # fmt: skip
+        if affordable:
             return []
         return [t.key for t in screen if self.never_started(t)]
 
@@ -185,10 +199,7 @@ class Dispatch:
         screen = [t for t in trials if not t.fold and t.key not in self.stopped]
         by_key = {t.key: t for t in screen}
         waiting = {t.key: t for t in screen if self._held(t)}
-        committed = self.committed(screen) + sum(
-            self.promoter.hours_to_next_rung(k, by_key[k].epoch) for k in self.resume if k in by_key
-        )
-        for key in self.promoter.promotable(committed if committed == committed else 0.0):
+        for key in self.promoter.promotable(self.committed(screen, self.resume)):
             if key in waiting:
                 self.promoter.promote(key)
                 self.resume.append(key)
@@ -196,7 +207,8 @@ class Dispatch:
             t = by_key.get(self.resume.pop(0))
             if t is not None and t.state in WAITING:
                 return Pick(Kind.RESUME, (t.key,))
-        new = [t for t in screen if t.state is State.PENDING and t.key not in waiting]
+        # Never started: pending, or held back (paused) by the budget before it ran.
+        new = [t for t in screen if t.state in WAITING and t.key not in waiting]
         if new and self.affords_start(self.committed(screen)):
             return Pick(Kind.START, (new[0].key,))
         folds = [t for t in trials if t.fold]
@@ -219,8 +231,11 @@ class Dispatch:
         return fold or NOTHING
 
     def _held(self, t: TrialView) -> bool:
-        """A screening trial waiting at a rung (not new): paused, or created again while the promoter holds it."""
-        return t.state is State.PAUSED or (t.state is State.PENDING and self.enters_paused(t.key))
+        """A screening trial waiting at a rung (not new): paused (not one held back by the budget before it ever
+        ran), or created again while the promoter holds it."""
+        if t.state is State.PAUSED:
+            return not self.never_started(t)
+        return t.state is State.PENDING and self.enters_paused(t.key)
 
     # -- fold runs --------------------------------------------------------------------------------------
 

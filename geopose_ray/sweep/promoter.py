@@ -69,6 +69,27 @@ def halving_hours(n: int, rungs: Sequence[int], eta: int, per_epoch: float, spar
     return per_epoch * sum(c * s for c, s in zip(counts, steps, strict=True))
 
 
+Committed = float | Sequence[float]  # hours promised to running trials: in all, or per rung index (cumulative)
+
+
+def _split(committed: Committed, rung: int | None) -> tuple[float, float]:
+    """(in all, at epochs up to rung index ``rung``) of a :data:`Committed`; NaN counts nothing."""
+    if isinstance(committed, int | float):
+        v = float(committed) if committed == committed else 0.0
+        return v, v
+    total = float(committed[-1])
+    return total, float(committed[rung]) if rung is not None else total
+
+
+def _plus(committed: Committed, hours: float, rung: int) -> Committed:
+    """``committed`` with ``hours`` more towards rung index ``rung`` (they count at that rung and above)."""
+    if hours != hours:
+        return committed
+    if isinstance(committed, int | float):
+        return float(committed) + hours
+    return [c + (hours if i >= rung else 0.0) for i, c in enumerate(committed)]
+
+
 class Decision(StrEnum):
     CONTINUE = "continue"  # not at a rung, or promoted on arrival
     PAUSE = "pause"  # at a rung, not (yet) in its top 1/η, or the budget is spent
@@ -153,9 +174,10 @@ class Promoter:
         """The GPU-hours ``trial``, at ``epoch``, needs to reach its next rung (NaN while no cost is known)."""
         return (self.next_rung(epoch) - epoch) * self.epoch_cost(trial)
 
-    def affords(self, hours: float, committed: float = 0.0, rung: int | None = None) -> bool:
+    def affords(self, hours: float, committed: Committed = 0.0, rung: int | None = None) -> bool:
         """Whether ``hours`` more, towards rung index ``rung``, fit in the budget beside those spent and
-        ``committed`` (the hours the running trials still need to reach their next rungs): in all, and within the
+        ``committed`` (the hours the running trials still need to reach their next rungs: a number, or per rung
+        index the part of them at epochs up to that rung, :meth:`Dispatch.committed`): in all, and within the
         rungs up to ``rung``'s share (:meth:`rung_shares`: what the rungs above need is not theirs to spend).
         Always without a budget; while no trial's cost is known (NaN) only while budget is left, since the first
         trials must run to measure it."""
@@ -163,13 +185,13 @@ class Promoter:
             return True
         if hours != hours:
             return self.budget_left
-        committed = committed if committed == committed else 0.0
-        if self.spent_gpu_hours + committed + hours > self.budget_gpu_hours:
+        total, below = _split(committed, rung)
+        if self.spent_gpu_hours + total + hours > self.budget_gpu_hours:
             return False
         if rung is None:
             return True
         share = self.rung_shares()[rung] * self.budget_gpu_hours
-        return self.spent_up_to(rung) + committed + hours <= share
+        return self.spent_up_to(rung) + below + hours <= share
 
     def rung_shares(self) -> list[float]:
         """The share of the budget the rungs up to each may spend, cumulative: as successive halving spends it over
@@ -249,7 +271,7 @@ class Promoter:
     # -- events -----------------------------------------------------------------------------------------
 
     def on_result(
-        self, trial: str, epoch: int, value: float, gpu_hours: float | None = None, committed: float = 0.0
+        self, trial: str, epoch: int, value: float, gpu_hours: float | None = None, committed: Committed = 0.0
     ) -> Decision:
         """A trial finished ``epoch`` with metric ``value`` (and has used ``gpu_hours`` in total); ``committed``:
         the hours the other running trials still need to reach their next rungs (:meth:`affords`)."""
@@ -274,7 +296,7 @@ class Promoter:
         self.paused[trial] = rung
         return Decision.PAUSE
 
-    def promotable(self, committed: float = 0.0) -> list[str]:
+    def promotable(self, committed: Committed = 0.0) -> list[str]:
         """Paused trials that qualify now and that the budget affords one after another beside ``committed``
         (:meth:`affords`), highest rung first, best first. Pure: call :meth:`promote` to act."""
         chosen = []
@@ -282,7 +304,7 @@ class Promoter:
             need = self.hours_to_next_rung(t, self.rungs[self.paused[t]])
             if self.affords(need, committed, self.paused[t] + 1):
                 chosen.append(t)
-                committed += need if need == need else 0.0
+                committed = _plus(committed, need, self.paused[t] + 1)
         return chosen
 
     def held_back(self) -> list[str]:
@@ -312,7 +334,7 @@ class Promoter:
         paused for good."""
         chosen = self.promotable()
         if not chosen:
-            committed = 0.0
+            committed: Committed = 0.0
             for rung in sorted({r for r in self.paused.values()}, reverse=True):
                 if self.promoted[rung]:
                     continue
@@ -321,7 +343,7 @@ class Promoter:
                 need = self.hours_to_next_rung(waiting[0], self.rungs[rung]) if waiting else math.nan
                 if waiting and self.affords(need, committed, rung + 1):
                     chosen.append(waiting[0])
-                    committed += need if need == need else 0.0
+                    committed = _plus(committed, need, rung + 1)
         for t in chosen:
             self.promote(t)
         return chosen
@@ -368,5 +390,16 @@ class Promoter:
             paused=dict(d["paused"]),
             finalists=list(d["finalists"]),
             gpu_hours=dict(d["gpu_hours"]),
-            epochs={k: int(v) for k, v in d.get("epochs", {}).items()},
+            epochs={k: int(v) for k, v in d["epochs"].items()} if "epochs" in d else _epochs_reached(d),
         )
+
+
+def _epochs_reached(d: dict[str, Any]) -> dict[str, int]:
+    """Each trial's epochs as a promoter state saved without them has it: the highest rung it recorded a result at
+    (it may have trained a few epochs beyond; those are then costed at that rung's rate)."""
+    rungs = [int(r) for r in d["rungs"]]
+    out: dict[str, int] = {}
+    for rung, recorded in d["results"].items():
+        for t in recorded:
+            out[t] = max(out.get(t, 0), rungs[int(rung)])
+    return {t: e for t, e in out.items() if t in d.get("gpu_hours", {})}
