@@ -6,10 +6,13 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from geopose_ray.errors import DataError, GeoposeError
+
+T = TypeVar("T")
 
 # One meaning of --workers everywhere: how many run in parallel, processes here or Ray tasks on a cluster.
 WORKERS_HELP = (
@@ -151,17 +154,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_results(args: argparse.Namespace) -> int:
+def _read_sweep_mlflow(args: argparse.Namespace, read: Callable[[Any], T]) -> tuple[Any, Any, T]:
+    """The sweep config of ``--config``, its tracker (``--tracking-uri`` overriding), and what ``read`` takes from
+    it; an unreachable tracking server or database is one line."""
     from geopose_ray.sweep.config import SweepConfig
-    from geopose_ray.sweep.table import format_results
-    from geopose_ray.tracking import Tracker, results_table
+    from geopose_ray.tracking import Tracker
 
     cfg = SweepConfig.from_yaml(args.config)
     tracker = Tracker.for_sweep(cfg, args.tracking_uri)
     try:
-        rows = results_table(tracker)
+        return cfg, tracker, read(tracker)
     except Exception as e:  # the tracking server or database is unreachable
         raise GeoposeError(f"cannot read MLflow at {tracker.uri} ({type(e).__name__}: {e})") from e
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from geopose_ray.sweep.table import format_results
+    from geopose_ray.tracking import results_table
+
+    cfg, tracker, rows = _read_sweep_mlflow(args, results_table)
     print(format_results(rows) if rows else f"{cfg.name}: no trials recorded yet at {tracker.uri}")
     return 0
 
@@ -330,15 +341,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_curves_export(args: argparse.Namespace) -> int:
     from geopose_ray.simulate.recorded import write_curves
-    from geopose_ray.sweep.config import SweepConfig
-    from geopose_ray.tracking import Tracker, sweep_curves
+    from geopose_ray.tracking import sweep_curves
 
-    cfg = SweepConfig.from_yaml(args.config)
-    tracker = Tracker.for_sweep(cfg, args.tracking_uri)
-    try:
-        curves, params = sweep_curves(tracker)
-    except Exception as e:  # the tracking server or database is unreachable
-        raise GeoposeError(f"cannot read MLflow at {tracker.uri} ({type(e).__name__}: {e})") from e
+    cfg, tracker, (curves, params) = _read_sweep_mlflow(args, sweep_curves)
     if not curves:
         raise DataError(f"{cfg.name}: no screening trial has reported at {tracker.uri}; run the sweep first")
     rows = write_curves(Path(args.out), curves, params)
